@@ -225,11 +225,18 @@ def audit_text(
                 result.violations.append(
                     Violation(fork_path, j + 1, f"code added or changed outside a pruning fence: {fork_lines[j].strip()!r}")
                 )
-        # Upstream lines the fork drops (delete/replace): only inside a fence. A pure
-        # deletion sits between fork lines j1-1 and j1: it is fenced if both neighbours are.
+        # Upstream lines the fork drops (delete/replace): only inside a fence. In a replace,
+        # the fork lines that take their place (less unfenced comments at either end) must
+        # all be fenced. A pure deletion sits between fork lines j1-1 and j1: it is fenced
+        # if both neighbours are.
         if i2 > i1:
-            if j2 > j1:
-                fenced = all(depth_at_line[j] > 0 for j in range(j1, j2))
+            lo, hi = j1, j2
+            while lo < hi and depth_at_line[lo] == 0 and is_annotation(fork_lines[lo]):
+                lo += 1
+            while hi > lo and depth_at_line[hi - 1] == 0 and is_annotation(fork_lines[hi - 1]):
+                hi -= 1
+            if hi > lo:
+                fenced = all(depth_at_line[j] > 0 for j in range(lo, hi))
             else:
                 fenced = j1 > 0 and depth_at_line[j1 - 1] > 0 and depth_at_line[j1] > 0
             if not fenced:

@@ -1,0 +1,42 @@
+# Every target creates .venv from requirements.txt on first use (a fresh clone needs nothing else).
+PYTHON_SYS ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed-requirements
+
+# Nothing on the default path may wait on an unreachable model hub.
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv test test-slow test-all diff-upstream golden clean-cache
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	@cp requirements.txt $(STAMP)
+
+## The default suite (what CI runs): the upstream audit, then every test not marked slow.
+test: $(STAMP)
+	$(PY) scripts/diff_upstream.py --quiet
+	$(PY) -m pytest
+
+## Slow tests only (long end-to-end runs).
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+test-all: test test-slow
+
+## Print each fork's diff against the pinned upstream file; fail on any drift outside fences.
+diff-upstream: $(STAMP)
+	$(PY) scripts/diff_upstream.py
+
+## Regenerate tests/golden/ on purpose (review the diff before committing).
+golden: $(STAMP)
+	$(PY) scripts/make_golden.py
+
+clean-cache:
+	rm -rf .cache/tiny_models
