@@ -44,6 +44,9 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous, RMSNorm
+# >>> pruning: cross-step reuse of reference-image token states (algorithm and cache live in pruning/)
+from pruning import reference_reuse as _reference_reuse
+# <<< pruning
 
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
@@ -503,6 +506,9 @@ class QwenDoubleStreamAttnProcessor2_0:
         encoder_hidden_states_mask: torch.FloatTensor = None,
         attention_mask: torch.FloatTensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
+        # >>> pruning: the block's view of the reference-token cache (None, the default: the upstream processor)
+        reference_reuse: "_reference_reuse.BlockReferenceReuse | None" = None,
+        # <<< pruning
     ) -> torch.FloatTensor:
         if encoder_hidden_states is None:
             raise ValueError("QwenDoubleStreamAttnProcessor2_0 requires encoder_hidden_states (text stream)")
@@ -515,6 +521,11 @@ class QwenDoubleStreamAttnProcessor2_0:
 
         if encoder_hidden_states_mask is not None:
             seq_img = hidden_states.shape[1]
+            # >>> pruning: on a `full`/`kv` reuse step the image stream holds only the L_denoise rows, but the keys
+            # also hold the L_image reference rows appended below: the mask covers [text, denoise, reference] keys.
+            if reference_reuse is not None:
+                seq_img = seq_img + reference_reuse.appended_key_len
+            # <<< pruning
             image_mask = torch.ones((hidden_states.shape[0], seq_img), dtype=torch.bool, device=hidden_states.device)
             attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)
             attention_mask = attention_mask[:, None, None, :]
@@ -560,6 +571,17 @@ class QwenDoubleStreamAttnProcessor2_0:
             img_key = apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
             txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
             txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
+
+        # >>> pruning: reference-token keys/values, [B, L_image, H, d] after norm_k and RoPE.
+        # Refresh step, `kv` mode: store the reference rows of img_key/img_value (computed exactly as upstream).
+        # Reuse step, `full`/`kv` mode: hidden_states held only the L_denoise rows, so the reference tokens issued
+        # no query and get no attention-output row and no to_out (saves 2 x L_image x D^2 MACs per block, plus
+        # their share of Q.K^T and P.V); their K/V are appended to the keys: `kv` takes the cached ones (no
+        # projection at all), `full` projects them from the cached block input under this step's modulation.
+        # Queries [text, denoise] attend to keys [text, denoise, reference]: fewer queries than keys is fine.
+        if reference_reuse is not None:
+            img_key, img_value = reference_reuse.extend_keys_values(attn, img_key, img_value)
+        # <<< pruning
 
         # Concatenate for joint attention
         # Order: [text, image]
@@ -692,7 +714,15 @@ class QwenImageTransformerBlock(nn.Module):
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
         modulate_index: list[int] | None = None,
+        # >>> pruning: this block's view of the reference-token cache (None, the default: the upstream block)
+        reference_reuse: "_reference_reuse.BlockReferenceReuse | None" = None,
+        # <<< pruning
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # >>> pruning: refresh step, `full` mode: cache this block's input rows of the reference tokens,
+        # hidden_states[:, L_denoise:] [B, L_image, D]; reuse steps recompute the reference K/V from them.
+        if reference_reuse is not None:
+            reference_reuse.record_block_input(hidden_states)
+        # <<< pruning
         # Get modulation parameters for both streams
         img_mod_params = self.img_mod(temb)  # [B, 6*dim]
 
@@ -719,12 +749,21 @@ class QwenImageTransformerBlock(nn.Module):
         # 3. Concatenates and runs joint attention
         # 4. Splits results back to separate streams
         joint_attention_kwargs = joint_attention_kwargs or {}
+        # >>> pruning: reuse step, `full` mode: the reference rows' attention input, [B, L_image, D] = the cached block
+        # input -> img_norm1 -> this step's shift/scale (the t=0 half under zero_cond_t). Other cases: no-op.
+        reference_attention_kwargs = {}
+        if reference_reuse is not None:
+            reference_attention_kwargs["reference_reuse"] = reference_reuse.prepare_attention(self, img_mod1)
+        # <<< pruning
         attn_output = self.attn(
             hidden_states=img_modulated,  # Image stream (will be processed as "sample")
             encoder_hidden_states=txt_modulated,  # Text stream (will be processed as "context")
             encoder_hidden_states_mask=encoder_hidden_states_mask,
             image_rotary_emb=image_rotary_emb,
             **joint_attention_kwargs,
+            # >>> pruning: pass the cache view to the processor (empty dict when pruning is off: upstream call)
+            **reference_attention_kwargs,
+            # <<< pruning
         )
 
         # QwenAttnProcessor2_0 returns (img_output, txt_output) when encoder_hidden_states is provided
@@ -735,10 +774,17 @@ class QwenImageTransformerBlock(nn.Module):
         encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn_output
 
         # Process image stream - norm2 + MLP
-        img_normed2 = self.img_norm2(hidden_states)
-        img_modulated2, img_gate2 = self._modulate(img_normed2, img_mod2, modulate_index)
-        img_mlp_output = self.img_mlp(img_modulated2)
-        hidden_states = hidden_states + img_gate2 * img_mlp_output
+        # >>> pruning: reuse step, `mlp` mode: norm2 + MLP run on the L_denoise rows only, [B, L_denoise, D]; the
+        # reference rows [B, L_image, D] take this block's output cached on the last refresh step (saves the
+        # image MLP for L_image tokens: 2 x 4 x L_image x D^2 MACs per block). Otherwise: the upstream lines.
+        if reference_reuse is not None and reference_reuse.skips_reference_mlp:
+            hidden_states = reference_reuse.mlp_on_denoise_rows(self, hidden_states, img_mod2, modulate_index)
+        else:
+            img_normed2 = self.img_norm2(hidden_states)
+            img_modulated2, img_gate2 = self._modulate(img_normed2, img_mod2, modulate_index)
+            img_mlp_output = self.img_mlp(img_modulated2)
+            hidden_states = hidden_states + img_gate2 * img_mlp_output
+        # <<< pruning
 
         # Process text stream - norm2 + MLP
         txt_normed2 = self.txt_norm2(encoder_hidden_states)
@@ -752,6 +798,11 @@ class QwenImageTransformerBlock(nn.Module):
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
 
+        # >>> pruning: refresh step, `mlp` mode: cache this block's output rows of the reference tokens,
+        # hidden_states[:, L_denoise:] [B, L_image, D], which stand in for them on reuse steps.
+        if reference_reuse is not None:
+            reference_reuse.record_block_output(hidden_states)
+        # <<< pruning
         return encoder_hidden_states, hidden_states
 
 
@@ -923,6 +974,16 @@ class QwenImageTransformer2DModel(
             If `return_dict` is True, an [`~models.transformer_2d.Transformer2DModelOutput`] is returned, otherwise a
             `tuple` where the first element is the sample tensor.
         """
+        # >>> pruning: a pipeline that wants reference-token reuse passes its controller as
+        # attention_kwargs["reference_token_reuse"]; it decides from the timestep whether this call is a refresh
+        # step (upstream computation, cache written) or a reuse step. Without it: the upstream forward.
+        reference_reuse = None
+        if attention_kwargs is not None and _reference_reuse.ATTENTION_KWARG in attention_kwargs:
+            attention_kwargs = dict(attention_kwargs)
+            reference_reuse = attention_kwargs.pop(_reference_reuse.ATTENTION_KWARG).begin_call(
+                timestep, img_shapes, hidden_states.shape[1]
+            )
+        # <<< pruning
         hidden_states = self.img_in(hidden_states)
 
         timestep = timestep.to(hidden_states.dtype)
@@ -956,6 +1017,17 @@ class QwenImageTransformer2DModel(
 
         image_rotary_emb = self.pos_embed(img_shapes, max_txt_seq_len=text_seq_len, device=hidden_states.device)
 
+        # >>> pruning: reuse step, `full`/`kv` mode: the reference rows leave the image stream for the whole call:
+        # hidden_states [B, L_denoise + L_image, D] -> [B, L_denoise, D] (RoPE rows and zero_cond_t index likewise).
+        # Safe because the pipeline keeps only noise_pred[:, :L_denoise]; every block then reads the reference
+        # tokens' K/V from the cache, and norm_out/proj_out also skip L_image rows. Output: [B, L_denoise, C].
+        if reference_reuse is not None and reference_reuse.drops_reference_rows:
+            hidden_states, image_rotary_emb, modulate_index = reference_reuse.split_reference_rows(
+                hidden_states, image_rotary_emb, modulate_index
+            )
+        if reference_reuse is not None and torch.is_grad_enabled() and self.gradient_checkpointing:
+            raise ValueError("reference-token reuse is an inference feature: disable gradient checkpointing")
+        # <<< pruning
         for index_block, block in enumerate(self.transformer_blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
@@ -978,6 +1050,9 @@ class QwenImageTransformer2DModel(
                     image_rotary_emb=image_rotary_emb,
                     joint_attention_kwargs=attention_kwargs,
                     modulate_index=modulate_index,
+                    # >>> pruning: the block's view of the reference-token cache (omitted when pruning is off)
+                    **({} if reference_reuse is None else {"reference_reuse": reference_reuse.block(index_block)}),
+                    # <<< pruning
                 )
 
             # controlnet residual
@@ -986,6 +1061,10 @@ class QwenImageTransformer2DModel(
                 interval_control = int(np.ceil(interval_control))
                 hidden_states = hidden_states + controlnet_block_samples[index_block // interval_control]
 
+        # >>> pruning: account the cache size reached by this call (peak cache memory in the run's stats)
+        if reference_reuse is not None:
+            reference_reuse.end()
+        # <<< pruning
         if self.zero_cond_t:
             temb = temb.chunk(2, dim=0)[0]
         # Use only the image part (hidden_states) from the dual-stream blocks
