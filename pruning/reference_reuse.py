@@ -274,11 +274,14 @@ class ReferenceTokenReuse:
         self.caches: list[ReferenceTokenCache] = []
         self.history: list[StepRecord] = []
         self.peak_cache_bytes = 0
+        self.token_counts: dict[str, int] = {}
         self._last_timestep: float | None = None
         self._step = 0  # 1-based index of the current step (0: none yet)
         self._branch = -1
 
-    def begin_call(self, timestep: torch.Tensor, img_shapes, hidden_states_len: int) -> ReferenceReuseCall:
+    def begin_call(
+        self, timestep: torch.Tensor, img_shapes, hidden_states_len: int, text_len: int = 0
+    ) -> ReferenceReuseCall:
         """Start one transformer call: work out step/branch, refresh or reuse, L1 and L2."""
         t = float(timestep.reshape(-1)[0])
         if t != self._last_timestep:
@@ -304,6 +307,7 @@ class ReferenceTokenReuse:
             )
         is_reuse = self.mode != "none" and reference_len > 0 and self._step not in self.refresh_steps
         self.history.append(StepRecord(self._step, self._branch, is_reuse))
+        self.token_counts = {"denoise": denoise_len, "image": reference_len, "text": text_len}
         cache = self.caches[self._branch]
         if not is_reuse:
             cache.clear()

@@ -981,7 +981,7 @@ class QwenImageTransformer2DModel(
         if attention_kwargs is not None and _reference_reuse.ATTENTION_KWARG in attention_kwargs:
             attention_kwargs = dict(attention_kwargs)
             reference_reuse = attention_kwargs.pop(_reference_reuse.ATTENTION_KWARG).begin_call(
-                timestep, img_shapes, hidden_states.shape[1]
+                timestep, img_shapes, hidden_states.shape[1], encoder_hidden_states.shape[1]
             )
         # <<< pruning
         hidden_states = self.img_in(hidden_states)

@@ -1,0 +1,58 @@
+"""Analytic FLOP counts (1 multiply-add = 2 FLOPs) for the pruned and unpruned forward passes.
+
+Only the terms that scale with sequence length are counted (projections, attention scores,
+attention-weighted values, MLPs); modulation Linears on the time embedding, norms, RoPE and
+softmax are lower order and left out, which makes every ratio slightly pessimistic for the
+unpruned baseline. Shapes follow the real models' configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pruning.reference_reuse import validate_mode
+
+
+@dataclass(frozen=True)
+class QwenImageShape:
+    """Token counts and widths of one Qwen-Image(-Edit) transformer call."""
+
+    num_blocks: int = 60
+    dim: int = 3072  # 24 heads x 128
+    mlp_ratio: int = 4
+    denoise_len: int = 4096  # L1: 1024x1024 output -> 64x64 packed latents
+    image_len: int = 4096  # L2: reference image at ~1024x1024 area
+    text_len: int = 200  # Edit-2509/2511 prompts; ~1.4k for the original Edit template
+    out_features: int = 64  # proj_out: patch 2 x 2 x 16 latent channels
+
+
+def qwenimage_block_flops(shape: QwenImageShape, mode: str, reuse: bool) -> float:
+    """FLOPs of one dual-stream block (batch 1) on a refresh (``reuse=False``) or reuse step."""
+    validate_mode(mode)
+    d, r = shape.dim, shape.mlp_ratio
+    l1, l2, lt = shape.denoise_len, shape.image_len, shape.text_len
+    if not reuse or mode == "none":
+        q_rows, kv_proj_rows, key_rows, out_rows, mlp_rows = l1 + l2, l1 + l2, l1 + l2, l1 + l2, l1 + l2
+    elif mode == "mlp":
+        q_rows, kv_proj_rows, key_rows, out_rows, mlp_rows = l1 + l2, l1 + l2, l1 + l2, l1 + l2, l1
+    elif mode == "full":
+        q_rows, kv_proj_rows, key_rows, out_rows, mlp_rows = l1, l1 + l2, l1 + l2, l1, l1
+    else:  # kv
+        q_rows, kv_proj_rows, key_rows, out_rows, mlp_rows = l1, l1, l1 + l2, l1, l1
+    projections = 2 * d * d * (q_rows + 2 * kv_proj_rows + out_rows + 4 * lt)  # image q,k,v,out + text q,k,v,out
+    attention = 2 * 2 * d * (lt + q_rows) * (lt + key_rows)  # Q.K^T and P.V
+    mlps = 2 * 2 * r * d * d * (mlp_rows + lt)
+    return float(projections + attention + mlps)
+
+
+def qwenimage_call_flops(shape: QwenImageShape, mode: str, reuse: bool) -> float:
+    """FLOPs of one transformer call: every block plus img_in/txt_in-free output projection."""
+    rows_out = shape.denoise_len if (reuse and mode in ("full", "kv")) else shape.denoise_len + shape.image_len
+    return shape.num_blocks * qwenimage_block_flops(shape, mode, reuse) + 2.0 * shape.dim * shape.out_features * rows_out
+
+
+def qwenimage_edit_flops_ratio(shape: QwenImageShape, mode: str, refresh_steps: tuple[int, ...], num_steps: int) -> float:
+    """Pruned / baseline transformer FLOPs over a whole ``num_steps`` edit (CFG branches scale both alike)."""
+    baseline = num_steps * qwenimage_call_flops(shape, "none", False)
+    pruned = sum(qwenimage_call_flops(shape, mode, step not in refresh_steps) for step in range(1, num_steps + 1))
+    return pruned / baseline

@@ -1,0 +1,97 @@
+"""Shared command-line plumbing: offline defaults, one-line errors, stats JSON, timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Nothing on the default path may wait on an unreachable hub (export HF_HUB_OFFLINE=0 to allow downloads).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class UserError(Exception):
+    """Bad input: reported as one line, no traceback."""
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run ``main`` and turn bad input into ``error: <what is wrong and what to do>`` + exit 2."""
+    try:
+        code = main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def load_or_explain(what: str, path_or_id: str, loader: Callable[[], Any]) -> Any:
+    """Call ``loader``; a missing directory or an unreachable hub id becomes one clear line."""
+    try:
+        return loader()
+    except (OSError, ValueError) as error:
+        local = Path(path_or_id).exists()
+        hint = (
+            "the directory exists but is not a complete diffusers/transformers model directory"
+            if local
+            else "no such local directory, and the hub is offline here (HF_HUB_OFFLINE=1); pass a local path"
+        )
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot load {what} from {path_or_id!r}: {hint} ({first_line[:200]})") from None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class ModuleTimer:
+    """Sums the wall time spent inside ``module.forward`` (via the public forward-hook API)."""
+
+    def __init__(self, module):
+        self.seconds = 0.0
+        self.calls = 0
+        self._start = 0.0
+        self._handles = [
+            module.register_forward_pre_hook(self._before),
+            module.register_forward_hook(self._after),
+        ]
+
+    def _before(self, *_):
+        self._start = time.perf_counter()
+
+    def _after(self, *_):
+        self.seconds += time.perf_counter() - self._start
+        self.calls += 1
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextmanager
+def stopwatch():
+    box = {"seconds": 0.0}
+    start = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box["seconds"] = time.perf_counter() - start
