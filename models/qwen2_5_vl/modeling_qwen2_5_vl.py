@@ -388,6 +388,16 @@ class Qwen2_5_VLPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     _supports_attention_backend = True
 
+    # >>> pruning: a fork is not hub "custom code": it has upstream's exact parameter layout, so let transformers
+    # treat it like the upstream class (apply the registered checkpoint key conversions, e.g. the original
+    # llava-hf / Qwen2.5-VL key names, and initialise weights the same way). Without this, from_pretrained on a
+    # real checkpoint silently leaves the language-model weights missing. Changes no forward computation.
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        return cls.is_remote_code()
+
+    # <<< pruning
+
 
 class Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLPreTrainedModel):
     config: Qwen2_5_VLVisionConfig
