@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Benchmark reference-token reuse: transformer time of a whole N-step edit, per mode and schedule.
+
+Not a test. Builds the forked Qwen-Image transformer at the real model's *proportions*
+(D = 3072 = 24 heads x 128, 60 blocks, L_denoise = L_image = 4096 at 1024x1024, ~200 text
+tokens for Edit-2509/2511 or ~1.4k for the original Edit), with width (number of heads; the
+head stays 128 wide), token counts and depth divided by one ``--scale`` factor so that it runs on 2 CPU cores, random weights. Every mode
+runs in the same process against ``none`` (warm-up, then the median of ``--repeats``), and
+the measured speedup is printed next to the analytic FLOP bound of the same (scaled) shapes
+and of the real shapes.
+
+    python scripts/bench_edit.py                      # Edit-2509/2511 proportions, scale 8
+    python scripts/bench_edit.py --text-len 1400      # the original Edit prompt template
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from _cli import UserError, run_cli, write_json
+
+SCHEDULES = {"alternate": "alternate", "once": "once"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", type=int, default=8, help="divide width, token counts and depth by this factor")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--text-len", type=int, default=200, help="real-model text tokens (200: Edit-2509/2511, 1400: Edit)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--modes", default="mlp,full,kv")
+    p.add_argument("--schedules", default="alternate,once")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--stats-json", type=Path, default=Path("outputs_bench/bench_edit.json"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.scale < 1 or 24 % args.scale or 4096 % args.scale:
+        raise UserError(f"--scale must divide 24 heads and 4096 tokens (1, 2, 4, 8), got {args.scale}")
+    if args.steps < 1 or args.repeats < 1:
+        raise UserError("--steps and --repeats must be >= 1")
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in ("mlp", "full", "kv"):
+            raise UserError(f"unknown mode {m!r} in --modes; choose from mlp, full, kv")
+
+    import torch
+    from tqdm import tqdm
+
+    from models.qwenimage.transformer_qwenimage import QwenImageTransformer2DModel
+    from pruning.flops import QwenImageShape, qwenimage_edit_flops_ratio
+    from pruning.reference_reuse import ATTENTION_KWARG, ReferenceTokenReuse, resolve_refresh_steps
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = args.scale
+    heads, head_dim = 24 // s, 128  # the real head width; fewer heads
+    side = 64 // int(round(s**0.5)) if int(round(s**0.5)) ** 2 == s else None
+    l_img = 4096 // s
+    h, w = (side, side) if side else (64 // s, 64)  # tokens of a 1024x1024 latent grid, divided by s
+    assert h * w == l_img
+    blocks = max(1, round(60 / s))
+    text_len = max(1, round(args.text_len / s))
+    axes = (16, 56, 56)  # the real RoPE split of the 128-wide head
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=blocks, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=3584 // s, axes_dims_rope=axes,
+    ).eval()
+    dim = heads * head_dim
+    reference = torch.randn(1, l_img, 64)
+    text = torch.randn(1, text_len, 3584 // s)
+    mask = torch.ones(1, text_len, dtype=torch.long)
+    img_shapes = [[(1, h, w), (1, h, w)]]
+
+    @torch.no_grad()
+    def edit(mode: str, schedule: str | None) -> float:
+        """Transformer time (s) of one whole edit: ``args.steps`` calls, fresh noisy latents each step."""
+        controller = None if mode == "none" else ReferenceTokenReuse(mode, args.steps, schedule)
+        generator = torch.Generator().manual_seed(1)
+        total = 0.0
+        for step in range(args.steps):
+            noisy = torch.randn(1, l_img, 64, generator=generator)
+            kwargs = dict(
+                hidden_states=torch.cat([noisy, reference], dim=1), encoder_hidden_states=text,
+                encoder_hidden_states_mask=mask, timestep=torch.tensor([1.0 - step / args.steps]),
+                img_shapes=img_shapes, return_dict=False,
+                attention_kwargs=None if controller is None else {ATTENTION_KWARG: controller},
+            )
+            start = time.perf_counter()
+            model(**kwargs)
+            total += time.perf_counter() - start
+        if controller is not None:
+            controller.clear()
+        return total
+
+    configs = [("none", None)] + [(m, sch) for sch in args.schedules.split(",") if sch for m in modes]
+    for _, sch in configs:
+        if sch is not None:
+            try:
+                resolve_refresh_steps(sch, args.steps)
+            except ValueError as error:
+                raise UserError(f"--schedules: {error}") from None
+    times: dict[tuple[str, str | None], list[float]] = {c: [] for c in configs}
+    for c in configs:  # warm-up
+        edit(*c)
+    for _ in tqdm(range(args.repeats), desc="repeats"):
+        for c in configs:  # interleaved, so drift in machine speed hits every mode alike
+            times[c].append(edit(*c))
+
+    scaled = QwenImageShape(num_blocks=blocks, dim=dim, denoise_len=l_img, image_len=l_img, text_len=text_len)
+    real = QwenImageShape(text_len=args.text_len)
+    baseline = statistics.median(times[("none", None)])
+    rows = []
+    for mode, sch in configs:
+        median = statistics.median(times[(mode, sch)])
+        refresh = resolve_refresh_steps(sch, args.steps) if sch else tuple(range(1, args.steps + 1))
+        bound_scaled = 1 / qwenimage_edit_flops_ratio(scaled, mode, refresh, args.steps)
+        bound_real = 1 / qwenimage_edit_flops_ratio(real, mode, refresh, args.steps)
+        speedup = baseline / median
+        rows.append(dict(mode=mode, schedule=sch or "-", refresh_steps=list(refresh), median_s=median,
+                         speedup=speedup, flops_bound_scaled=bound_scaled, flops_bound_real=bound_real,
+                         fraction_of_bound=speedup / bound_scaled, times_s=times[(mode, sch)]))
+
+    header = f"{'mode':<5} {'schedule':<10} {'refresh':<8} {'time s':>7} {'speedup':>8} {'bound(scaled)':>14} {'bound(real)':>12} {'of bound':>9}"
+    print(f"\nscale 1/{s}: D={dim} ({heads}x{head_dim}), blocks={blocks}, L_denoise=L_image={l_img}, text={text_len}, "
+          f"steps={args.steps}, torch threads={torch.get_num_threads()}")
+    print(header)
+    for r in rows:
+        print(f"{r['mode']:<5} {r['schedule']:<10} {','.join(map(str, r['refresh_steps'])):<8} {r['median_s']:>7.3f} "
+              f"{r['speedup']:>7.2f}x {r['flops_bound_scaled']:>13.2f}x {r['flops_bound_real']:>11.2f}x {r['fraction_of_bound']:>8.0%}")
+    write_json(args.stats_json, dict(
+        command="python scripts/bench_edit.py " + " ".join(argv or []),
+        machine=dict(platform=platform.platform(), processor=platform.processor(), torch=torch.__version__,
+                     threads=torch.get_num_threads()),
+        scaled_shape=vars(scaled), real_shape=vars(real), steps=args.steps, repeats=args.repeats, rows=rows,
+    ))
+    print(f"stats in {args.stats_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    run_cli(lambda: main(sys.argv[1:]))
