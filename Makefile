@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-slow test-all diff-upstream golden clean-cache
+.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit
 
 venv: $(STAMP)
 
@@ -37,6 +37,14 @@ diff-upstream: $(STAMP)
 ## Regenerate tests/golden/ on purpose (review the diff before committing).
 golden: $(STAMP)
 	$(PY) scripts/make_golden.py
+
+## Qwen-Image-Edit with reference-token reuse vs the baseline (embedded tiny model; ARGS="..." for more flags).
+run-edit: $(STAMP)
+	$(PY) scripts/run_with_token_pruning.py --compare $(ARGS)
+
+## Speed of every reuse mode against the baseline on a shape-faithful scaled transformer (not a test).
+bench-edit: $(STAMP)
+	$(PY) scripts/bench_edit.py $(ARGS)
 
 clean-cache:
 	rm -rf .cache/tiny_models
