@@ -54,12 +54,15 @@ class TokenPruningQwenImageEditPipeline(QwenImageEditPipeline):
         ``lora``: a Lightning LoRA (path or hub id) applied with ``load_lora_weights``; the
         scheduler is then switched to the Lightning settings (``LIGHTNING_SCHEDULER_CONFIG``).
         """
-        if "transformer" not in kwargs:
-            transformer_kwargs = {k: kwargs[k] for k in ("torch_dtype", "local_files_only", "revision") if k in kwargs}
-            kwargs["transformer"] = QwenImageTransformer2DModel.from_pretrained(
+        transformer = kwargs.pop("transformer", None)
+        if transformer is None:
+            transformer_kwargs = {k: kwargs[k] for k in ("dtype", "torch_dtype", "local_files_only", "revision") if k in kwargs}
+            transformer = QwenImageTransformer2DModel.from_pretrained(
                 pretrained_model_name_or_path, subfolder="transformer", **transformer_kwargs
             )
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        # load every other component the stock way, then register the fork as the transformer
+        pipe = super().from_pretrained(pretrained_model_name_or_path, transformer=None, **kwargs)
+        pipe.register_modules(transformer=transformer)
         if lora is not None:
             pipe.load_lora_weights(lora)
             pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG)

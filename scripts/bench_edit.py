@@ -15,19 +15,18 @@ and of the real shapes.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import time
 from pathlib import Path
 
-from _cli import UserError, run_cli, write_json
+from _cli import ArgumentParser, UserError, run_cli, write_json
 
 SCHEDULES = {"alternate": "alternate", "once": "once"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", type=int, default=8, help="divide width, token counts and depth by this factor")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--text-len", type=int, default=200, help="real-model text tokens (200: Edit-2509/2511, 1400: Edit)")

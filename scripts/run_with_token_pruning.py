@@ -13,17 +13,16 @@ Writes into ``--output_dir``: ``output_pruning_<timestamp>.png``, ``latest_pruni
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from _cli import REPO_ROOT, ModuleTimer, UserError, load_or_explain, run_cli, stopwatch, write_json
+from _cli import ArgumentParser, REPO_ROOT, ModuleTimer, UserError, load_or_explain, run_cli, stopwatch, write_json
 
 MODES = ("none", "mlp", "full", "kv")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-i", "--input", type=Path, default=None, help="reference image (default: a generated sample)")
     p.add_argument("-p", "--prompt", default="Change the red circle to blue and add a yellow star.")
     p.add_argument("-o", "--output_dir", type=Path, default=Path("outputs_pruning"))
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
     pipe = load_or_explain(
         "the Qwen-Image-Edit pipeline",
         model_path,
-        lambda: TokenPruningQwenImageEditPipeline.from_pretrained(model_path, lora=args.lora, torch_dtype=dtype),
+        lambda: TokenPruningQwenImageEditPipeline.from_pretrained(model_path, lora=args.lora, dtype=dtype),
     )
     if args.cpu_offload:
         pipe.enable_model_cpu_offload()

@@ -1,0 +1,64 @@
+"""``scripts/run_with_token_pruning.py`` (``make run-edit``): outputs, stats JSON, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "scripts" / "run_with_token_pruning.py"
+STATS_KEYS = {"mode", "refresh_steps", "steps", "height", "width", "tokens", "time_baseline_s", "time_pruned_s",
+              "speedup", "psnr_db", "ssim", "cache_bytes", "flops_ratio"}
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_compare_run_writes_images_and_stats(tmp_path):
+    out = tmp_path / "out"
+    proc = run("--compare", "-o", str(out), "--height", "64", "--width", "64", "-s", "2", "--pruning-mode", "kv",
+               "--stats-json", str(tmp_path / "stats.json"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    names = {p.name for p in out.iterdir()}
+    assert {"latest_baseline.png", "latest_pruning.png"} <= names
+    assert any(n.startswith("output_pruning_") and n.endswith(".png") for n in names)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert STATS_KEYS <= set(stats)
+    assert stats["mode"] == "kv" and stats["refresh_steps"] == [1] and stats["steps"] == 2
+    assert stats["tokens"]["denoise"] == 16 and stats["tokens"]["image"] > 4000 and stats["tokens"]["text"] > 0
+    assert 0 < stats["flops_ratio"] < 1 and stats["speedup"] > 0 and stats["cache_bytes"] > 0
+    assert "denoising time" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-i", "missing.png"], "does not exist"),
+    (["--pruning-mode", "fast"], "invalid choice"),
+    (["-s", "0"], "--steps must be >= 1"),
+    (["-s", "4", "--refresh-steps", "1,7"], "names step(s) [7]"),
+    (["--refresh-steps", "2,3"], "must include step 1"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "out"
+    proc = run("-o", str(out), *args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_unreadable_image_is_one_line(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    proc = run("-o", str(tmp_path / "out"), "-i", str(bad), cwd=tmp_path)
+    assert proc.returncode == 2 and "cannot read image" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unreachable_model_is_one_line(tmp_path):
+    proc = run("-o", str(tmp_path / "out"), "--model-path", str(tmp_path / "no_such_model"), cwd=tmp_path)
+    assert proc.returncode == 2 and "cannot load the Qwen-Image-Edit pipeline" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
