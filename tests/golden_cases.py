@@ -1,2 +1,152 @@
-"""Golden cases (registered with @golden_case): filled per system."""
-from tests.golden_utils import golden_case, summarize  # noqa: F401
+"""Golden cases: outputs of the embedded models at fixed seeds (``make golden`` rewrites them).
+
+Each function builds its inputs from seeds only, runs the fork, and returns exact values
+(token ids, token counts) and tensor summaries. Later systems register their pruned
+configurations here too.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from tests.golden_utils import golden_case, summarize
+
+GREEDY = dict(do_sample=False, max_new_tokens=10, min_new_tokens=10, use_cache=True,
+              return_dict_in_generate=True, output_logits=True)
+
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL
+
+
+@lru_cache(maxsize=1)
+def _qwen2_5_vl():
+    from transformers import AutoProcessor
+
+    from models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+    from models.tiny.qwen2_5_vl import tiny_qwen2_5_vl_dir
+
+    path = tiny_qwen2_5_vl_dir()
+    return AutoProcessor.from_pretrained(path), Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+
+
+def _qwen_inputs(media: str):
+    from transformers.video_utils import VideoMetadata
+
+    from models.tiny.media import make_sample_image, make_sample_video
+
+    processor, _ = _qwen2_5_vl()
+    question = "Describe this image." if media == "image" else "What happens in the video?"
+    conversation = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    if media == "image":
+        return processor(images=make_sample_image((140, 112), seed=1), text=prompt, return_tensors="pt")
+    return processor(videos=make_sample_video(8, (112, 112), seed=2), text=prompt, return_tensors="pt",
+                     video_metadata=[VideoMetadata(total_num_frames=8, fps=2.0)])
+
+
+def _qwen_case(media: str) -> dict:
+    _, model = _qwen2_5_vl()
+    inputs = _qwen_inputs(media)
+    with torch.no_grad():
+        out = model.generate(**inputs, **GREEDY)
+    prompt_len = inputs["input_ids"].shape[1]
+    return {
+        "prompt_len": prompt_len,
+        "new_token_ids": out.sequences[0, prompt_len:].tolist(),
+        "first_step_logits": summarize(out.logits[0]),
+        "last_step_logits": summarize(out.logits[-1]),
+    }
+
+
+@golden_case("qwen2_5_vl_image_generate")
+def qwen2_5_vl_image_generate():
+    return _qwen_case("image")
+
+
+@golden_case("qwen2_5_vl_video_generate")
+def qwen2_5_vl_video_generate():
+    return _qwen_case("video")
+
+
+# ----------------------------------------------------------------------------- LLaVA
+
+
+@golden_case("llava_batch2_generate")
+def llava_batch2_generate():
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from models.llava.modeling_llava import LlavaForConditionalGeneration
+    from models.tiny.llava import tiny_llava_dir
+    from models.tiny.media import make_sample_image
+
+    path = tiny_llava_dir()
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    questions = ["What colour is the circle?", "How many squares are there in this picture?"]
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                             add_generation_prompt=True) for q in questions]
+    images: list[Image.Image] = [make_sample_image((112, 112), seed=s) for s in (3, 4)]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, **GREEDY, pad_token_id=processor.tokenizer.pad_token_id)
+    prompt_len = inputs["input_ids"].shape[1]
+    return {
+        "prompt_len": prompt_len,
+        "new_token_ids": out.sequences[:, prompt_len:].tolist(),
+        "first_step_logits": summarize(out.logits[0]),
+        "last_step_logits": summarize(out.logits[-1]),
+    }
+
+
+# ----------------------------------------------------------------------------- Qwen-Image-Edit
+
+
+@lru_cache(maxsize=1)
+def _edit_pipe():
+    from models.tiny.qwenimage_edit import tiny_qwenimage_edit_dir
+    from pipelines.qwenimage_edit import TokenPruningQwenImageEditPipeline
+
+    pipe = TokenPruningQwenImageEditPipeline.from_pretrained(tiny_qwenimage_edit_dir())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _edit_case(mode: str, refresh_steps=None) -> dict:
+    from models.tiny.media import make_sample_image
+
+    pipe = _edit_pipe()
+    image = pipe(
+        image=make_sample_image((128, 128), seed=0), prompt="make the circle blue", num_inference_steps=4,
+        height=64, width=64, true_cfg_scale=1.0, output_type="pt", pruning_mode=mode, refresh_steps=refresh_steps,
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    stats = pipe.last_reuse_stats
+    return {"image": summarize(image), "refresh_steps": stats["refresh_steps"], "cache_bytes": stats["cache_bytes"]}
+
+
+@golden_case("qwenimage_edit_none")
+def qwenimage_edit_none():
+    return _edit_case("none")
+
+
+@golden_case("qwenimage_edit_mlp")
+def qwenimage_edit_mlp():
+    return _edit_case("mlp")
+
+
+@golden_case("qwenimage_edit_full")
+def qwenimage_edit_full():
+    return _edit_case("full")
+
+
+@golden_case("qwenimage_edit_kv")
+def qwenimage_edit_kv():
+    return _edit_case("kv")
+
+
+@golden_case("qwenimage_edit_kv_once")
+def qwenimage_edit_kv_once():
+    return _edit_case("kv", "once")

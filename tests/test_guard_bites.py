@@ -1,0 +1,72 @@
+"""The guards catch the founding regression: a fork copy that drifted by one constant.
+
+The bug report behind this project: a modified copy of ``modeling_qwen2_5_vl.py`` produced
+garbled text with every pruning stage off, while weights loaded fine. Here a copy of the fork
+with one changed constant, made in a temporary directory, must fail *both* the upstream audit
+(naming file and line) and the bit-exact comparison with upstream.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor
+from transformers import Qwen2_5_VLForConditionalGeneration as UpstreamQwen
+
+from models.tiny.media import make_sample_image
+from models.tiny.qwen2_5_vl import tiny_qwen2_5_vl_dir
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FORK = REPO_ROOT / "models" / "qwen2_5_vl" / "modeling_qwen2_5_vl.py"
+# the language model's attention scale (Qwen2_5_VLAttention), one character changed
+ORIGINAL = "self.rope_parameters = config.rope_parameters\n        self.scaling = self.head_dim**-0.5"
+DRIFTED = ORIGINAL.replace("**-0.5", "**-0.45")
+
+
+def make_drifted_copy(tmp_path: Path) -> tuple[Path, int]:
+    text = FORK.read_text()
+    assert text.count(ORIGINAL) == 1
+    line = text[: text.index(ORIGINAL)].count("\n") + 2  # the scaling line
+    drifted = tmp_path / "modeling_qwen2_5_vl.py"
+    drifted.write_text(text.replace(ORIGINAL, DRIFTED))
+    return drifted, line
+
+
+def import_from(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # transformers inspects classes through their module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_drifted_fork_fails_the_audit_at_the_changed_line(tmp_path):
+    drifted, line = make_drifted_copy(tmp_path)
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "diff_upstream.py"), "--quiet", str(drifted)],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 1
+    assert f"modeling_qwen2_5_vl.py:{line}: code added or changed outside a pruning fence" in proc.stderr
+
+
+def test_drifted_fork_fails_the_equivalence_comparison_while_the_real_fork_passes(tmp_path):
+    drifted, _ = make_drifted_copy(tmp_path)
+    drifted_module = import_from(drifted, "drifted_modeling_qwen2_5_vl")
+    path = tiny_qwen2_5_vl_dir()
+    processor = AutoProcessor.from_pretrained(path)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(images=make_sample_image((112, 112), seed=5), text=prompt, return_tensors="pt")
+
+    from models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as Fork
+
+    with torch.no_grad():
+        expected = UpstreamQwen.from_pretrained(path).eval()(**inputs).logits
+        fork_logits = Fork.from_pretrained(path).eval()(**inputs).logits
+        drifted_model = drifted_module.Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+        drifted_logits = drifted_model(**inputs).logits
+    assert torch.equal(fork_logits, expected)
+    assert not torch.equal(drifted_logits, expected)
