@@ -25,6 +25,18 @@ class QwenImageShape:
     text_len: int = 200  # Edit-2509/2511 prompts; ~1.4k for the original Edit template
     out_features: int = 64  # proj_out: patch 2 x 2 x 16 latent channels
 
+    @classmethod
+    def from_transformer_config(cls, config, tokens: dict[str, int]) -> "QwenImageShape":
+        """Shapes of a real call: a QwenImageTransformer2DModel config and the run's token counts."""
+        return cls(
+            num_blocks=config.num_layers,
+            dim=config.num_attention_heads * config.attention_head_dim,
+            denoise_len=tokens["denoise"],
+            image_len=tokens["image"],
+            text_len=tokens["text"],
+            out_features=config.patch_size**2 * (config.out_channels or config.in_channels),
+        )
+
 
 def qwenimage_block_flops(shape: QwenImageShape, mode: str, reuse: bool) -> float:
     """FLOPs of one dual-stream block (batch 1) on a refresh (``reuse=False``) or reuse step."""

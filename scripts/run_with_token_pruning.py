@@ -82,16 +82,11 @@ def load_reference_image(path: Path | None):
         raise UserError(f"cannot read image {str(path)!r} ({type(error).__name__}): pass a PNG/JPEG file") from None
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    mode, refresh = validate(args)
-    image = load_reference_image(args.input)
-
+def load_pipeline(args):
+    """The pruning pipeline from ``--model-path`` (default: embedded tiny) with ``--lora``, on ``--device``."""
     import torch
 
     from pipelines.qwenimage_edit import TokenPruningQwenImageEditPipeline
-    from pruning.flops import QwenImageShape, qwenimage_edit_flops_ratio
-    from pruning.metrics import psnr, ssim
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -112,7 +107,20 @@ def main(argv=None) -> int:
         pipe.to(device)
     if args.vae_tiling:
         pipe.vae.enable_tiling()
-    pipe.set_progress_bar_config(desc="denoising")
+    return pipe, model_path, device
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    mode, refresh = validate(args)
+    image = load_reference_image(args.input)
+
+    import torch
+
+    from pruning.flops import QwenImageShape, qwenimage_edit_flops_ratio
+    from pruning.metrics import psnr, ssim
+
+    pipe, model_path, device = load_pipeline(args)
     timer = ModuleTimer(pipe.transformer)
 
     def edit(pruning_mode: str):
@@ -167,15 +175,7 @@ def main(argv=None) -> int:
         "flops_ratio": None,
     }
     if tokens and mode != "none":
-        cfg = pipe.transformer.config
-        shape = QwenImageShape(
-            num_blocks=cfg.num_layers,
-            dim=cfg.num_attention_heads * cfg.attention_head_dim,
-            denoise_len=tokens["denoise"],
-            image_len=tokens["image"],
-            text_len=tokens["text"],
-            out_features=cfg.patch_size**2 * (cfg.out_channels or cfg.in_channels),
-        )
+        shape = QwenImageShape.from_transformer_config(pipe.transformer.config, tokens)
         stats["flops_ratio"] = qwenimage_edit_flops_ratio(shape, mode, refresh, args.steps)
     if "baseline" in runs and "pruning" in runs:
         stats["speedup"] = runs["baseline"][1] / runs["pruning"][1]

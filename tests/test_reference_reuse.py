@@ -312,3 +312,15 @@ def test_cfg_branches_keep_separate_caches():
     assert [(r.step, r.branch, r.reuse) for r in both.history] == [(1, 0, False), (1, 1, False), (2, 0, True), (2, 1, True)]
     for branch in ("cond", "uncond"):
         assert torch.equal(outs[("both", branch, 2)], outs[("single", branch, 2)])
+
+
+def test_mlp_and_full_give_the_same_denoise_output_full_just_skips_the_work():
+    """In `mlp` the reference rows entering block b are the cached output of block b-1, i.e. exactly the
+    cached block input that `full` projects its K/V from: the denoise rows see the same keys/values."""
+    _, fork = build_pair(True)
+    outputs = {}
+    for mode in ("mlp", "full"):
+        controller = ReferenceTokenReuse(mode, num_steps=4)
+        call(fork, make_inputs(1, 0.9), controller)
+        outputs[mode] = call(fork, make_inputs(2, 0.7), controller)[:, :L1]
+    torch.testing.assert_close(outputs["mlp"], outputs["full"], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Fidelity of reference-token reuse against the baseline edit: PSNR / SSIM per mode and schedule.
+
+Speed is measured by scripts/bench_edit.py (warm-up, repeats); this script reports quality
+and the analytic FLOP bound only.
+
+Runs the baseline once and every mode under every schedule from the same seed, including
+the per-step ablation the founding notes ask for (4 steps: reuse on step 2 only, on step 4
+only, on both, and refresh once). Default: the embedded tiny model (random weights: its
+numbers say little about real quality). Real weights::
+
+    python scripts/report_edit_fidelity.py --model-path Qwen/Qwen-Image-Edit \\
+        --lora lightx2v/Qwen-Image-Lightning -i photo.jpg -p "make the car red"
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from _cli import ArgumentParser, UserError, run_cli, write_json
+from run_with_token_pruning import load_pipeline, load_reference_image
+
+# label -> refresh steps (4 steps); other step counts get "alternate" and "once"
+ABLATION_4_STEPS = {"reuse 2": "1,3,4", "reuse 4": "1,2,3", "reuse 2+4": "1,3", "reuse 2,3,4 (once)": "once"}
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-i", "--input", type=Path, default=None)
+    p.add_argument("-p", "--prompt", default="Change the red circle to blue and add a yellow star.")
+    p.add_argument("-s", "--steps", type=int, default=4)
+    p.add_argument("-c", "--cfg", type=float, default=1.0)
+    p.add_argument("--modes", default="mlp,full,kv")
+    p.add_argument("--model-path", default=None)
+    p.add_argument("--lora", default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--cpu-offload", action="store_true")
+    p.add_argument("--vae-tiling", action="store_true")
+    p.add_argument("-o", "--output_dir", type=Path, default=Path("outputs_fidelity"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in ("mlp", "full", "kv")]
+    if bad:
+        raise UserError(f"unknown mode(s) {bad} in --modes; choose from mlp, full, kv")
+    if args.input is not None and not args.input.is_file():
+        raise UserError(f"input image {str(args.input)!r} does not exist")
+    image = load_reference_image(args.input)
+
+    import torch
+    from tqdm import tqdm
+
+    from pruning.flops import QwenImageShape, qwenimage_edit_flops_ratio
+    from pruning.metrics import psnr, ssim
+    from pruning.reference_reuse import resolve_refresh_steps
+
+    pipe, model_path, device = load_pipeline(args)
+    pipe.set_progress_bar_config(disable=True)
+    schedules = ABLATION_4_STEPS if args.steps == 4 else {"alternate": "alternate", "once": "once"}
+
+    def edit(mode: str, refresh):
+        result = pipe(image=image, prompt=args.prompt, num_inference_steps=args.steps, true_cfg_scale=args.cfg,
+                      negative_prompt=" " if args.cfg > 1 else None, height=args.height, width=args.width,
+                      generator=torch.Generator().manual_seed(args.seed), pruning_mode=mode, refresh_steps=refresh).images[0]
+        return result, dict(pipe.last_reuse_stats)
+
+    baseline = edit("none", None)[0]
+    rows, images = [], {}
+    tokens = None
+    runs = [(mode, label, sched) for label, sched in schedules.items() for mode in modes]
+    for mode, label, sched in tqdm(runs, desc="modes x schedules"):
+        out, stats = edit(mode, sched)
+        tokens = stats["tokens"]
+        refresh = resolve_refresh_steps(sched, args.steps)
+        shape = QwenImageShape.from_transformer_config(pipe.transformer.config, tokens)
+        rows.append(dict(mode=mode, schedule=label, refresh_steps=list(refresh), psnr_db=psnr(baseline, out),
+                         ssim=ssim(baseline, out), cache_bytes=stats["cache_bytes"],
+                         flops_ratio=qwenimage_edit_flops_ratio(shape, mode, refresh, args.steps)))
+        images[f"{mode}_{sched.replace(',', '-')}.png"] = out
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    baseline.save(args.output_dir / "baseline.png")
+    for name, out in images.items():
+        out.save(args.output_dir / name)
+    print(f"\nmodel {model_path}, steps {args.steps}, tokens {tokens}, device {device}")
+    print(f"{'mode':<5} {'schedule':<20} {'refresh':<8} {'PSNR dB':>8} {'SSIM':>7} {'FLOP bound':>10}")
+    for r in rows:
+        print(f"{r['mode']:<5} {r['schedule']:<20} {','.join(map(str, r['refresh_steps'])):<8} {r['psnr_db']:>8.2f} "
+              f"{r['ssim']:>7.4f} {1 / r['flops_ratio']:>9.2f}x")
+    stats_path = args.output_dir / f"fidelity_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    write_json(stats_path, dict(model_path=model_path, lora=args.lora, steps=args.steps, cfg=args.cfg,
+                                prompt=args.prompt, seed=args.seed, device=device, tokens=tokens, rows=rows))
+    print(f"stats in {stats_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
