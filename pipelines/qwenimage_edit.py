@@ -48,11 +48,20 @@ class TokenPruningQwenImageEditPipeline(QwenImageEditPipeline):
     last_reuse_stats: dict[str, Any] | None = None
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, lora: str | None = None, **kwargs):
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        lora: str | None = None,
+        lora_weight_name: str | None = None,
+        **kwargs,
+    ):
         """Load any diffusers-format Qwen-Image-Edit directory or hub id, with the forked transformer.
 
-        ``lora``: a Lightning LoRA (path or hub id) applied with ``load_lora_weights``; the
-        scheduler is then switched to the Lightning settings (``LIGHTNING_SCHEDULER_CONFIG``).
+        ``lora``: a Lightning LoRA (a .safetensors file, a directory or a hub id; ``lora_weight_name``
+        picks the file inside a repo, e.g. ``Qwen-Image-Edit-Lightning-4steps-V1.0.safetensors``)
+        applied with ``load_lora_weights``; the scheduler is then switched to the Lightning
+        settings (``LIGHTNING_SCHEDULER_CONFIG``).
         """
         transformer = kwargs.pop("transformer", None)
         if transformer is None:
@@ -64,7 +73,8 @@ class TokenPruningQwenImageEditPipeline(QwenImageEditPipeline):
         pipe = super().from_pretrained(pretrained_model_name_or_path, transformer=None, **kwargs)
         pipe.register_modules(transformer=transformer)
         if lora is not None:
-            pipe.load_lora_weights(lora)
+            lora_kwargs = {"weight_name": lora_weight_name} if lora_weight_name else {}
+            pipe.load_lora_weights(lora, **lora_kwargs)
             pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG)
         return pipe
 

@@ -9,8 +9,9 @@ the per-step ablation the founding notes ask for (4 steps: reuse on step 2 only,
 only, on both, and refresh once). Default: the embedded tiny model (random weights: its
 numbers say little about real quality). Real weights::
 
-    python scripts/report_edit_fidelity.py --model-path Qwen/Qwen-Image-Edit \\
-        --lora lightx2v/Qwen-Image-Lightning -i photo.jpg -p "make the car red"
+    HF_HUB_OFFLINE=0 python scripts/report_edit_fidelity.py --model-path Qwen/Qwen-Image-Edit \\
+        --lora lightx2v/Qwen-Image-Lightning --lora-weight-name Qwen-Image-Edit-Lightning-4steps-V1.0.safetensors \\
+        -i photo.jpg -p "make the car red"
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("-c", "--cfg", type=float, default=1.0)
     p.add_argument("--modes", default="mlp,full,kv")
     p.add_argument("--model-path", default=None)
+    p.add_argument("--lora-weight-name", default=None, help="file inside a LoRA repo, e.g. Qwen-Image-Edit-Lightning-4steps-V1.0.safetensors")
     p.add_argument("--lora", default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)

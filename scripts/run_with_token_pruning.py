@@ -4,8 +4,9 @@
 Default: the embedded tiny model and a generated sample image, so it runs on a fresh CPU
 machine. Real weights::
 
-    python scripts/run_with_token_pruning.py --model-path Qwen/Qwen-Image-Edit \\
-        --lora lightx2v/Qwen-Image-Lightning -i photo.jpg -p "make the car red" --compare
+    HF_HUB_OFFLINE=0 python scripts/run_with_token_pruning.py --model-path Qwen/Qwen-Image-Edit \\
+        --lora lightx2v/Qwen-Image-Lightning --lora-weight-name Qwen-Image-Edit-Lightning-4steps-V1.0.safetensors \\
+        -i photo.jpg -p "make the car red" --compare
 
 Writes into ``--output_dir``: ``output_pruning_<timestamp>.png``, ``latest_pruning.png``,
 ``latest_baseline.png`` (with ``--compare`` or ``--no-pruning``) and the stats JSON.
@@ -33,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--pruning-mode", default="full", choices=MODES)
     p.add_argument("--refresh-steps", default=None, help="'alternate' (default: 1,3,...), 'once', 'all' or e.g. '1,3'")
     p.add_argument("--model-path", default=None, help="diffusers-format Qwen-Image-Edit dir or hub id (default: embedded tiny)")
+    p.add_argument("--lora-weight-name", default=None, help="file inside a LoRA repo, e.g. Qwen-Image-Edit-Lightning-4steps-V1.0.safetensors")
     p.add_argument("--lora", default=None, help="Lightning LoRA path or hub id (switches to the Lightning scheduler)")
     p.add_argument("--height", type=int, default=None, help="output height (default: the stock pipeline's ~1 MP)")
     p.add_argument("--width", type=int, default=None)
@@ -99,7 +101,9 @@ def load_pipeline(args):
     pipe = load_or_explain(
         "the Qwen-Image-Edit pipeline",
         model_path,
-        lambda: TokenPruningQwenImageEditPipeline.from_pretrained(model_path, lora=args.lora, dtype=dtype),
+        lambda: TokenPruningQwenImageEditPipeline.from_pretrained(
+            model_path, lora=args.lora, lora_weight_name=args.lora_weight_name, dtype=dtype
+        ),
     )
     if args.cpu_offload:
         pipe.enable_model_cpu_offload()

@@ -96,3 +96,31 @@ def test_bad_arguments_fail_before_any_work(pipe, image, kwargs, message):
 def test_several_reference_images_give_a_clear_error(pipe, image):
     with pytest.raises(ValueError, match="one reference image"):
         edit(pipe, [image, image], pruning_mode="kv")
+
+
+def test_lightning_lora_loads_into_the_fork_and_switches_the_scheduler(tmp_path, image):
+    import math
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    donor = TokenPruningQwenImageEditPipeline.from_pretrained(tiny_qwenimage_edit_dir())
+    donor.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, param in donor.transformer.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
+    QwenImageEditPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(donor.transformer),
+                                            weight_name="lightning.safetensors")
+
+    plain = TokenPruningQwenImageEditPipeline.from_pretrained(tiny_qwenimage_edit_dir())
+    lora = TokenPruningQwenImageEditPipeline.from_pretrained(tiny_qwenimage_edit_dir(), lora=str(tmp_path),
+                                                             lora_weight_name="lightning.safetensors")
+    assert type(lora.transformer) is type(plain.transformer)
+    assert lora.scheduler.config.max_shift == lora.scheduler.config.base_shift == math.log(3)
+    assert lora.scheduler.config.time_shift_type == "exponential"
+    for p in (plain, lora):
+        p.set_progress_bar_config(disable=True)
+    assert not np.array_equal(edit(lora, image), edit(plain, image))
+    # reuse still works on the LoRA-adapted transformer
+    assert np.isfinite(edit(lora, image, pruning_mode="kv", refresh_steps="once")).all()

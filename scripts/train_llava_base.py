@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Train the embedded tiny LLaVA-1.5 on the generated shapes VQA task (the base that system C prunes).
+
+All weights (CLIP tower, projector, Llama LLM) are trained from the embedded model's seeded
+initialisation with next-token cross-entropy on the one-word answer (+ EOS), AdamW, linear
+warm-up then cosine decay, on a deterministic stream of training samples
+(``pruning/vqa_shapes.py``). The result is written with ``save_pretrained`` (model and
+processor), so it loads with ``from_pretrained`` like any LLaVA directory, plus
+``vqa_base_metrics.json``: held-out exact-match accuracy per question type next to its chance
+levels (1 / number of answers, and the best constant guess).
+
+Default: trains once into the embedded-model cache (``.cache/tiny_models/llava-vqa-v1``) and
+reuses it afterwards; ``--output-dir`` trains into another directory, ``--force`` retrains.
+Reproducible from ``--seed`` on one machine (CPU kernels may round differently elsewhere).
+
+    python scripts/train_llava_base.py                 # cached default (~4-6 min on 2 CPU cores)
+    python scripts/train_llava_base.py --steps 200 --output-dir /tmp/base
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import time
+from pathlib import Path
+
+from _cli import ArgumentParser, UserError, load_or_explain, run_cli, write_json
+
+import torch
+
+BASE_VERSION = 1
+"""Bump whenever the defaults below or the task change the trained directory."""
+
+DEFAULTS = dict(steps=450, batch_size=32, lr=2e-3, warmup=30, weight_decay=0.01, seed=0, eval_size=400)
+METRICS_FILE = "vqa_base_metrics.json"
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def evaluate_base(model, processor, eval_size: int, seed: int) -> dict:
+    """Held-out exact-match accuracy per question type, with chance levels."""
+    from pruning.vqa_shapes import accuracy_by_type, chance_levels, generate_answers, make_split
+
+    samples = make_split("heldout", eval_size, seed=seed)
+    model.eval()
+    predictions = generate_answers(model, processor, samples)
+    return {
+        "accuracy": accuracy_by_type(samples, predictions),
+        "chance": chance_levels(samples),
+        "eval_size": eval_size,
+        "examples": [
+            {"question": s.question, "answer": s.answer, "prediction": p} for s, p in list(zip(samples, predictions))[:8]
+        ],
+    }
+
+
+def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_size: int, lr: float, warmup: int,
+               weight_decay: float, seed: int, eval_size: int, log=print) -> dict:
+    """Train, evaluate and save; returns the metrics (also written to ``output_dir/vqa_base_metrics.json``)."""
+    from tqdm.auto import tqdm
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from pruning.vqa_shapes import encode_batch, make_sample
+
+    torch.manual_seed(seed)
+    processor = load_or_explain("the LLaVA processor", str(model_path), lambda: AutoProcessor.from_pretrained(model_path))
+    model = load_or_explain("the LLaVA model", str(model_path),
+                            lambda: LlavaForConditionalGeneration.from_pretrained(model_path))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup))
+    losses = []
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="train base", dynamic_ncols=True)
+    for step in bar:
+        samples = [make_sample(seed, "train", step * batch_size + i) for i in range(batch_size)]
+        batch = encode_batch(processor, samples, with_answers=True)
+        batch.pop("question_mask")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    train_seconds = time.perf_counter() - start
+    metrics = evaluate_base(model, processor, eval_size, seed)
+    metrics.update(
+        train_seconds=round(train_seconds, 1),
+        settings=dict(model_path=str(model_path), steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                      weight_decay=weight_decay, seed=seed, samples_seen=steps * batch_size),
+        loss_first_10=sum(losses[:10]) / min(10, len(losses)),
+        loss_last_10=sum(losses[-10:]) / min(10, len(losses)),
+    )
+    model.to("cpu")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    write_json(output_dir / METRICS_FILE, metrics)
+    log(format_metrics(metrics))
+    return metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    acc, chance = metrics["accuracy"], metrics["chance"]
+    lines = [f"held-out exact match ({metrics['eval_size']} questions; trained {metrics.get('train_seconds', '?')} s):",
+             f"  {'type':<10}{'accuracy':>10}{'chance (uniform)':>18}{'chance (majority)':>19}"]
+    for qtype, c in chance.items():
+        lines.append(f"  {qtype:<10}{acc[qtype]:>10.3f}{c['uniform']:>18.3f}{c['majority']:>19.3f}")
+    lines.append(f"  {'all':<10}{acc['all']:>10.3f}")
+    return "\n".join(lines)
+
+
+def trained_base_dir(log=print) -> Path:
+    """The cached default base (trained with ``DEFAULTS`` on first use)."""
+    from models.tiny import cached_model_dir
+    from models.tiny.llava import tiny_llava_dir
+
+    def build(tmp: Path) -> None:
+        log(f"training the shapes-VQA base into the cache (once; defaults {DEFAULTS})")
+        train_base(tiny_llava_dir(), tmp, log=log, **{**DEFAULTS, "warmup": DEFAULTS["warmup"]})
+
+    return cached_model_dir("llava-vqa", BASE_VERSION, build)
+
+
+def main() -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", default=None,
+                        help="LLaVA directory to start from (default: the embedded tiny LLaVA-1.5)")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help=f"where to save (default: the embedded-model cache, llava-vqa-v{BASE_VERSION})")
+    parser.add_argument("--force", action="store_true", help="retrain even if the output already exists")
+    for key, value in DEFAULTS.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args()
+    for key in ("steps", "batch_size", "eval_size"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.warmup < 0 or not args.lr > 0:
+        raise UserError("--warmup must be >= 0 and --lr > 0")
+    settings = {k: getattr(args, k) for k in DEFAULTS}
+    custom = args.model_path is not None or settings != DEFAULTS
+    if args.output_dir is None and not custom:
+        from models.tiny import cache_root
+
+        target = cache_root() / f"llava-vqa-v{BASE_VERSION}"
+        if args.force and target.exists():
+            shutil.rmtree(target)
+        directory = trained_base_dir()
+        metrics_path = directory / METRICS_FILE
+        if metrics_path.exists():
+            import json
+
+            print(f"base model: {directory}")
+            print(format_metrics(json.loads(metrics_path.read_text())))
+        return 0
+    if args.output_dir is None:
+        raise UserError("non-default settings need --output-dir (the cache holds only the default base)")
+    if args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.force:
+        raise UserError(f"{args.output_dir} is not empty; pass --force to overwrite")
+    from models.tiny.llava import tiny_llava_dir
+
+    model_path = args.model_path or tiny_llava_dir()
+    train_base(model_path, args.output_dir, **settings)
+    print(f"saved to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
