@@ -324,3 +324,21 @@ def test_mlp_and_full_give_the_same_denoise_output_full_just_skips_the_work():
         call(fork, make_inputs(1, 0.9), controller)
         outputs[mode] = call(fork, make_inputs(2, 0.7), controller)[:, :L1]
     torch.testing.assert_close(outputs["mlp"], outputs["full"], rtol=1e-5, atol=1e-6)
+
+
+def test_kv_equals_full_under_zero_cond_t_where_reference_modulation_never_changes():
+    """Under zero_cond_t the reference tokens are modulated with t=0 on every step, so the K/V that `full`
+    recomputes from the cached block input are the K/V that `kv` cached: the two modes agree."""
+    _, fork = build_pair(True)
+    outputs = {}
+    for mode in ("full", "kv"):
+        controller = ReferenceTokenReuse(mode, num_steps=4)
+        call(fork, make_inputs(1, 0.9), controller)
+        outputs[mode] = call(fork, make_inputs(2, 0.7), controller)
+    torch.testing.assert_close(outputs["kv"], outputs["full"], rtol=1e-5, atol=1e-6)
+    _, plain = build_pair(False)  # without zero_cond_t the modulation moves with t and the modes differ
+    for mode in ("full", "kv"):
+        controller = ReferenceTokenReuse(mode, num_steps=4)
+        call(plain, make_inputs(1, 0.9), controller)
+        outputs[mode] = call(plain, make_inputs(2, 0.7), controller)
+    assert not torch.allclose(outputs["kv"], outputs["full"], rtol=1e-4, atol=1e-5)
