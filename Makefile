@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit
+.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit run-video
 
 venv: $(STAMP)
 
@@ -45,6 +45,10 @@ run-edit: $(STAMP)
 ## Speed of every reuse mode against the baseline on a shape-faithful scaled transformer (not a test).
 bench-edit: $(STAMP)
 	$(PY) scripts/bench_edit.py $(ARGS)
+
+## PruneVid on Qwen2.5-VL: demo video on the embedded tiny model, default preset vs the baseline (ARGS="..." for more flags).
+run-video: $(STAMP)
+	$(PY) scripts/run_video.py --compare $(ARGS)
 
 clean-cache:
 	rm -rf .cache/tiny_models

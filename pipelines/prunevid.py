@@ -42,7 +42,7 @@ Result of :meth:`Qwen25VLPruneVid.generate` (a dict):
   ``model.generate`` to its first logits-processor call); ``decode_tokens_per_s``: the following
   tokens over the time after the first; ``generate_s``;
 * ``peak_memory_bytes``: on CUDA ``torch.cuda.max_memory_allocated`` during the call (peak reset
-  first); on CPU the peak resident set size of the whole process sampled every 2 ms during the call
+  first); on CPU the peak resident set size of the whole process sampled every 5 ms during the call
   (weights and Python included, so differences between presets are what matters);
   ``peak_memory_kind`` says which;
 * ``preset``, ``config`` (every knob), ``pruning_layer``, ``importance`` (how it was computed).
@@ -167,7 +167,7 @@ class _StepTimer:
 class _PeakMemory:
     """Peak memory during a block: CUDA max allocated, or the process's sampled peak RSS on CPU."""
 
-    def __init__(self, device: torch.device, interval_s: float = 0.002):
+    def __init__(self, device: torch.device, interval_s: float = 0.005):
         self.device, self.interval_s = device, interval_s
         self.peak = 0
         self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_sampled"

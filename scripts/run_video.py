@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("video", nargs="?", type=Path, default=None, help="video file (default: the generated demo video)")
     p.add_argument("question", nargs="?", default=DEFAULT_QUESTION, help=f"default: {DEFAULT_QUESTION!r}")
+    p.add_argument("-q", "--question", dest="question_option", default=None,
+                   help="the question (same as the positional one; handy with the default demo video)")
     p.add_argument("--preset", default="default", help=f"one of {', '.join(PRESET_NAMES)} (default: default)")
     p.add_argument("--compare", action="store_true", help="also run the baseline in this process and compare")
     p.add_argument("--stats-json", type=Path, default=None, help="write the results as JSON to this path")
@@ -39,6 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--attn-implementation", default=None, choices=("sdpa", "eager"), help="default: the model's (sdpa)")
     p.add_argument("--verbose", action="store_true", help="log detection, shapes, importance and pruning statistics")
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU intra-op threads (default: 1 for the embedded tiny model on CPU, whose ops are too small to gain "
+        "from threads; torch's default otherwise)",
+    )  # fmt: skip
     g = p.add_argument_group("overrides of the preset's knobs (--preset custom = default + these)")
     g.add_argument("--tau", type=float, default=None)
     g.add_argument("--cluster-ratio", type=float, default=None)
@@ -47,7 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--pruning-layer", type=int, default=None, help="default: the preset's layer 10 of 28, scaled to the model depth")
     g.add_argument("--selection", default=None, choices=SELECTION_MODES)
     g.add_argument("--no-cache-compression", action="store_true", help="stage 3 off (stage 2 still prunes)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.question_option is not None:
+        args.question = args.question_option
+    return args
 
 
 def validate(args) -> dict:
@@ -58,6 +68,8 @@ def validate(args) -> dict:
         raise UserError(f"unknown --preset {args.preset!r}: choose one of {', '.join(PRESET_NAMES)}")
     if args.num_frames < 1:
         raise UserError(f"--num-frames must be >= 1, got {args.num_frames}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.question.strip():
@@ -117,8 +129,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = validate(args)
 
+    import torch
+    from transformers.utils import logging as hf_logging
+
     from pipelines.prunevid import Qwen25VLPruneVid
     from pipelines.video_io import load_video
+
+    hf_logging.disable_progress_bar()  # no weight-loading bars: stdout/stderr carry the results and one-line errors
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif args.model_path is None and not (args.device or "cpu").startswith("cuda") and not torch.cuda.is_available():
+        torch.set_num_threads(1)
 
     if args.video is None:
         from models.tiny.demo_video import demo_video_path
@@ -158,6 +179,7 @@ def main(argv=None) -> int:
         "question": args.question,
         "model_path": pipe.model_path,
         "device": str(pipe.device),
+        "cpu_threads": torch.get_num_threads(),
         "num_frames": args.num_frames,
         "sampled_frame_indices": video.indices,
         "max_new_tokens": args.max_new_tokens,

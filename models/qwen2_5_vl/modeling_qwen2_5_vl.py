@@ -60,6 +60,14 @@ from transformers.utils.generic import (
 from transformers.utils.output_capturing import capture_outputs
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
+# >>> pruning: PruneVid (SPEC section 5). The state and the KV cache that carries it live in pruning/prunevid_cache.py, the
+# algorithms (stage-1 merging, stage-2 importance and selection) in pruning/prunevid.py; this file only holds the hooks.
+# The configuration reaches this file through the cache handed to generate():
+#     past_key_values=PruneVidDynamicCache(config=model.config, prunevid=PruneVidConfig(...))
+# Every hook below is guarded by `isinstance(past_key_values, PruneVidDynamicCache)` with a stage switched on; with a
+# plain DynamicCache, no cache, or every stage off, the upstream statements run unchanged.
+from pruning.prunevid_cache import PruneVidDynamicCache
+# <<< pruning
 
 
 logger = logging.get_logger(__name__)
@@ -858,6 +866,13 @@ class Qwen2_5_VLTextModel(Qwen2_5_VLPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
 
         for i, decoder_layer in enumerate(self.layers):
+            # >>> pruning: PruneVid stage 2, part 1 (prefill only, layer i == K == pruning_layer). Keep layer K's INPUT
+            # at the question rows, [1, L1, D] -> [1, Q, D] (Q = tokens after the last visual token: the question and
+            # the chat template's tail; never the system prompt). Part 2, after the layer, turns them into layer K's
+            # own queries. Costs one [Q, D] copy; nothing else changes here.
+            if isinstance(past_key_values, PruneVidDynamicCache) and past_key_values.prunevid.wants_layer_input(i):
+                past_key_values.prunevid.remember_layer_input(hidden_states)
+            # <<< pruning
             hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask_mapping[self.config.layer_types[i]],
@@ -867,6 +882,36 @@ class Qwen2_5_VLTextModel(Qwen2_5_VLPreTrainedModel):
                 use_cache=use_cache,
                 **kwargs,
             )
+            # >>> pruning: PruneVid stage 2 (+ stage 3) once layer K == pruning_layer has run on the full sequence.
+            # PREFILL: importance of each visual token = max over heads of max over question queries of the softmax
+            # attention probability layer K gave it (pruning.prunevid.visual_token_importance). Computed from layer
+            # K's own projections for the needed rows only: queries = q_proj(input_layernorm(question rows kept
+            # above)) + RoPE at their positions, [1, H, Q, d]; keys = the [1, Hkv, L1, d] keys layer K just wrote to
+            # the cache (after k_proj and RoPE). Per head and query chunk: no [L1, L1] matrix, no
+            # output_attentions, SDPA (or eager) stays the attention of every layer. select_keep_indices keeps the
+            # top keep_ratio of the visual tokens (global, or per stage-1 group with selection="segment"), once.
+            # Then the tokens are REALLY removed by index (never zero-masked): hidden_states [1, L1, D] -> [1, L2, D],
+            # cos/sin [1, L1, d] -> [1, L2, d], the text position row, and a materialised 4-D causal mask (rows and
+            # columns; None stays None: SDPA's is_causal is still right since the kept order is preserved). Kept
+            # tokens keep their original M-RoPE positions (their own cos/sin rows). Layers K+1.. then cost L2/L1 of
+            # the full sequence. Stage 3 (enable_cache_compression): the KV cache of layers 0..K is index-selected to
+            # the same L2 entries, so every layer decodes against L2 + t keys.
+            # DECODING without stage 3: layers 0..K cache L1 + t entries, layers K+1.. L2 + t; a materialised mask
+            # (sized for layer 0) gets its columns re-sliced for the layers after K. Selection never runs again.
+            if isinstance(past_key_values, PruneVidDynamicCache) and past_key_values.prunevid.acts_after_layer(i):
+                hidden_states, position_embeddings, text_position_ids, causal_mask_mapping = (
+                    past_key_values.prunevid.after_layer(
+                        i,
+                        decoder_layer,
+                        hidden_states,
+                        position_embeddings,
+                        text_position_ids,
+                        causal_mask_mapping,
+                        past_key_values,
+                        apply_rotary_pos_emb,
+                    )
+                )
+            # <<< pruning
 
         hidden_states = self.norm(hidden_states)
 
@@ -1242,6 +1287,45 @@ class Qwen2_5_VLModel(Qwen2_5_VLPreTrainedModel):
             )
             inputs_embeds = inputs_embeds.masked_scatter(video_mask, video_embeds)
 
+        # >>> pruning: PruneVid stage 1, spatial-temporal token merging, right after the video features were computed
+        # (prefill only: the cache is still empty). Each video's features [T_grid*N, D] are viewed as [T_grid, N, D]
+        # (T_grid = video_grid_thw t, N = (h/spatial_merge_size) * (w/spatial_merge_size), Qwen's token order is
+        # t-major raster) and merged by pruning.prunevid.merge_video_tokens: DPC-KNN temporal segments, static
+        # tokens (mean pairwise cosine across the segment > tau) averaged over time then clustered once per segment,
+        # dynamic tokens clustered per grid step, each cluster -> its mean. One Qwen temporal grid step covers
+        # temporal_patch_size = 2 frames, so "frames" in PruneVid are grid steps here: segments are runs of grid
+        # steps, i.e. of frame pairs. The sequence REALLY shrinks, inputs_embeds [1, L, D] -> [1, L1, D]: every
+        # non-video token stays, each merged token sits at its cluster's source position (the earliest member)
+        # and takes that token's original (t, h, w) M-RoPE position (applied to the position ids below). With stage
+        # 1 off this only records the video/question positions stage 2 needs. Saves (L - L1) tokens in every layer.
+        # (generate() pre-encodes the video and drops video_grid_thw; the grid is then read from its position ids.)
+        _prunevid = (
+            past_key_values.prunevid
+            if isinstance(past_key_values, PruneVidDynamicCache) and past_key_values.prunevid.active
+            else None
+        )
+        if _prunevid is not None and past_key_values.get_seq_length() == 0:
+            inputs_embeds = _prunevid.begin_prefill(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                video_embeds=video_embeds if mm_encoder_outputs.get("video") is not None else None,
+                video_grid_thw=video_grid_thw,
+                model_config=self.config,
+                video_token_counts=(
+                    [len(v) for v in mm_encoder_outputs["video"].pooler_output]
+                    if mm_encoder_outputs.get("video") is not None
+                    else None
+                ),
+                position_ids=position_ids,
+            )
+        # Decoding after pruning, when the caller passes no position ids (generate() always does, continuing its
+        # full-length [.., L + t] ids): count positions from the ORIGINAL prompt length L plus the tokens decoded
+        # so far (+ upstream's rope_deltas from the full sequence), not from the shorter cache as upstream would.
+        if _prunevid is not None and _prunevid.phase == "decode" and position_ids is None:
+            position_ids = _prunevid.decode_position_ids(past_key_values, inputs_embeds, attention_mask, self.rope_deltas)
+        # <<< pruning
+
         if position_ids is None:
             position_ids = self.compute_3d_position_ids(
                 input_ids=input_ids,
@@ -1254,6 +1338,22 @@ class Qwen2_5_VLModel(Qwen2_5_VLPreTrainedModel):
                 mm_token_type_ids=mm_token_type_ids,
             )
 
+        # >>> pruning: PruneVid, make positions and mask match the shorter sequence. The position ids above are
+        # upstream's for the FULL sequence (get_rope_index on the original input_ids and 2-D mask; it also set
+        # self.rope_deltas from the full sequence, which decoding keeps using, so decode positions continue the
+        # original numbering L, L+1, ...). Prefill: keep the columns of the stage-1 layout, [3|4, 1, L] -> [.., L1]
+        # (non-video tokens and each merged token's source; the text row of generate()'s 4-row ids, which only sizes
+        # masks and FlashAttention's packed-sequence detection, is renumbered 0..L1-1 as cache slots). The
+        # 2-D attention_mask stays in the original layout
+        # for generate() (L + new tokens) but the KV cache is shorter: the language model gets it translated to
+        # layer 0's cache layout (mask[:, kept positions] + the new tokens' columns), AFTER positions were
+        # computed from the untranslated mask.
+        if _prunevid is not None and _prunevid.phase != "idle":
+            if _prunevid.phase == "prefill":
+                position_ids = _prunevid.slice_position_ids(position_ids)
+            attention_mask = _prunevid.translate_attention_mask(attention_mask)
+        # <<< pruning
+
         outputs = self.language_model(
             input_ids=None,
             position_ids=position_ids,
@@ -1263,6 +1363,12 @@ class Qwen2_5_VLModel(Qwen2_5_VLPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
+
+        # >>> pruning: PruneVid, end of the prefill forward: record the KV length of every layer and the token
+        # statistics, and switch the state to decoding (selection never runs again). Computes nothing else.
+        if _prunevid is not None:
+            _prunevid.end_forward(past_key_values)
+        # <<< pruning
 
         return outputs
 
