@@ -68,3 +68,42 @@ def qwenimage_edit_flops_ratio(shape: QwenImageShape, mode: str, refresh_steps: 
     baseline = num_steps * qwenimage_call_flops(shape, "none", False)
     pruned = sum(qwenimage_call_flops(shape, mode, step not in refresh_steps) for step in range(1, num_steps + 1))
     return pruned / baseline
+
+
+@dataclass(frozen=True)
+class Qwen2_5_VLTextShape:
+    """The Qwen2.5-VL language model (7B by default) and one prompt's token counts."""
+
+    num_layers: int = 28
+    hidden: int = 3584
+    num_heads: int = 28
+    num_kv_heads: int = 4
+    intermediate: int = 18944
+    pruning_layer: int = 10
+    text_tokens: int = 60
+    visual_tokens: int = 2048  # 16 frames at 448x448: 8 grid steps x 16 x 16
+
+
+def qwen2_5_vl_layer_flops(shape: Qwen2_5_VLTextShape, seq_len: int) -> float:
+    """Prefill FLOPs of one decoder layer over ``seq_len`` tokens (causal attention: half the score matrix)."""
+    d, head_dim = shape.hidden, shape.hidden // shape.num_heads
+    kv = shape.num_kv_heads * head_dim
+    projections = 2 * seq_len * (2 * d * d + 2 * d * kv)  # q, o; k, v
+    mlp = 2 * seq_len * 3 * d * shape.intermediate  # gate, up, down
+    attention = 2 * 2 * d * seq_len * seq_len / 2  # Q.K^T and P.V under the causal mask
+    return float(projections + mlp + attention)
+
+
+def qwen2_5_vl_prefill_flops(shape: Qwen2_5_VLTextShape, visual_after_stage1: int, visual_after_stage2: int) -> float:
+    """LLM prefill FLOPs: layers 0..K over the stage-1 sequence, layers K+1.. over the stage-2 sequence.
+
+    Stage 2's own cost (question-row queries against layer K's keys) is added; the vision
+    encoder and the stage-1 clustering are not part of the LLM count.
+    """
+    l1 = shape.text_tokens + visual_after_stage1
+    l2 = shape.text_tokens + visual_after_stage2
+    k = shape.pruning_layer
+    flops = (k + 1) * qwen2_5_vl_layer_flops(shape, l1) + (shape.num_layers - k - 1) * qwen2_5_vl_layer_flops(shape, l2)
+    if visual_after_stage2 < visual_after_stage1:  # scoring: q_proj of the question rows + their scores over l1 keys
+        flops += 2 * shape.text_tokens * shape.hidden * shape.hidden + 2 * shape.text_tokens * l1 * shape.hidden
+    return float(flops)
