@@ -150,3 +150,38 @@ def qwenimage_edit_kv():
 @golden_case("qwenimage_edit_kv_once")
 def qwenimage_edit_kv_once():
     return _edit_case("kv", "once")
+
+
+# ----------------------------------------------------------------------------- PruneVid (Qwen2.5-VL)
+
+
+@lru_cache(maxsize=1)
+def _prunevid_base():
+    from models.tiny.demo_video import demo_video_path
+    from pipelines.prunevid import Qwen25VLPruneVid
+
+    pipe = Qwen25VLPruneVid(preset="baseline", num_frames=16)
+    inputs = pipe.prepare_inputs(demo_video_path(), "What is moving in the video, and in which direction?")
+    return pipe, inputs
+
+
+def _prunevid_case(preset: str) -> dict:
+    base, inputs = _prunevid_base()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pipe = base.with_config(preset)
+    try:
+        result = pipe.generate_from_inputs(inputs, max_new_tokens=8)
+    finally:
+        torch.set_num_threads(threads)
+    keys = ("generated_ids", "tokens_before_stage1", "tokens_after_stage1", "tokens_before", "tokens_after",
+            "kv_cache_length_per_layer", "pruning_layer")
+    return {key: result[key] for key in keys} | {"first_step_logits": summarize(pipe._last_logits[0])}
+
+
+def _register_prunevid_cases():
+    for preset in ("baseline", "stage2_only", "stage1_only", "default", "conservative", "aggressive"):
+        golden_case(f"prunevid_{preset}")(lambda preset=preset: _prunevid_case(preset))
+
+
+_register_prunevid_cases()
