@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit run-video
+.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit run-video bench-video sweep-video eval-egoschema
 
 venv: $(STAMP)
 
@@ -49,6 +49,18 @@ bench-edit: $(STAMP)
 ## PruneVid on Qwen2.5-VL: demo video on the embedded tiny model, default preset vs the baseline (ARGS="..." for more flags).
 run-video: $(STAMP)
 	$(PY) scripts/run_video.py --compare $(ARGS)
+
+## Speed, KV cache and memory of every PruneVid preset vs the baseline, shape-faithful scaled Qwen2.5-VL (not a test).
+bench-video: $(STAMP)
+	$(PY) scripts/bench_video.py $(ARGS)
+
+## PruneVid stage-1 sweep (tau x cluster_ratio x temporal_segment_ratio) on the demo video -> stage1_sweep_results.json.
+sweep-video: $(STAMP)
+	$(PY) scripts/sweep_stage1.py $(ARGS)
+
+## EgoSchema-style multiple choice, every PruneVid preset, on the generated set (embedded model: accuracy is chance).
+eval-egoschema: $(STAMP)
+	$(PY) scripts/eval_egoschema.py $(ARGS)
 
 clean-cache:
 	rm -rf .cache/tiny_models
