@@ -220,6 +220,14 @@ def _enable_verbose_logging() -> None:
             log.addHandler(handler)
 
 
+STAGE1_SPLIT_KEYS = (
+    "static_tokens_before_stage1",
+    "dynamic_tokens_before_stage1",
+    "static_tokens_after_stage1",
+    "dynamic_tokens_after_stage1",
+)
+
+
 class Qwen25VLPruneVid:
     """PruneVid (stage 1 merging, stage 2 pruning at ``pruning_layer``, stage 3 KV compression) on Qwen2.5-VL.
 
@@ -298,10 +306,12 @@ class Qwen25VLPruneVid:
 
     def with_config(self, preset: str | PruneVidConfig | None = None, **knobs) -> "Qwen25VLPruneVid":
         """Another pipeline on the SAME loaded model and processor (e.g. the baseline for a comparison)."""
-        return Qwen25VLPruneVid(
+        derived = Qwen25VLPruneVid(
             preset=preset, num_frames=knobs.pop("num_frames", self.num_frames), verbose=knobs.pop("verbose", self.verbose),
             _model=self.model, _processor=self.processor, **knobs,
         )  # fmt: skip
+        derived.model_path = self.model_path
+        return derived
 
     def __repr__(self) -> str:
         knobs = ", ".join(f"{k}={getattr(self.config, k)!r}" for k in _KNOBS)
@@ -420,6 +430,7 @@ class Qwen25VLPruneVid:
             "peak_memory_kind": memory.kind,
             "importance": stats.get("importance"),
             "num_segments": stats.get("num_segments"),
+            **{key: stats.get(key) for key in STAGE1_SPLIT_KEYS},
         }
         if result["kv_cache_bytes"] is None and timer.kv_lengths is not None:
             # baseline: every layer holds the full prompt; bytes from the cache's shapes after prefill

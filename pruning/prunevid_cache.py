@@ -273,6 +273,11 @@ class PruneVidState:
             tokens_after_stage1=tokens_after_stage1,
             stage1_sequence_length=int(self.stage1_kept.numel()),
             num_segments=[len(m.segments) for m in self.merges],
+            # stage 1's static/dynamic split: original tokens and merged tokens of each kind
+            static_tokens_before_stage1=sum(int(m.is_static[m.cluster_members].sum()) for m in self.merges),
+            dynamic_tokens_before_stage1=sum(int((~m.is_static[m.cluster_members]).sum()) for m in self.merges),
+            static_tokens_after_stage1=sum(int(m.is_static.sum()) for m in self.merges),
+            dynamic_tokens_after_stage1=sum(int((~m.is_static).sum()) for m in self.merges),
             question_tokens=int(self.question_positions.numel()) if self.question_positions is not None else 0,
             # until stage 2 runs, its input and output are the stage-1 tokens
             tokens_before=tokens_after_stage1,

@@ -149,42 +149,11 @@ def machine_info(torch_module, device) -> dict:
     return info
 
 
-class _CacheRecorder:
-    """Keeps the KV cache of a pipeline's last generation by wrapping its public ``make_cache`` (for the stage-1 split)."""
-
-    def __init__(self, pipe):
-        self.cache = None
-        make_cache = pipe.make_cache
-
-        def recording_make_cache():
-            self.cache = make_cache()
-            return self.cache
-
-        pipe.make_cache = recording_make_cache
-
-
-def static_dynamic_counts(result: dict, cache) -> dict:
-    """Static/dynamic token counts of stage 1: from the result if the pipeline reports them, else from the cache's merges."""
-    keys = ("static_tokens_before_stage1", "dynamic_tokens_before_stage1", "static_tokens_after_stage1", "dynamic_tokens_after_stage1")
-    if all(key in result for key in keys):
-        return {key: result[key] for key in keys}
-    merges = getattr(getattr(cache, "prunevid", None), "merges", None)
-    if not merges:
-        return dict.fromkeys(keys)
-    static_after = sum(int(m.is_static.sum()) for m in merges)
-    dynamic_after = sum(int((~m.is_static).sum()) for m in merges)
-    static_before = sum(int(m.is_static[m.cluster_members].sum()) for m in merges)
-    dynamic_before = sum(int(m.cluster_members.numel()) for m in merges) - static_before
-    return dict(zip(keys, (static_before, dynamic_before, static_after, dynamic_after)))
-
-
 def run_setting(pipe, inputs, args, reference_ids=None) -> dict:
     """Generate ``--repeats`` times; the numbers of the first run, the median TTFT of all."""
-    recorder = _CacheRecorder(pipe)
-    runs, first_cache = [], None
-    for _ in range(args.repeats):
-        runs.append(pipe.generate_from_inputs(inputs, max_new_tokens=args.max_new_tokens))
-        first_cache = first_cache if first_cache is not None else recorder.cache
+    from pipelines.prunevid import STAGE1_SPLIT_KEYS
+
+    runs = [pipe.generate_from_inputs(inputs, max_new_tokens=args.max_new_tokens) for _ in range(args.repeats)]
     r = runs[0]
     before1, after1 = r["tokens_before_stage1"], r["tokens_after_stage1"]
     entry = {
@@ -192,7 +161,7 @@ def run_setting(pipe, inputs, args, reference_ids=None) -> dict:
         "tokens_after_stage1": after1,
         "stage1_compression": 1.0 - after1 / before1 if before1 else 0.0,
         "num_segments": r.get("num_segments"),
-        **static_dynamic_counts(r, first_cache),
+        **{key: r[key] for key in STAGE1_SPLIT_KEYS},
         "tokens_before_stage2": r["tokens_before"],
         "tokens_after": r["tokens_after"],
         "total_compression": r["total_compression_ratio"],
