@@ -43,7 +43,8 @@ def ssim(reference, test, data_range: float = 1.0) -> float:
     a, b = _as_float01(reference), _as_float01(test)
     if a.shape != b.shape:
         raise ValueError(f"SSIM needs equal shapes, got {a.shape} and {b.shape}")
-    window = _gaussian_window(size=min(11, a.shape[0], a.shape[1]) // 2 * 2 + 1 if min(a.shape[:2]) < 11 else 11)
+    side = min(11, a.shape[0], a.shape[1])
+    window = _gaussian_window(size=side if side % 2 else side - 1)  # 11x11, or the largest odd size that fits
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     scores = []
     for c in range(a.shape[2]):

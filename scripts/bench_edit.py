@@ -60,10 +60,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     s = args.scale
     heads, head_dim = 24 // s, 128  # the real head width; fewer heads
-    side = 64 // int(round(s**0.5)) if int(round(s**0.5)) ** 2 == s else None
-    l_img = 4096 // s
-    h, w = (side, side) if side else (64 // s, 64)  # tokens of a 1024x1024 latent grid, divided by s
-    assert h * w == l_img
+    h, w = 64, 64 // s  # the 64 x 64 token grid of a 1024x1024 image, one side divided by s
+    l_img = h * w
     blocks = max(1, round(60 / s))
     text_len = max(1, round(args.text_len / s))
     axes = (16, 56, 56)  # the real RoPE split of the 128-wide head
