@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from models.tiny import cached_model_dir, seeded_init_
+from models.tiny.bpe import learn_merges
 
 VERSION = 2
 """Bump whenever anything below changes the built directory."""
@@ -141,31 +142,6 @@ def _pretokenize(text: str) -> list[str]:
     return words
 
 
-def _most_frequent_pair(words: dict[tuple[str, ...], int]) -> tuple[tuple[str, str], int]:
-    """Most frequent adjacent symbol pair; ties broken by the smallest pair (deterministic)."""
-    pairs: Counter[tuple[str, str]] = Counter()
-    for symbols, count in words.items():
-        for pair in zip(symbols, symbols[1:]):
-            pairs[pair] += count
-    if not pairs:
-        return ("", ""), 0
-    return min(pairs.items(), key=lambda item: (-item[1], item[0]))
-
-
-def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    """Replace every occurrence of ``pair`` in ``symbols`` by the merged symbol."""
-    merged: list[str] = []
-    i = 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-            merged.append(symbols[i] + symbols[i + 1])
-            i += 2
-        else:
-            merged.append(symbols[i])
-            i += 1
-    return tuple(merged)
-
-
 def train_bpe(corpus: list[str], vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Train a byte-fallback BPE in the Llama layout; pure Python, so identical on every machine.
 
@@ -178,16 +154,7 @@ def train_bpe(corpus: list[str], vocab_size: int) -> tuple[dict[str, int], list[
     word_counts = Counter(word for line in corpus for word in _pretokenize(line))
     for char in sorted({char for word in word_counts for char in word}):
         vocab.setdefault(char, len(vocab))
-    words = {tuple(word): count for word, count in sorted(word_counts.items())}
-    merges: list[tuple[str, str]] = []
-    while len(vocab) < vocab_size:
-        pair, count = _most_frequent_pair(words)
-        if count < 2:
-            break
-        merges.append(pair)
-        vocab.setdefault(pair[0] + pair[1], len(vocab))
-        words = {_merge_pair(symbols, pair): n for symbols, n in words.items()}
-    return vocab, merges
+    return learn_merges(word_counts, vocab, vocab_size)
 
 
 def build_llama_tokenizer() -> LlamaTokenizer:

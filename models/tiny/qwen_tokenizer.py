@@ -26,6 +26,8 @@ from functools import lru_cache
 
 from transformers import Qwen2Tokenizer
 
+from models.tiny.bpe import learn_merges
+
 BPE_VOCAB_SIZE = 1024
 """Cap on byte symbols + merges; training normally stops earlier, when no pair repeats."""
 
@@ -160,29 +162,6 @@ def _pretokenize(text: str) -> list[str]:
     return words
 
 
-def _pair_counts(words: dict[tuple[str, ...], int]) -> Counter[tuple[str, str]]:
-    """Occurrences of every adjacent symbol pair, weighted by word frequency."""
-    pairs: Counter[tuple[str, str]] = Counter()
-    for symbols, count in words.items():
-        for pair in zip(symbols, symbols[1:]):
-            pairs[pair] += count
-    return pairs
-
-
-def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    """Replace every occurrence of ``pair`` in ``symbols`` by the merged symbol, left to right."""
-    merged: list[str] = []
-    i = 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-            merged.append(symbols[i] + symbols[i + 1])
-            i += 2
-        else:
-            merged.append(symbols[i])
-            i += 1
-    return tuple(merged)
-
-
 def train_byte_level_bpe(corpus: list[str], vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Train a byte-level BPE; pure Python with a total order on ties, so identical on every machine.
 
@@ -191,19 +170,7 @@ def train_byte_level_bpe(corpus: list[str], vocab_size: int) -> tuple[dict[str, 
     """
     vocab = {symbol: index for index, symbol in enumerate(bytes_to_unicode().values())}
     word_counts = Counter(word for line in corpus for word in _pretokenize(line))
-    words = {tuple(word): count for word, count in sorted(word_counts.items())}
-    merges: list[tuple[str, str]] = []
-    while len(vocab) < vocab_size:
-        pairs = _pair_counts(words)
-        if not pairs:
-            break
-        pair, count = min(pairs.items(), key=lambda item: (-item[1], item[0]))
-        if count < 2:
-            break
-        merges.append(pair)
-        vocab.setdefault(pair[0] + pair[1], len(vocab))
-        words = {_merge_pair(symbols, pair): n for symbols, n in words.items()}
-    return vocab, merges
+    return learn_merges(word_counts, vocab, vocab_size)
 
 
 def build_qwen2_tokenizer() -> Qwen2Tokenizer:
