@@ -4,7 +4,21 @@
 All weights (CLIP tower, projector, Llama LLM) are trained from the embedded model's seeded
 initialisation with next-token cross-entropy on the one-word answer (+ EOS), AdamW, linear
 warm-up then cosine decay, on a deterministic stream of training samples
-(``pruning/vqa_shapes.py``). The result is written with ``save_pretrained`` (model and
+(``pruning/vqa_shapes.py``). A from-scratch VLM first learns the answer priors and ignores the
+image for thousands of steps; to get past that within minutes, an auxiliary dense loss
+(``--aux-weight``) trains linear probes on the projector outputs to predict, for every image
+token, the colour, the shape and the (colour, shape) pair covering its patch
+(``vqa_shapes.patch_labels``). The probe is
+discarded: the saved model is a plain ``LlavaForConditionalGeneration``. The embedded model's
+seeded init draws every weight with std 0.02; its text embeddings would then stay ~50x smaller
+than the projected image features, the question words' identity drowns in the image tokens'
+attention output after the first layer, and the model answers without reading the question.
+Training therefore starts from text embeddings rescaled to ``--embed-std`` (0.5). Each training
+image comes with ``--turns`` (4) questions in one LLaVA-1.5 multi-turn conversation
+(``USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>...``, every answer supervised):
+the image is encoded once for four answers, and different questions about the same image
+force the model to read the question rather than answer from its type alone. Held-out
+evaluation is single-turn (exactly turn 1's format). The result is written with ``save_pretrained`` (model and
 processor), so it loads with ``from_pretrained`` like any LLaVA directory, plus
 ``vqa_base_metrics.json``: held-out exact-match accuracy per question type next to its chance
 levels (1 / number of answers, and the best constant guess).
@@ -32,7 +46,8 @@ import torch
 BASE_VERSION = 1
 """Bump whenever the defaults below or the task change the trained directory."""
 
-DEFAULTS = dict(steps=450, batch_size=32, lr=2e-3, warmup=30, weight_decay=0.01, seed=0, eval_size=400)
+DEFAULTS = dict(steps=450, batch_size=32, lr=1e-3, warmup=30, weight_decay=0.01, aux_weight=1.0, embed_std=0.5,
+                qk_std=0.0, turns=4, seed=0, eval_size=400)
 METRICS_FILE = "vqa_base_metrics.json"
 
 
@@ -61,49 +76,98 @@ def evaluate_base(model, processor, eval_size: int, seed: int) -> dict:
 
 
 def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_size: int, lr: float, warmup: int,
-               weight_decay: float, seed: int, eval_size: int, log=print) -> dict:
+               weight_decay: float, aux_weight: float, embed_std: float, qk_std: float, turns: int, seed: int,
+               eval_size: int, log=print) -> dict:
     """Train, evaluate and save; returns the metrics (also written to ``output_dir/vqa_base_metrics.json``)."""
     from tqdm.auto import tqdm
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from pruning.vqa_shapes import encode_batch, make_sample
+    from pruning.vqa_shapes import (
+        COLOURS,
+        SHAPES,
+        encode_batch,
+        encode_conversations,
+        make_conversation,
+        make_sample,
+        patch_labels,
+    )
 
     torch.manual_seed(seed)
     processor = load_or_explain("the LLaVA processor", str(model_path), lambda: AutoProcessor.from_pretrained(model_path))
     model = load_or_explain("the LLaVA model", str(model_path),
                             lambda: LlavaForConditionalGeneration.from_pretrained(model_path))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if embed_std > 0:
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight
+            emb.mul_(embed_std / emb.std())
+    if qk_std > 0:
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                    proj.weight.mul_(qk_std / proj.weight.std())
     model.to(device).train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    num_tokens = model.config.image_seq_length
+    grid = int(round(num_tokens ** 0.5))
+    if aux_weight > 0 and grid * grid != num_tokens:
+        raise UserError(f"--aux-weight needs a square patch grid, the model has {num_tokens} image tokens")
+    width = model.config.text_config.hidden_size
+    probe = torch.nn.ModuleDict({"colour": torch.nn.Linear(width, len(COLOURS) + 1),
+                                 "shape": torch.nn.Linear(width, len(SHAPES) + 1),
+                                 "pair": torch.nn.Linear(width, len(COLOURS) * len(SHAPES) + 1)}).to(device)
+    params = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
+    decay = [p for n, p in params if p.dim() >= 2]
+    no_decay = [p for n, p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup))
     losses = []
+    probe_hits = {"colour": [], "shape": [], "pair": []}
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train base", dynamic_ncols=True)
     for step in bar:
-        samples = [make_sample(seed, "train", step * batch_size + i) for i in range(batch_size)]
-        batch = encode_batch(processor, samples, with_answers=True)
-        batch.pop("question_mask")
+        if turns > 1:
+            samples = [make_conversation(seed, "train", step * batch_size + i, turns) for i in range(batch_size)]
+            batch = encode_conversations(processor, samples)
+        else:
+            samples = [make_sample(seed, "train", step * batch_size + i) for i in range(batch_size)]
+            batch = encode_batch(processor, samples, with_answers=True)
+            batch.pop("question_mask")
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch).loss
+        out = model(**batch)
+        loss = out.loss
+        if aux_weight > 0:
+            feats = out.image_hidden_states.view(len(samples), num_tokens, -1)
+            targets = [patch_labels(s, grid) for s in samples]
+            colour_t = torch.stack([t[0] for t in targets]).to(device).flatten()
+            shape_t = torch.stack([t[1] for t in targets]).to(device).flatten()
+            pair_t = torch.where(colour_t > 0, (colour_t - 1) * len(SHAPES) + shape_t, torch.zeros_like(colour_t))
+            for name, target in (("colour", colour_t), ("shape", shape_t), ("pair", pair_t)):
+                logits = probe[name](feats).flatten(0, 1)
+                loss = loss + aux_weight * torch.nn.functional.cross_entropy(logits, target)
+                on_shape = target > 0
+                probe_hits[name].append((logits[on_shape].argmax(-1) == target[on_shape]).float().mean().item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        losses.append(loss.item())
+        losses.append(out.loss.item())
         if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+            postfix = {"loss": f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"}
+            for name, hits in probe_hits.items():
+                if hits:
+                    postfix[f"probe_{name}"] = f"{sum(hits[-10:]) / len(hits[-10:]):.2f}"
+            bar.set_postfix(postfix)
     train_seconds = time.perf_counter() - start
     metrics = evaluate_base(model, processor, eval_size, seed)
     metrics.update(
         train_seconds=round(train_seconds, 1),
         settings=dict(model_path=str(model_path), steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                      weight_decay=weight_decay, seed=seed, samples_seen=steps * batch_size),
+                      weight_decay=weight_decay, aux_weight=aux_weight, embed_std=embed_std, qk_std=qk_std, turns=turns, seed=seed, samples_seen=steps * batch_size),
         loss_first_10=sum(losses[:10]) / min(10, len(losses)),
         loss_last_10=sum(losses[-10:]) / min(10, len(losses)),
+        probe_accuracy_last_10={k: sum(v[-10:]) / len(v[-10:]) for k, v in probe_hits.items() if v},
     )
     model.to("cpu")
     output_dir.mkdir(parents=True, exist_ok=True)

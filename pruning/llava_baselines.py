@@ -1,0 +1,310 @@
+"""Training-free baselines for system C, token budgets, and the analytic FLOP model of the comparison.
+
+Baselines are *selectors* (``pruning.llava_runtime.Selector``): the fork's decoder loop calls
+them at the input of a layer with a :class:`~pruning.llava_runtime.SelectionContext` and drops
+what they do not keep, exactly as it does for the learned pruner heads (so every method is run
+by the same code, at the same places).
+
+* :class:`RandomSelector` (layer 0): ``k`` vision tokens uniformly at random (seeded).
+* :class:`FastVSelector` (layer ``K >= 1``; FastV, Chen et al. 2024): rank the vision tokens by
+  the attention they receive from the last prompt token in layer ``K - 1`` (mean over heads,
+  recomputed from that layer's input with its own q/k projections and RoPE: no
+  ``output_attentions``, no attention matrix over all queries), keep the top ``k`` for layers
+  ``K`` onwards.
+* :class:`DivPruneSelector` (layer 0; DivPrune, Alvar et al. 2025): max-min diversity on the
+  vision features entering the LLM (projector outputs), cosine distance, the greedy solution of
+  the paper: first the token whose nearest neighbour is farthest, then repeatedly the token
+  farthest from the selected set.
+
+Token budget (documented choice)
+--------------------------------
+Methods prune at different depths, so "the same budget" is defined by compute: the budget ``b``
+is the mean, over the LLM's layers, of the fraction of the image's vision tokens present in the
+layer (``sum_l V_l / (L * V)``), which is what the LLM's vision-token FLOPs scale with. For a
+method pruning once before layer 0 that is simply the kept fraction; FastV at layer ``K`` keeps
+``x`` with ``(K V + (L - K) x) / (L V) = b`` (``K`` is lowered when ``b`` is too small for it);
+the learned method keeps its trained merger (50%) and scales its per-layer keep ratios
+``r_i -> r_i ** alpha`` (bisection on ``alpha``) to meet ``b`` as closely as integer counts allow.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from pruning.llava_config import keep_count
+from pruning.llava_runtime import SelectionContext
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def topk_keep(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 ``[B, V]``: the ``k`` highest ``scores`` among ``alive`` (ties: lower index first)."""
+    masked = scores.float().masked_fill(alive <= 0.5, float("-inf"))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[:, :k]
+    return torch.zeros_like(alive).scatter(1, order, 1.0)
+
+
+def _k_for(ctx: SelectionContext, k: int) -> int:
+    alive = int((ctx.alive[0] > 0.5).sum())
+    return max(1, min(k, alive))
+
+
+# ----------------------------------------------------------------------------- selectors
+
+
+class RandomSelector:
+    """Keep ``keep`` vision tokens uniformly at random (``torch.Generator`` seeded once)."""
+
+    name = "random"
+
+    def __init__(self, keep: int, seed: int = 0) -> None:
+        self.keep, self.generator = keep, torch.Generator().manual_seed(seed)
+
+    def __call__(self, ctx: SelectionContext) -> torch.Tensor:
+        scores = torch.rand(ctx.alive.shape, generator=self.generator).to(ctx.alive.device)
+        return topk_keep(scores, ctx.alive, _k_for(ctx, self.keep))
+
+
+class FastVSelector:
+    """FastV: attention received from the last prompt token in the previous layer, top ``keep``."""
+
+    name = "fastv"
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+
+    @staticmethod
+    def last_token_attention(ctx: SelectionContext) -> torch.Tensor:
+        """``[B, Tc]`` attention of the last row's query over all rows in layer ``ctx.layer_idx - 1``."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        if ctx.previous_layer_input is None or ctx.layer_idx < 1:
+            raise ValueError("FastV ranks with the previous layer's attention: select at a layer >= 1, "
+                             "with no other pruning at the layer before")
+        layer = ctx.language_model.layers[ctx.layer_idx - 1]
+        attn = layer.self_attn
+        x = layer.input_layernorm(ctx.previous_layer_input)  # [B, T, D]
+        b, t, _ = x.shape
+        hd = attn.head_dim
+        q = attn.q_proj(x[:, -1:]).view(b, 1, -1, hd).transpose(1, 2)  # [B, H, 1, hd]
+        k = attn.k_proj(x).view(b, t, -1, hd).transpose(1, 2)  # [B, Hkv, T, hd]
+        cos, sin = ctx.previous_position_embeddings
+        q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = (q @ k.transpose(-1, -2)).squeeze(2).float() * attn.scaling  # [B, H, T]
+        if ctx.previous_attention_mask is not None:
+            scores = scores.masked_fill(~ctx.previous_attention_mask.bool()[:, None, :], float("-inf"))
+        return scores.softmax(-1).mean(1)  # [B, T]
+
+    def __call__(self, ctx: SelectionContext) -> torch.Tensor:
+        if ctx.previous_layer_input.shape[1] != ctx.hidden_states.shape[1]:
+            raise ValueError("FastV needs the previous layer to have run on the same tokens")
+        received = self.last_token_attention(ctx).gather(1, ctx.vision_rows)
+        return topk_keep(received, ctx.alive, _k_for(ctx, self.keep))
+
+
+class DivPruneSelector:
+    """DivPrune: greedy max-min diversity (cosine distance) over the vision features, ``keep`` tokens."""
+
+    name = "divprune"
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+
+    @staticmethod
+    def select_diverse(features: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
+        """``features [B, V, D]``, ``alive [B, V]`` -> 0/1 ``[B, V]`` with ``k`` diverse tokens per row."""
+        f = torch.nn.functional.normalize(features.float(), dim=-1)
+        dist = 1.0 - f @ f.transpose(1, 2)  # [B, V, V]
+        dead = alive <= 0.5
+        dist = dist.masked_fill(dead[:, None, :] | dead[:, :, None], float("nan"))
+        b, v, _ = dist.shape
+        keep = torch.zeros_like(alive)
+        # first: the token whose nearest other token is farthest
+        nn_dist = dist.clone()
+        nn_dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+        nearest = torch.nan_to_num(nn_dist, nan=float("inf")).min(-1).values.masked_fill(dead, float("-inf"))
+        chosen = nearest.argmax(-1)  # [B]
+        keep[torch.arange(b), chosen] = 1.0
+        to_set = torch.nan_to_num(dist[torch.arange(b), chosen], nan=float("-inf"))  # [B, V] distance to the set
+        for _ in range(k - 1):
+            candidate = to_set.masked_fill(keep > 0.5, float("-inf"))
+            chosen = candidate.argmax(-1)
+            keep[torch.arange(b), chosen] = 1.0
+            to_set = torch.minimum(to_set, torch.nan_to_num(dist[torch.arange(b), chosen], nan=float("-inf")))
+        return keep
+
+    def __call__(self, ctx: SelectionContext) -> torch.Tensor:
+        return self.select_diverse(ctx.vision_hidden, ctx.alive, _k_for(ctx, self.keep))
+
+
+# ----------------------------------------------------------------------------- budgets
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Vision tokens per LLM layer of one method at one budget, and how it was set up."""
+
+    method: str
+    budget: float  # requested
+    layer_tokens: tuple[int, ...]  # vision tokens present in each LLM layer
+    num_vision_tokens: int  # per image, before any reduction
+    selector_layer: int | None = None  # baselines: where the selector runs
+    keep: int | None = None  # baselines: tokens kept by the selector
+    keep_ratios: tuple[float, ...] | None = None  # learned: per pruning layer
+    merged: int | None = None  # learned: merger output
+
+    @property
+    def achieved(self) -> float:
+        """The budget actually met: mean fraction of the vision tokens present per LLM layer."""
+        return sum(self.layer_tokens) / (len(self.layer_tokens) * self.num_vision_tokens)
+
+
+def one_shot_schedule(method: str, budget: float, num_layers: int, num_vision: int, layer: int = 0) -> Schedule:
+    """Random / DivPrune: keep ``round(b V)`` before layer ``layer`` (0)."""
+    k = max(1, min(num_vision, int(math.floor(budget * num_vision + 0.5))))
+    tokens = tuple([num_vision] * layer + [k] * (num_layers - layer))
+    return Schedule(method, budget, tokens, num_vision, selector_layer=layer, keep=k)
+
+
+def fastv_schedule(budget: float, num_layers: int, num_vision: int, layer: int = 2) -> Schedule:
+    """FastV at ``layer`` (lowered until at least one token can be kept within the budget)."""
+    for k_layer in range(layer, 0, -1):
+        x = (budget * num_layers * num_vision - k_layer * num_vision) / (num_layers - k_layer)
+        keep = int(math.floor(x + 0.5))
+        if keep >= 1:
+            keep = min(keep, num_vision)
+            tokens = tuple([num_vision] * k_layer + [keep] * (num_layers - k_layer))
+            return Schedule("fastv", budget, tokens, num_vision, selector_layer=k_layer, keep=keep)
+    tokens = tuple([num_vision] + [1] * (num_layers - 1))
+    return Schedule("fastv", budget, tokens, num_vision, selector_layer=1, keep=1)
+
+
+def learned_layer_tokens(num_layers: int, num_vision: int, merged: int, pruning_layers: Sequence[int],
+                         keep_ratios: Sequence[float]) -> tuple[int, ...]:
+    ratios = dict(zip(pruning_layers, keep_ratios))
+    tokens, alive = [], merged
+    for layer in range(num_layers):
+        if layer in ratios:
+            alive = keep_count(alive, ratios[layer])
+        tokens.append(alive)
+    return tuple(tokens)
+
+
+def learned_schedule(budget: float | None, num_layers: int, num_vision: int, merged: int,
+                     pruning_layers: Sequence[int], keep_ratios: Sequence[float]) -> Schedule:
+    """The learned method at ``budget`` (None: as trained): keep ratios ``r ** alpha``, merger fixed."""
+    def tokens_for(alpha: float) -> tuple[int, ...]:
+        return learned_layer_tokens(num_layers, num_vision, merged, pruning_layers,
+                                    [min(1.0, r ** alpha) for r in keep_ratios])
+
+    if budget is None:
+        return Schedule("learned", float("nan"), tokens_for(1.0), num_vision, keep_ratios=tuple(keep_ratios),
+                        merged=merged)
+    target = budget * num_layers * num_vision
+    lo, hi = 0.0, 64.0
+    best = (abs(sum(tokens_for(0.0)) - target), 0.0)
+    for _ in range(60):  # sum(tokens) is non-increasing in alpha
+        mid = (lo + hi) / 2
+        s = sum(tokens_for(mid))
+        best = min(best, (abs(s - target), mid))
+        if s > target:
+            lo = mid
+        else:
+            hi = mid
+    for alpha in (lo, hi):
+        best = min(best, (abs(sum(tokens_for(alpha)) - target), alpha))
+    alpha = best[1]
+    ratios = tuple(min(1.0, r ** alpha) for r in keep_ratios)
+    return Schedule("learned", budget, tokens_for(alpha), num_vision, keep_ratios=ratios, merged=merged)
+
+
+def make_selector(schedule: Schedule, seed: int = 0):
+    """``{layer: selector}`` for a baseline schedule."""
+    if schedule.method == "random":
+        return {schedule.selector_layer: RandomSelector(schedule.keep, seed)}
+    if schedule.method == "fastv":
+        return {schedule.selector_layer: FastVSelector(schedule.keep)}
+    if schedule.method == "divprune":
+        return {schedule.selector_layer: DivPruneSelector(schedule.keep)}
+    raise ValueError(f"no selector for method {schedule.method!r}")
+
+
+def baseline_schedule(method: str, budget: float, num_layers: int, num_vision: int, fastv_layer: int = 2) -> Schedule:
+    if method == "fastv":
+        return fastv_schedule(budget, num_layers, num_vision, fastv_layer)
+    if method in ("random", "divprune"):
+        return one_shot_schedule(method, budget, num_layers, num_vision)
+    raise ValueError(f"unknown baseline {method!r}; allowed: random, fastv, divprune")
+
+
+# ----------------------------------------------------------------------------- analytic FLOPs
+
+
+@dataclass(frozen=True)
+class LlavaShape:
+    """LLaVA-1.5-7B: Vicuna-7B (32 layers, 4096 hidden, MLP 11008, MHA), CLIP ViT-L/14-336 (576 tokens)."""
+
+    num_layers: int = 32
+    hidden: int = 4096
+    mlp: int = 11008
+    kv_hidden: int = 4096  # num_key_value_heads * head_dim (MHA in Vicuna-7B)
+    num_vision: int = 576
+    text_len: int = 60
+    vision_dim: int = 1024  # CLIP ViT-L hidden (the merger's input)
+    merger_internal: int = 512
+    pruner_internal: int = 512
+
+
+def llm_layer_flops(shape: LlavaShape, n_q: int, n_kv: int | None = None) -> float:
+    """FLOPs (2 per MAC) of one decoder layer over ``n_q`` tokens attending to ``n_kv`` keys (prefill: n_kv = n_q).
+
+    q/o projections ``2 n d^2``, k/v ``2 n d d_kv``, scores and weighted values ``2 n_q n_kv d``
+    (full square, as the kernels compute it), gated MLP ``3 n d f``. Norms, RoPE, softmax: lower order.
+    """
+    n_kv = n_q if n_kv is None else n_kv
+    d = shape.hidden
+    macs = n_q * (2 * d * d + 2 * d * shape.kv_hidden + 3 * d * shape.mlp) + 2 * n_q * n_kv * d
+    return 2.0 * macs
+
+
+def prefill_flops(shape: LlavaShape, layer_vision_tokens: Sequence[int], merged: int | None = None,
+                  pruner_layers: Sequence[int] = (), pruner_vision: Sequence[int] = ()) -> dict[str, float]:
+    """Prefill FLOPs of the LLM (+ projector, merger and pruner-head overheads) for a per-layer vision schedule."""
+    llm = sum(llm_layer_flops(shape, v + shape.text_len) for v in layer_vision_tokens)
+    projected = shape.num_vision if merged is None else merged
+    dv, d = shape.vision_dim, shape.hidden
+    projector = 2.0 * projected * (dv * d + d * d)
+    merger = 0.0
+    if merged is not None:
+        n, m, di = shape.num_vision, merged, shape.merger_internal
+        merger = 2.0 * (n * dv * di * 3 + n * di * di + n * m * di + n * m * dv)  # in/q/k proj, importance, QK^T, merge
+    heads = 0.0
+    for v in pruner_vision:
+        di = shape.pruner_internal
+        heads += 2.0 * (v * d * di + shape.text_len * d * 2 * di + 2 * v * shape.text_len * di + v * di * di * 2)
+    return {"llm": llm, "projector": projector, "merger": merger, "pruner_heads": heads,
+            "total": llm + projector + merger + heads}
+
+
+__all__ = [
+    "DivPruneSelector",
+    "FastVSelector",
+    "LlavaShape",
+    "RandomSelector",
+    "Schedule",
+    "baseline_schedule",
+    "fastv_schedule",
+    "learned_layer_tokens",
+    "learned_schedule",
+    "llm_layer_flops",
+    "make_selector",
+    "one_shot_schedule",
+    "prefill_flops",
+    "topk_keep",
+]

@@ -1,0 +1,280 @@
+#!/usr/bin/env python
+"""Compare system C (learned merger + pruner heads) with training-free baselines at the same token budgets.
+
+On the held-out split of the shapes-VQA task, generates answers (greedy) with
+
+* the unpruned base (the fork with nothing attached: upstream's computation),
+* the learned method (``pruning_final.pt`` from ``train_llava_pruner.py``), as trained and at
+  each budget (its per-layer keep ratios rescaled, the merger fixed),
+* random selection, FastV (attention from the last prompt token, layer 2) and DivPrune
+  (max-min diversity of the vision features) at each budget (``pruning/llava_baselines.py``),
+
+and reports exact-match accuracy (overall and per question type), mean smoothed sentence BLEU
+against the reference answers, agreement with the unpruned answers, the vision-token counts
+after every stage (tiny model, measured; real LLaVA-1.5-7B shape, from the config), analytic
+prefill FLOPs at the real size (32 layers, hidden 4096, MLP 11008, 576 image + ~60 text tokens)
+and the measured prefill time ratio against the unpruned model in the same run.
+
+A budget is the mean fraction of the image's vision tokens present per LLM layer (compute
+matched; see ``pruning/llava_baselines.py``). Writes a JSON (``--output``) and prints a table.
+
+    python scripts/eval_llava_pruning.py
+    python scripts/eval_llava_pruning.py --budgets 0.25,0.5 --methods random,divprune --eval-size 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+from _cli import REPO_ROOT, ArgumentParser, UserError, load_or_explain, run_cli, write_json
+
+import torch
+
+DEFAULT_RUN = REPO_ROOT / "runs" / "vision_token_pruning"
+METHODS = ("learned", "random", "fastv", "divprune")
+
+
+def parse_budgets(text: str) -> list[float]:
+    try:
+        budgets = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--budgets must be comma-separated fractions like 0.25,0.35,0.5, got {text!r}") from None
+    if not budgets or any(not 0.0 < b <= 1.0 for b in budgets):
+        raise UserError(f"--budgets must be fractions in (0, 1], got {text!r}")
+    return budgets
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise UserError(f"--methods: unknown {bad or text!r}; allowed: {', '.join(METHODS)}")
+    return methods
+
+
+def main() -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", default=None, help="base LLaVA directory (default: the tiny shapes-VQA base)")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "pruning_final.pt",
+                        help="learned stages from train_llava_pruner.py (default: %(default)s)")
+    parser.add_argument("--budgets", default="0.25,0.35,0.5", help="token budgets (default: %(default)s)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="methods to run (default: %(default)s)")
+    parser.add_argument("--eval-size", type=int, default=400, help="held-out questions (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--fastv-layer", type=int, default=2, help="FastV ranking layer K (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timing-batches", type=int, default=2, help="prompt batches timed per method")
+    parser.add_argument("--output", type=Path, default=DEFAULT_RUN / "eval_llava_pruning.json")
+    args = parser.parse_args()
+    budgets, methods = parse_budgets(args.budgets), parse_methods(args.methods)
+    for key in ("eval_size", "batch_size", "timing_batches"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be >= 1")
+    if args.fastv_layer < 1:
+        raise UserError("--fastv-layer must be >= 1 (FastV ranks with the attention of the layer before)")
+    checkpoint = None
+    if "learned" in methods:
+        if not args.checkpoint.is_file():
+            raise UserError(f"no trained pruner at {args.checkpoint}: run `make train-llava` first, pass --checkpoint, "
+                            "or leave 'learned' out of --methods")
+        try:
+            checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+            checkpoint["state_dict"], checkpoint["config"]  # noqa: B018 - shape check
+        except Exception as error:  # noqa: BLE001 - any unreadable file is bad input here
+            raise UserError(f"{args.checkpoint} is not a pruning checkpoint from train_llava_pruner.py "
+                            f"({type(error).__name__}: {str(error)[:120]})") from None
+    return evaluate(args, budgets, methods, checkpoint)
+
+
+def evaluate(args, budgets, methods, checkpoint) -> int:
+    from transformers import AutoProcessor
+
+    from models.llava.modeling_llava import LlavaForConditionalGeneration
+    from pruning.llava_baselines import (
+        LlavaShape,
+        baseline_schedule,
+        learned_schedule,
+        make_selector,
+        prefill_flops,
+    )
+    from pruning.llava_config import VisionTokenPruningConfig, config_from_dict, vision_token_trajectory
+    from pruning.llava_runtime import attach_pruning, detach_pruning, load_pruning, num_image_tokens
+    from pruning.vqa_shapes import (
+        QUESTION_TYPES,
+        accuracy_by_type,
+        chance_levels,
+        encode_batch,
+        make_split,
+        normalize_answer,
+        sentence_bleu,
+    )
+
+    model_path = args.model_path
+    if model_path is None:
+        from train_llava_base import trained_base_dir
+
+        model_path = str(trained_base_dir())
+    processor = load_or_explain("the LLaVA processor", model_path, lambda: AutoProcessor.from_pretrained(model_path))
+    model = load_or_explain("the LLaVA model", model_path, lambda: LlavaForConditionalGeneration.from_pretrained(model_path))
+    model.eval().requires_grad_(False)
+    cfg = config_from_dict(checkpoint["config"], "checkpoint") if checkpoint else VisionTokenPruningConfig()
+    num_layers = model.config.text_config.num_hidden_layers
+    v = num_image_tokens(model.config)
+    samples = make_split("heldout", args.eval_size, seed=args.seed)
+    batches = []
+    for start in range(0, len(samples), args.batch_size):
+        batch = encode_batch(processor, samples[start:start + args.batch_size], with_answers=False)
+        batch.pop("question_mask")
+        batches.append(batch)
+    tokenizer = processor.tokenizer
+    real = LlavaShape()
+    real_layers, real_ratios = list(cfg.pruner.pruning_layers), list(cfg.pruner.keep_ratios)
+    real_merged = cfg.merger.resolve_num_tokens(real.num_vision)
+
+    @torch.no_grad()
+    def run_answers() -> tuple[list[str], list[int] | None, list[int] | None]:
+        answers, trajectory, layer_tokens = [], None, None
+        for batch in batches:
+            out = model.generate(**batch, do_sample=False, max_new_tokens=3, pad_token_id=tokenizer.pad_token_id)
+            answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            trace = getattr(getattr(model.model, "vision_pruning", None), "last_trace", None)
+            if trace is not None:
+                trajectory = list(trace.num_vision_tokens)
+                layer_tokens = list(trace.layer_tokens)
+        return answers, trajectory, layer_tokens
+
+    @torch.no_grad()
+    def prefill_seconds() -> float:
+        timed = batches[: args.timing_batches]
+        model(**timed[0])  # warm-up
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            for batch in timed:
+                model(**batch)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    results = []
+    unpruned_answers: list[str] = []
+
+    def record(name, budget, schedule_tiny, real_flops, answers, trajectory, layer_tokens, seconds) -> None:
+        acc = accuracy_by_type(samples, answers)
+        bleu = sum(sentence_bleu(a, s.answer) for a, s in zip(answers, samples)) / len(samples)
+        agree = (sum(normalize_answer(a) == normalize_answer(b) for a, b in zip(answers, unpruned_answers)) / len(samples)
+                 if unpruned_answers else 1.0)
+        results.append({
+            "method": name, "budget": budget,
+            "achieved_budget_tiny": None if schedule_tiny is None else round(schedule_tiny.achieved, 4),
+            "vision_tokens_per_layer_tiny": None if schedule_tiny is None else list(schedule_tiny.layer_tokens),
+            "vision_tokens_after_each_stage_tiny": trajectory, "sequence_length_per_layer_tiny": layer_tokens,
+            "accuracy": acc["all"], "accuracy_by_type": {k: acc[k] for k in QUESTION_TYPES if k in acc},
+            "bleu": bleu, "agreement_with_unpruned": agree,
+            "real_shape_prefill_flops": real_flops, "prefill_seconds": seconds,
+            "examples": [{"question": s.question, "answer": s.answer, "prediction": a}
+                         for s, a in list(zip(samples, answers))[:4]],
+        })
+
+    t0 = time.perf_counter()
+    print(f"base: {model_path}; {len(samples)} held-out questions; budgets {budgets}")
+    unpruned_flops = prefill_flops(real, [real.num_vision] * real.num_layers)
+    answers, _, _ = run_answers()
+    unpruned_answers = answers
+    base_seconds = prefill_seconds()
+    record("unpruned", 1.0, None, unpruned_flops, answers, [v], None, base_seconds)
+
+    def learned_run(budget):
+        pruning = load_pruning(model, checkpoint)
+        pruning.eval()
+        tiny = learned_schedule(budget, num_layers, v, pruning.merger.target_merge_tokens if pruning.merger else v,
+                                pruning.pruning_layers, list(cfg.pruner.keep_ratios))
+        real_sched = learned_schedule(budget, real.num_layers, real.num_vision, real_merged, real_layers, real_ratios)
+        pruning.keep_ratios = dict(zip(pruning.pruning_layers, tiny.keep_ratios))
+        answers, trajectory, layer_tokens = run_answers()
+        seconds = prefill_seconds()
+        detach_pruning(model)
+        pruned_in = [real_sched.layer_tokens[max(0, l - 1)] for l in real_layers]
+        flops = prefill_flops(real, real_sched.layer_tokens, merged=real_merged, pruner_layers=real_layers,
+                              pruner_vision=pruned_in)
+        record("learned", budget, tiny, flops, answers, trajectory, layer_tokens, seconds)
+
+    if "learned" in methods:
+        learned_run(None)
+        print(f"  learned (as trained) done [{time.perf_counter() - t0:.0f} s]")
+    for budget in budgets:
+        for method in methods:
+            if method == "learned":
+                learned_run(budget)
+            else:
+                tiny = baseline_schedule(method, budget, num_layers, v, args.fastv_layer)
+                real_sched = baseline_schedule(method, budget, real.num_layers, real.num_vision, args.fastv_layer)
+                attach_pruning(model, use_merger=False, use_pruners=False, selectors=make_selector(tiny, args.seed)).eval()
+                answers, trajectory, layer_tokens = run_answers()
+                seconds = prefill_seconds()
+                detach_pruning(model)
+                record(method, budget, tiny, prefill_flops(real, real_sched.layer_tokens), answers, trajectory,
+                       layer_tokens, seconds)
+        print(f"  budget {budget} done [{time.perf_counter() - t0:.0f} s]")
+
+    base_total = unpruned_flops["total"]
+    for r in results:
+        r["real_shape_flops_ratio"] = r["real_shape_prefill_flops"]["total"] / base_total
+        r["prefill_time_ratio"] = r["prefill_seconds"] / base_seconds
+        r["accuracy_drop"] = results[0]["accuracy"] - r["accuracy"]
+        r["bleu_drop"] = results[0]["bleu"] - r["bleu"]
+    real_traj = vision_token_trajectory(real.num_vision, cfg)
+    report = {
+        "base_model": model_path,
+        "checkpoint": str(args.checkpoint) if checkpoint else None,
+        "eval_size": len(samples),
+        "chance": chance_levels(samples),
+        "budget_definition": "mean over LLM layers of the fraction of the image's vision tokens present in the layer",
+        "token_trajectory": {
+            "stages": ["vision tower", "merger"] + [f"pruner @ layer {l}" for l in real_layers],
+            "real_shape_vision": real_traj,
+            "real_shape_vision_plus_text": [n + real.text_len for n in real_traj],
+            "real_shape_text_tokens": real.text_len,
+            "tiny_vision": next((r["vision_tokens_after_each_stage_tiny"] for r in results
+                                 if r["method"] == "learned" and r["budget"] is None), None),
+            "tiny_pruning_layers": checkpoint["pruning_layers"] if checkpoint else None,
+        },
+        "real_shape": {"layers": real.num_layers, "hidden": real.hidden, "mlp": real.mlp,
+                       "vision_tokens": real.num_vision, "text_tokens": real.text_len,
+                       "unpruned_prefill_tflops": base_total / 1e12},
+        "timing": {"what": f"prefill forward of {args.timing_batches} batch(es) of {args.batch_size} prompts, best of 3",
+                   "threads": torch.get_num_threads(), "unpruned_seconds": base_seconds},
+        "results": results,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_json(args.output, report)
+    print(format_table(report))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def format_table(report: dict) -> str:
+    lines = [f"held-out exact match / BLEU on {report['eval_size']} questions; budget = mean vision-token fraction per layer",
+             f"{'method':<10}{'budget':>8}{'tiny tokens/stage':>22}{'acc':>7}{'dAcc':>7}{'BLEU':>7}{'agree':>7}"
+             f"{'FLOPs@7B':>10}{'time':>7}"]
+    for r in report["results"]:
+        budget = "trained" if r["budget"] is None else f"{r['budget']:.2f}"
+        if r["achieved_budget_tiny"] is not None and r["budget"] is not None and abs(r["achieved_budget_tiny"] - r["budget"]) > 0.005:
+            budget += f"~{r['achieved_budget_tiny']:.2f}"
+        traj = "->".join(str(n) for n in (r["vision_tokens_after_each_stage_tiny"] or []))
+        lines.append(f"{r['method']:<10}{budget:>8}{traj:>22}{r['accuracy']:>7.3f}{-r['accuracy_drop']:>+7.3f}"
+                     f"{r['bleu']:>7.3f}{r['agreement_with_unpruned']:>7.3f}{r['real_shape_flops_ratio']:>10.3f}"
+                     f"{r['prefill_time_ratio']:>7.2f}")
+    traj = report["token_trajectory"]
+    lines.append(f"real LLaVA-1.5-7B vision tokens per stage: {traj['real_shape_vision']} "
+                 f"(+{traj['real_shape_text_tokens']} text: {traj['real_shape_vision_plus_text']}); "
+                 f"unpruned prefill {report['real_shape']['unpruned_prefill_tflops']:.2f} TFLOPs")
+    chance = ", ".join(f"{k} {v['uniform']:.2f}/{v['majority']:.2f}" for k, v in report["chance"].items())
+    lines.append(f"chance (uniform/majority): {chance}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_cli(main)

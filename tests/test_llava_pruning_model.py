@@ -1,0 +1,374 @@
+"""System C inside the forked LLaVA: the fenced merger + pruner branches and the decoder loop they call.
+
+* attached-but-off (disabled, or a setting that removes nothing) is bit-identical to upstream;
+* the merger yields exactly its target count inside the model (64 -> 32 tiny, 576 -> 288 real);
+* physical dropping (inference) equals the differentiable masked computation (training) on the
+  same keep decisions, and generation from a physically pruned prefill equals independent
+  references: the upstream language model fed only the kept tokens at their original positions,
+  and a from-scratch eager loop over the per-layer surviving key sets (no KV cache at all);
+* gradients of the masked computation reach the merger and every pruner head;
+* bad configuration is reported clearly.
+
+All on the embedded tiny LLaVA-1.5 (random weights; pruning heads freshly initialised).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoProcessor
+from transformers import LlavaForConditionalGeneration as UpstreamLlava
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from models.llava.modeling_llava import LlavaForConditionalGeneration as ForkLlava
+from models.tiny.llava import tiny_llava_dir
+from pruning.llava_config import (
+    ConfigError,
+    MergerConfig,
+    PrunerConfig,
+    VisionTokenPruningConfig,
+    config_from_dict,
+    load_config,
+    vision_token_trajectory,
+)
+from pruning.llava_pruning import TokenMerger
+from pruning.llava_runtime import ForcedSelector, attach_pruning, detach_pruning, get_pruning
+from tests.test_equivalence_llava import QUESTIONS, chat_prompt, make_test_image
+
+NEW_TOKENS = 6
+GEN = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, use_cache=True,
+           return_dict_in_generate=True, output_logits=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    return tiny_llava_dir()
+
+
+@pytest.fixture(scope="module")
+def processor(model_dir):
+    return AutoProcessor.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def upstream(model_dir) -> UpstreamLlava:
+    return UpstreamLlava.from_pretrained(model_dir).eval()
+
+
+@pytest.fixture()
+def fork(model_dir) -> ForkLlava:
+    return ForkLlava.from_pretrained(model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def batch_inputs(processor):
+    """Two images, two questions of different lengths, left padded."""
+    images = [make_test_image((150, 120), seed=2), make_test_image((112, 140), seed=3)]
+    prompts = [chat_prompt(processor, q) for q in QUESTIONS]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    assert (inputs["attention_mask"][:, 0] == 0).any()
+    return inputs
+
+
+def _attach(model, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)  # pruning heads: deterministic fresh init
+    return attach_pruning(model, **kwargs)
+
+
+def _keep_all_config() -> VisionTokenPruningConfig:
+    return VisionTokenPruningConfig(pruner=PrunerConfig(keep_ratios=(1.0, 1.0, 1.0)))
+
+
+def _assert_generate_equal(got, want) -> None:
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits, strict=True))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ----------------------------------------------------------------------------- no-op settings
+
+
+def test_fork_built_from_upstream_arguments_has_no_pruning(fork) -> None:
+    assert getattr(fork.model, "vision_pruning", None) is None
+    assert get_pruning(fork) is None
+    assert not any("vision_pruning" in name for name in fork.state_dict())
+
+
+@torch.no_grad()
+def test_attached_but_disabled_is_bit_identical_to_upstream(fork, upstream, batch_inputs) -> None:
+    pruning = _attach(fork)
+    pruning.enabled = False
+    expected = upstream(**batch_inputs, output_hidden_states=True)
+    actual = fork(**batch_inputs, output_hidden_states=True)
+    assert torch.equal(actual.logits, expected.logits)
+    assert all(torch.equal(a, b) for a, b in zip(actual.hidden_states, expected.hidden_states, strict=True))
+    _assert_generate_equal(fork.generate(**batch_inputs, **GEN), upstream.generate(**batch_inputs, **GEN))
+    pruning.enabled = True
+    with pruning.disabled():
+        assert torch.equal(fork(**batch_inputs).logits, expected.logits)
+
+
+@torch.no_grad()
+def test_keep_everything_runs_the_pruning_loop_bit_identically(fork, upstream, batch_inputs) -> None:
+    """No merger, keep ratios 1.0: the fork's own decoder loop (with pruner heads running) == upstream."""
+    pruning = _attach(fork, config=_keep_all_config(), use_merger=False)
+    expected = upstream(**batch_inputs, output_hidden_states=True)
+    actual = fork(**batch_inputs, output_hidden_states=True)
+    assert pruning.last_trace is not None and pruning.last_trace.num_vision_tokens == [64, 64, 64, 64]
+    assert torch.equal(actual.logits, expected.logits)
+    assert len(actual.hidden_states) == len(expected.hidden_states) == 9
+    assert all(torch.equal(a, b) for a, b in zip(actual.hidden_states, expected.hidden_states, strict=True))
+    _assert_generate_equal(fork.generate(**batch_inputs, **GEN), upstream.generate(**batch_inputs, **GEN))
+    detach_pruning(fork)
+    assert torch.equal(fork(**batch_inputs).logits, expected.logits)
+
+
+# ----------------------------------------------------------------------------- merger
+
+
+def test_merger_config_counts_real_and_tiny() -> None:
+    cfg = VisionTokenPruningConfig()
+    assert cfg.merger.resolve_num_tokens(576) == 288 and cfg.merger.resolve_num_tokens(64) == 32
+    assert vision_token_trajectory(576, cfg) == [576, 288, 202, 152, 102]
+    merger = TokenMerger.from_config(1024, cfg.merger, num_input_tokens=576).eval()  # CLIP-L/14-336 width
+    with torch.no_grad():
+        assert merger(torch.randn(1, 576, 1024)).tokens.shape == (1, 288, 1024)
+
+
+@torch.no_grad()
+def test_merger_returns_exactly_the_target_tokens_inside_the_model(fork, batch_inputs) -> None:
+    pruning = _attach(fork, config=_keep_all_config())
+    out = fork(**batch_inputs)
+    trace = pruning.last_trace
+    target = MergerConfig().resolve_num_tokens(64)
+    assert target == 32 and pruning.merger.target_merge_tokens == 32
+    assert trace.merger_output.tokens.shape == (2, 32, fork.config.vision_config.hidden_size)
+    assert trace.merge_keep.sum(1).tolist() == [32, 32]
+    assert trace.num_vision_tokens == [64, 32, 32, 32, 32]
+    t = batch_inputs["input_ids"].shape[1]
+    assert trace.layer_tokens == [t - 32] * 8  # the 32 leftover placeholders never enter layer 0
+    assert out.logits.shape[1] == t - 32
+    # the projector ran on the merged tokens only: image_hidden_states hold 32 non-zero rows per image
+    rows = out.image_hidden_states.view(2, 64, -1).abs().sum(-1) > 0
+    assert torch.equal(rows, trace.merge_keep)
+
+
+# ----------------------------------------------------------------------------- drop == mask
+
+
+@torch.no_grad()
+def test_physical_dropping_equals_masked_computation_on_the_same_decisions(fork, batch_inputs) -> None:
+    pruning = _attach(fork)
+    dropped = fork(**batch_inputs)
+    trace = pruning.last_trace
+    assert trace.mode == "drop" and trace.num_vision_tokens == [64, 32, 22, 17, 11]
+    t = batch_inputs["input_ids"].shape[1]
+    assert trace.layer_tokens == [t - 32] * 2 + [t - 42] * 2 + [t - 47] * 3 + [t - 53]
+    assert dropped.logits.shape[1] == t - 53
+    with pruning.using(mode="mask", selectors=pruning.force_decisions(trace), learned_pruners=False):
+        masked = fork(**batch_inputs)
+    assert pruning.last_trace.mode == "mask" and masked.logits.shape[1] == t
+    assert _rel(dropped.logits[:, -1], masked.logits[:, -1]) < 1e-5
+    kept = trace.kept_rows  # every surviving non-padding row agrees, not just the last one
+    real = batch_inputs["attention_mask"].gather(1, kept).bool()
+    masked_kept = masked.logits.gather(1, kept[..., None].expand(-1, -1, masked.logits.shape[-1]))
+    assert _rel(dropped.logits[real], masked_kept[real]) < 1e-5
+    with pruning.using(mode="mask"):  # the pruner heads themselves make the same decisions in mask mode
+        fork(**batch_inputs)
+    assert all(torch.equal(trace.keep[k], pruning.last_trace.keep[k] > 0.5) for k in trace.keep)
+
+
+@torch.no_grad()
+def test_generate_from_masked_prefill_equals_generate_from_dropped_prefill(fork, batch_inputs) -> None:
+    pruning = _attach(fork)
+    dropped = fork.generate(**batch_inputs, **GEN)
+    forced = pruning.force_decisions(pruning.last_trace)
+    with pruning.using(mode="mask", selectors=forced, learned_pruners=False):
+        masked = fork.generate(**batch_inputs, **GEN)
+    assert torch.equal(dropped.sequences, masked.sequences)
+    assert all(_rel(a, b) < 1e-5 for a, b in zip(dropped.logits, masked.logits, strict=True))
+
+
+# ----------------------------------------------------------------------------- independent references
+
+
+def _left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def test_generate_with_input_drops_equals_upstream_language_model_on_kept_tokens(
+    fork, upstream, batch_inputs
+) -> None:
+    """Drops before layer 0 only: the same as upstream run on the kept tokens at their original positions."""
+    g = torch.Generator().manual_seed(7)
+    keep = torch.zeros(2, 64, dtype=torch.bool)
+    for row in range(2):
+        keep[row, torch.randperm(64, generator=g)[:20]] = True
+    pruning = _attach(fork, use_merger=False, use_pruners=False, selectors={0: ForcedSelector(keep)})
+    got = fork.generate(**batch_inputs, **GEN)
+    assert pruning.last_trace.num_vision_tokens == [64, 20]
+
+    embeds = upstream.model.get_input_embeddings()(batch_inputs["input_ids"])
+    image = torch.cat(upstream.model.get_image_features(pixel_values=batch_inputs["pixel_values"]).pooler_output)
+    image_mask = batch_inputs["input_ids"] == upstream.config.image_token_id
+    embeds = embeds.masked_scatter(image_mask[..., None], image)
+    keep_rows = ~image_mask
+    keep_rows[image_mask] = keep.reshape(-1)
+    sel = keep_rows.nonzero()[:, 1].view(2, -1)
+    kept_embeds = embeds.gather(1, sel[..., None].expand(-1, -1, embeds.shape[-1]))
+    kept_mask = batch_inputs["attention_mask"].gather(1, sel)
+    kept_positions = _left_padded_positions(batch_inputs["attention_mask"]).gather(1, sel)
+    want = upstream.generate(inputs_embeds=kept_embeds, attention_mask=kept_mask, position_ids=kept_positions, **GEN)
+    assert torch.equal(got.sequences[:, -NEW_TOKENS:], want.sequences[:, -NEW_TOKENS:])
+    assert all(_rel(a, b) < 1e-5 for a, b in zip(got.logits, want.logits, strict=True))
+
+
+def _reference_logits(model, embeds, attention_mask, positions, alive_per_layer) -> torch.Tensor:
+    """From-scratch eager forward over the full sequence: layer l's keys are ``alive_per_layer[l]`` [B, T].
+
+    No KV cache, no sequence slicing: dropped tokens are simply invisible as keys from their
+    pruning layer on. Returns the last position's logits.
+    """
+    lm = model.model.language_model
+    b, t, _ = embeds.shape
+    h = embeds
+    cos, sin = lm.rotary_emb(h, positions)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    for layer, alive in zip(lm.layers, alive_per_layer, strict=True):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
+        v = v.repeat_interleave(attn.num_key_value_groups, dim=1)
+        allowed = causal[None] & (alive & attention_mask.bool())[:, None, :]
+        allowed = allowed | torch.eye(t, dtype=torch.bool)[None]  # every row sees itself (padding rows: no NaN)
+        scores = (q @ k.transpose(-1, -2)) * attn.scaling
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        out = scores.softmax(-1) @ v
+        h = h + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.lm_head(lm.norm(h))[:, -1]
+
+
+@torch.no_grad()
+def test_generate_with_layer_drops_equals_a_from_scratch_reference_without_kv_cache(fork, batch_inputs) -> None:
+    """Merger + pruner heads at layers [2, 4, 7]: KV-cached decoding == recomputing everything, every step."""
+    pruning = _attach(fork)
+    got = fork.generate(**batch_inputs, **GEN)
+    trace = pruning.last_trace
+    assert trace.num_vision_tokens == [64, 32, 22, 17, 11]
+
+    # The prompt's embeddings as the decoder loop received them (merged tokens at their centres).
+    prompt_out = fork(**batch_inputs, output_hidden_states=True)
+    embeds = prompt_out.hidden_states[0]
+    image_mask = batch_inputs["input_ids"] == fork.config.image_token_id
+    b, t0 = image_mask.shape
+    alive_vision = [trace.merge_keep]
+    current = trace.merge_keep
+    for layer in range(8):
+        current = trace.keep.get(layer, current)
+        alive_vision.append(current)
+    alive_vision = alive_vision[1:]
+
+    ids = batch_inputs["input_ids"]
+    mask = batch_inputs["attention_mask"]
+    embed_tokens = fork.model.get_input_embeddings()
+    for step in range(NEW_TOKENS):
+        t = embeds.shape[1]
+        alive_per_layer = []
+        for alive in alive_vision:
+            full = torch.ones(b, t, dtype=torch.bool)
+            full[:, :t0][image_mask] = alive.reshape(-1)
+            alive_per_layer.append(full)
+        logits = _reference_logits(fork, embeds, mask, _left_padded_positions(mask), alive_per_layer)
+        assert _rel(got.logits[step], logits) < 1e-5, step
+        next_ids = got.sequences[:, ids.shape[1] + step]
+        assert torch.equal(logits.argmax(-1), next_ids), step
+        embeds = torch.cat([embeds, embed_tokens(next_ids)[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
+
+
+@torch.no_grad()
+def test_decode_positions_continue_the_original_numbering(fork, processor) -> None:
+    """Without position_ids, the first decode token gets position T (the original prompt length), not T_kept."""
+    inputs = processor(images=make_test_image((112, 112), seed=5), text=chat_prompt(processor, QUESTIONS[0]),
+                       return_tensors="pt")
+    pruning = _attach(fork)
+    t = inputs["input_ids"].shape[1]
+    prefill = fork(**inputs, use_cache=True)
+    cache = prefill.past_key_values
+    assert cache.vision_pruning_state.seen == t
+    assert [cache.get_seq_length(layer) for layer in range(8)] == pruning.last_trace.layer_tokens
+    next_id = prefill.logits[:, -1:].argmax(-1)
+    mask = torch.ones(1, t + 1, dtype=torch.long)
+    snapshot = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+
+    def step(position_ids):
+        for layer, (k, v) in zip(cache.layers, snapshot):
+            layer.keys, layer.values = k.clone(), v.clone()
+        cache.vision_pruning_state.seen = t
+        return fork(input_ids=next_id, attention_mask=mask, past_key_values=cache, position_ids=position_ids).logits
+
+    implicit = step(None)
+    assert torch.equal(implicit, step(torch.tensor([[t]])))
+    assert not torch.allclose(implicit, step(torch.tensor([[t - 53]])))
+
+
+# ----------------------------------------------------------------------------- training path
+
+
+def test_masked_training_forward_sends_gradients_to_merger_and_every_pruner(fork, batch_inputs) -> None:
+    fork.requires_grad_(False)
+    pruning = _attach(fork)
+    fork.train()
+    pruning.train()
+    pruning.temperature = 0.5
+    pruning.generator = torch.Generator().manual_seed(0)
+    out = fork(**batch_inputs)
+    assert pruning.last_trace.mode == "mask" and out.logits.shape[1] == batch_inputs["input_ids"].shape[1]
+    assert pruning.last_trace.num_vision_tokens == [64, 32, 22, 17, 11]
+    out.logits[:, -1].logsumexp(-1).sum().backward()
+    assert pruning.merger.importance.fc2.weight.grad.abs().sum() > 0
+    for layer, head in pruning.pruners.items():
+        assert head.predictor.fc2.weight.grad is not None and head.predictor.fc2.weight.grad.abs().sum() > 0, layer
+    assert all(p.grad is None for p in fork.model.language_model.parameters())
+
+
+def test_labels_follow_the_surviving_rows_in_drop_mode(fork, batch_inputs) -> None:
+    pruning = _attach(fork)
+    labels = batch_inputs["input_ids"].masked_fill(batch_inputs["input_ids"] == fork.config.image_token_id, -100)
+    with torch.no_grad():
+        out = fork(**batch_inputs, labels=labels)
+    assert out.logits.shape[1] == pruning.last_trace.kept_rows.shape[1] and torch.isfinite(out.loss)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_configuration_errors_are_reported_clearly(tmp_path, fork, upstream, batch_inputs) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pruner:\n  pruning_layers: [10, 20, 31]\n  keep_ratios: [0.5, 0.5]\n")
+    with pytest.raises(ConfigError, match=r"keep_ratios=\[0.5, 0.5\] is invalid; allowed: one ratio per pruning layer \(3\)"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="unknown key 'lr_merger' in section 'merger'; it belongs in section 'optim'"):
+        config_from_dict({"merger": {"lr_merger": 1e-4}})
+    with pytest.raises(TypeError, match="needs the forked LLaVA"):
+        attach_pruning(upstream)
+    with pytest.raises(ValueError, match="cannot place 9 pruning layers in a 8-layer model"):
+        attach_pruning(fork, VisionTokenPruningConfig(pruner=PrunerConfig(pruning_layers=tuple(range(9)),
+                                                                          keep_ratios=(0.9,) * 9)))
+    with pytest.raises(ValueError, match=r"selector layers \[8\] out of range for a 8-layer LLM"):
+        attach_pruning(fork, selectors={8: ForcedSelector(torch.ones(2, 64))})
+    pruning = attach_pruning(fork)
+    pruning.mode = "masked"
+    with pytest.raises(ValueError, match="vision_pruning.mode='masked'; allowed: auto, drop, mask"):
+        fork(**batch_inputs)
