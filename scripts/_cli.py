@@ -103,3 +103,32 @@ def stopwatch():
         yield box
     finally:
         box["seconds"] = time.perf_counter() - start
+
+
+def configure_torch_threads(threads: int | None, model_path: str | None, device: str | None) -> None:
+    """``--threads`` if given; else one thread for the embedded tiny model on CPU.
+
+    The tiny model's matmuls are too small to gain from a second thread, and on a busy 2-core
+    machine two threads per process make it up to ~100x slower (measured); real models keep
+    torch's default.
+    """
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif model_path is None and not (device or "cpu").startswith("cuda") and not torch.cuda.is_available():
+        torch.set_num_threads(1)
+
+
+def load_video_or_explain(video: str | None, num_frames: int):
+    """``(path, LoadedVideo)`` for ``video`` (default: the generated demo video); a bad video is one line."""
+    from pipelines.video_io import load_video
+
+    if video is None:
+        from models.tiny.demo_video import demo_video_path
+
+        video = demo_video_path()
+    try:
+        return video, load_video(video, num_frames)
+    except (OSError, ValueError) as error:
+        raise UserError(str(error)) from None

@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from _cli import ArgumentParser, UserError, run_cli, write_json
+from _cli import ArgumentParser, UserError, configure_torch_threads, run_cli, write_json
 
 DEFAULT_PRESETS = ("baseline", "stage2_only", "stage1_only", "default", "conservative", "aggressive")
 CHANCE_LEVEL = 0.2
@@ -198,10 +198,7 @@ def main(argv=None) -> int:
     from sweep_stage1 import machine_info
 
     hf_logging.disable_progress_bar()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    elif args.model_path is None and not (args.device or "cpu").startswith("cuda") and not torch.cuda.is_available():
-        torch.set_num_threads(1)
+    configure_torch_threads(args.threads, args.model_path, args.device)
     try:
         base = Qwen25VLPruneVid(
             args.model_path, preset="baseline", num_frames=args.num_frames,

@@ -16,18 +16,17 @@ succeeded: bad input writes nothing).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from _cli import UserError, run_cli, write_json
+from _cli import ArgumentParser, UserError, configure_torch_threads, load_video_or_explain, run_cli, write_json
 
 DEFAULT_QUESTION = "What is moving in the video, and in which direction?"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None):
     from pruning.prunevid import PRESET_NAMES, SELECTION_MODES
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("video", nargs="?", type=Path, default=None, help="video file (default: the generated demo video)")
     p.add_argument("question", nargs="?", default=DEFAULT_QUESTION, help=f"default: {DEFAULT_QUESTION!r}")
     p.add_argument("-q", "--question", dest="question_option", default=None,
@@ -133,24 +132,11 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     from pipelines.prunevid import Qwen25VLPruneVid
-    from pipelines.video_io import load_video
 
     hf_logging.disable_progress_bar()  # no weight-loading bars: stdout/stderr carry the results and one-line errors
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    elif args.model_path is None and not (args.device or "cpu").startswith("cuda") and not torch.cuda.is_available():
-        torch.set_num_threads(1)
-
-    if args.video is None:
-        from models.tiny.demo_video import demo_video_path
-
-        video_path = demo_video_path()
-    else:
-        video_path = args.video
-    try:
-        video = load_video(video_path, args.num_frames)  # bad video / too many frames: fail before loading the model
-    except (OSError, ValueError) as error:
-        raise UserError(str(error)) from None
+    configure_torch_threads(args.threads, args.model_path, args.device)
+    # a bad video or too many frames: fail before loading the model
+    video_path, video = load_video_or_explain(args.video, args.num_frames)
     try:
         pipe = Qwen25VLPruneVid(
             args.model_path,

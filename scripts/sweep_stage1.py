@@ -36,7 +36,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from _cli import ArgumentParser, UserError, run_cli, write_json
+from _cli import ArgumentParser, UserError, configure_torch_threads, load_video_or_explain, run_cli, write_json
 
 DEFAULT_QUESTION = "What is moving in the video, and in which direction?"
 DEFAULT_TAUS = (0.7, 0.8, 0.9)
@@ -189,24 +189,10 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     from pipelines.prunevid import Qwen25VLPruneVid
-    from pipelines.video_io import load_video
 
     hf_logging.disable_progress_bar()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    elif args.model_path is None and not (args.device or "cpu").startswith("cuda") and not torch.cuda.is_available():
-        torch.set_num_threads(1)
-
-    if args.video is None:
-        from models.tiny.demo_video import demo_video_path
-
-        video_path = demo_video_path()
-    else:
-        video_path = args.video
-    try:
-        video = load_video(video_path, args.num_frames)  # bad video: fail before loading the model
-    except (OSError, ValueError) as error:
-        raise UserError(str(error)) from None
+    configure_torch_threads(args.threads, args.model_path, args.device)
+    video_path, video = load_video_or_explain(args.video, args.num_frames)  # bad video: fail before loading the model
 
     base_preset = "default" if args.with_stage2 else "stage1_only"
     stage2_knobs = {k: v for k, v in (("keep_ratio", args.keep_ratio), ("pruning_layer", args.pruning_layer)) if v is not None}
