@@ -172,6 +172,9 @@ def main(argv=None) -> int:
         "runs": runs,
         "llm_prefill_flops": flops,
     }
+    if args.model_path is None:
+        print("embedded tiny Qwen2.5-VL with random weights: its answers are meaningless text by design; read the "
+              "token counts, timings and the agreement with the baseline (--model-path for real weights)")
     print(f"video {video_path} ({video.total_frames} frames, {args.num_frames} sampled), question: {args.question!r}")
     if "baseline" in runs:
         base = runs["baseline"]

@@ -205,6 +205,9 @@ def main(argv=None) -> int:
             f"speedup {stats['speedup']:.2f}x (analytic FLOP bound {1 / stats['flops_ratio']:.2f}x), "
             f"PSNR {stats['psnr_db']:.2f} dB, SSIM {stats['ssim']:.4f}, cache {stats['cache_bytes'] / 2**20:.1f} MiB"
         )
+    if args.model_path is None:
+        print("embedded tiny Qwen-Image-Edit with random weights: the images are noise by design; "
+              "read the times, PSNR/SSIM against the baseline and the FLOP ratio (--model-path for real weights)")
     print(f"images in {args.output_dir}/, stats in {stats_path}")
     return 0
 
