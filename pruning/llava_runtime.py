@@ -43,9 +43,13 @@ attend to the question tokens, the text after the image) or a training-free base
 * ``mode="mask"`` (training; the default in train mode): the full sequence runs; a dropped key is
   hidden by an additive attention bias ``log(keep + 1e-20)`` (0 for kept keys, -46 for dropped
   ones, i.e. a weight of 1e-20 relative to a kept key of the same score), where ``keep`` is the
-  straight-through Gumbel-top-k mask, so the gradient reaches the pruner heads
-  (``d bias / d keep = 1 / (keep + eps)``: the DynamicViT policy gradient). Masks multiply: a
-  token dropped at one layer stays dropped at every later one.
+  straight-through Gumbel-top-k mask, so the gradient reaches the pruner heads through the kept
+  keys (``d bias / d keep = 1`` there; through a dropped key the DynamicViT-style derivative
+  ``e^{s_k} / Z (v_k - out)`` is unbounded and outlier-dominated, so it is cut), and the
+  gradient reaching each learned keep mask is projected onto budget-preserving directions
+  (minus its mean over the row's alive tokens: with a fixed top-k count only relative scores
+  matter; without it every kept token gets the same "keep more" push and the heads reinforce
+  whatever they keep). Masks multiply: a token dropped at one layer stays dropped at every later one.
 
 Both modes give the same result on the same decisions (tested at 1e-5 relative), and with no
 merger and keep ratios 1.0 the loop is bit-identical to upstream (tested with ``torch.equal``).
@@ -116,6 +120,28 @@ class ForcedSelector:
     def __call__(self, ctx: SelectionContext) -> torch.Tensor:
         keep = self.keep.to(ctx.vision_cols.device).gather(1, ctx.vision_cols)
         return keep.to(ctx.alive.dtype) * (ctx.alive.detach() > 0.5).to(ctx.alive.dtype)
+
+
+class _BudgetProjectedGradient(torch.autograd.Function):
+    """Identity forward; backward subtracts the mean gradient over the alive tokens of each row.
+
+    A top-k keep mask has a fixed budget: raising every score together changes nothing, only
+    the scores relative to each other matter. Projecting the mask gradient onto sum-zero
+    directions (per row, over the alive tokens) removes the common "keep more" push that every
+    kept token receives, so a useful kept token is pushed up and a less useful one down.
+    """
+
+    @staticmethod
+    def forward(ctx, mask: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(alive)
+        return mask.view_as(mask)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (alive,) = ctx.saved_tensors
+        w = alive.to(grad.dtype)
+        mean = (grad * w).sum(-1, keepdim=True) / w.sum(-1, keepdim=True).clamp(min=1.0)
+        return (grad - mean) * w, None
 
 
 # ----------------------------------------------------------------------------- trace and cache state
@@ -358,8 +384,11 @@ class VisionTokenPruning(nn.Module):
         pruner = self.pruners[str(ctx.layer_idx)]
         logits = pruner(ctx.vision_hidden, ctx.question_hidden, ctx.question_mask)
         prev = ctx.alive if ctx.mode == "mask" else None
-        return keep_mask(logits, self.keep_ratios[ctx.layer_idx], temperature=ctx.temperature,
+        keep = keep_mask(logits, self.keep_ratios[ctx.layer_idx], temperature=ctx.temperature,
                          training=self.training, prev_mask=prev, generator=self.generator)
+        if ctx.mode == "mask" and keep.requires_grad:
+            keep = _BudgetProjectedGradient.apply(keep, ctx.alive.detach() > 0.5)
+        return keep
 
     def trainable_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {
@@ -766,7 +795,13 @@ def _prefill_mask(lm, pruning, trace, layers, hidden, causal_mask, position_embe
 
     def biased_mask(i: int) -> torch.Tensor:
         key_bias = torch.zeros(b, t, dtype=torch.float32, device=device)
-        key_bias = key_bias.scatter(1, vision_rows0, torch.log(policy.float() + MASK_EPS))
+        log_keep = torch.log(policy.float() + MASK_EPS)
+        # Gradient only through kept keys (d bias / d keep = 1 there). Through a dropped key it would be
+        # e^{s_k} / Z * (v_k - out) (the 1e20 of 1 / (keep + eps) times a 1e-20 attention weight): unbounded,
+        # summed over queries, heads and layers, and a first-order "re-add a little of it" signal that outliers
+        # dominate. Values are unchanged: kept 0, dropped -46.
+        log_keep = torch.where(policy.detach() > 0.5, log_keep, log_keep.detach())
+        key_bias = key_bias.scatter(1, vision_rows0, log_keep)
         hard = torch.ones(b, t, dtype=torch.bool, device=device).scatter(1, vision_rows0, policy.detach() > 0.5)
         groups.append((i, hard))
         return base + key_bias.to(dtype)[:, None, None, :]

@@ -420,11 +420,13 @@ def encode_batch(processor, samples: Sequence[VQASample], with_answers: bool,
     return batch
 
 
-def encode_conversations(processor, conversations: Sequence[VQAConversation]) -> dict[str, torch.Tensor]:
+def encode_conversations(processor, conversations: Sequence[VQAConversation],
+                         label_text: bool = False) -> dict[str, torch.Tensor]:
     """Left-padded multi-turn batch in the LLaVA-1.5 format, labels on every answer + EOS.
 
     ``USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>...``; turn 1 is
-    exactly the single-question prompt of ``encode_batch``.
+    exactly the single-question prompt of ``encode_batch``. ``label_text``: label the question
+    text too (every token after the image), a dense language-modelling signal.
     """
     tokenizer = processor.tokenizer
     images = [c.image for c in conversations]
@@ -432,6 +434,7 @@ def encode_conversations(processor, conversations: Sequence[VQAConversation]) ->
         raise ValueError("encode_conversations needs images at the processor's crop size (the tiny model's 112 px)")
     side = processor.image_processor.crop_size["height"]
     eos = tokenizer.eos_token_id
+    image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
     rows, label_rows = [], []
     for conv in conversations:
         ids: list[int] = []
@@ -442,8 +445,12 @@ def encode_conversations(processor, conversations: Sequence[VQAConversation]) ->
             else:
                 prompt = tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False).input_ids
             reply = tokenizer(answer, add_special_tokens=False).input_ids + [eos]
+            prompt_labels = [-100] * len(prompt)
+            if label_text:
+                after_image = max(i for i, t in enumerate(prompt) if t == image_id) + 1 if turn == 0 else 0
+                prompt_labels[after_image:] = prompt[after_image:]
             ids += prompt + reply
-            labels += [-100] * len(prompt) + reply
+            labels += prompt_labels + reply
         rows.append(ids)
         label_rows.append(labels)
     length = max(len(r) for r in rows)

@@ -343,6 +343,30 @@ def test_masked_training_forward_sends_gradients_to_merger_and_every_pruner(fork
     assert all(p.grad is None for p in fork.model.language_model.parameters())
 
 
+def test_keep_mask_gradients_are_bounded_and_budget_preserving(fork, batch_inputs) -> None:
+    """Training-mode keep gradients are finite and bounded; the heads receive them projected to sum zero."""
+    from pruning.llava_runtime import _BudgetProjectedGradient
+
+    fork.requires_grad_(False)
+    pruning = _attach(fork)
+    fork.train()
+    pruning.temperature = 0.5
+    pruning.generator = torch.Generator().manual_seed(1)
+    out = fork(**batch_inputs)
+    trace = pruning.last_trace
+    for keep in trace.keep.values():
+        keep.retain_grad()
+    out.logits[:, -1].logsumexp(-1).sum().backward()
+    for layer, keep in trace.keep.items():  # no 1 / (keep + eps) blow-up through dropped keys
+        assert torch.isfinite(keep.grad).all() and keep.grad.abs().max() < 1e3, layer
+    # the projection itself: minus the mean over the alive tokens of each row, nothing to dead tokens
+    mask = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]], requires_grad=True)
+    alive = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    weights = torch.tensor([[4.0, 1.0, 1.0, 9.0], [2.0, 2.0, 6.0, 2.0]])
+    (_BudgetProjectedGradient.apply(mask, alive) * weights).sum().backward()
+    assert torch.equal(mask.grad, torch.tensor([[2.0, -1.0, -1.0, 0.0], [-1.0, -1.0, 3.0, -1.0]]))
+
+
 def test_labels_follow_the_surviving_rows_in_drop_mode(fork, batch_inputs) -> None:
     pruning = _attach(fork)
     labels = batch_inputs["input_ids"].masked_fill(batch_inputs["input_ids"] == fork.config.image_token_id, -100)
@@ -372,3 +396,41 @@ def test_configuration_errors_are_reported_clearly(tmp_path, fork, upstream, bat
     pruning.mode = "masked"
     with pytest.raises(ValueError, match="vision_pruning.mode='masked'; allowed: auto, drop, mask"):
         fork(**batch_inputs)
+
+
+def _run_script(*args: str) -> "subprocess.CompletedProcess[str]":
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_scripts_report_bad_input_in_one_line(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("merger:\n  merger_type: fancy\n")
+    run = _run_script("scripts/train_llava_pruner.py", "--config", str(bad), "--output-dir", str(tmp_path / "out"))
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith("error: ") and "merger_type='fancy' is invalid; allowed: 'simple' | 'question_aware'" in run.stderr
+    run = _run_script("scripts/train_llava_pruner.py", "--set", "lr_pruners=-1", "--output-dir", str(tmp_path / "out"))
+    assert run.returncode == 2 and "lr_pruners=-1 is invalid" in run.stderr and run.stderr.count("\n") == 1
+    run = _run_script("scripts/eval_llava_pruning.py", "--budgets", "0.3,1.5")
+    assert run.returncode == 2 and run.stderr == "error: --budgets must be fractions in (0, 1], got '0.3,1.5'\n"
+    run = _run_script("scripts/eval_llava_pruning.py", "--checkpoint", str(tmp_path / "missing.pt"))
+    assert run.returncode == 2 and "no trained pruner at" in run.stderr and run.stderr.count("\n") == 1
+
+
+@torch.no_grad()
+def test_question_aware_merger_in_forward_and_generate(fork, batch_inputs) -> None:
+    cfg = VisionTokenPruningConfig(merger=MergerConfig(merger_type="question_aware"))
+    pruning = _attach(fork, config=cfg)
+    out = fork(**batch_inputs)  # forward: the question comes from input_ids
+    assert pruning.last_trace.num_vision_tokens == [64, 32, 22, 17, 11] and torch.isfinite(out.logits).all()
+    with pytest.raises(ValueError, match="call model.model.vision_pruning.set_question"):
+        fork.generate(**batch_inputs, max_new_tokens=2)  # generate encodes the images before the forward
+    pruning.set_question(batch_inputs["input_ids"], batch_inputs["attention_mask"])
+    generated = fork.generate(**batch_inputs, do_sample=False, max_new_tokens=3, min_new_tokens=3)
+    first = generated[:, batch_inputs["input_ids"].shape[1]]
+    assert torch.equal(first, out.logits[:, -1].argmax(-1))  # the same first token as the plain forward
