@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit run-video bench-video sweep-video eval-egoschema
+.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit run-video bench-video sweep-video eval-egoschema train-llava eval-llava
 
 venv: $(STAMP)
 
@@ -61,6 +61,14 @@ sweep-video: $(STAMP)
 ## EgoSchema-style multiple choice, every PruneVid preset, on the generated set (embedded model: accuracy is chance).
 eval-egoschema: $(STAMP)
 	$(PY) scripts/eval_egoschema.py $(ARGS)
+
+## LLaVA-1.5 learned merger + pruner heads, GAN-trained on the frozen base (tiny shapes-VQA base trained once if missing).
+train-llava: $(STAMP)
+	$(PY) scripts/train_llava_pruner.py $(ARGS)
+
+## Accuracy / BLEU / tokens / FLOPs of the learned method vs unpruned, random, FastV and DivPrune at equal budgets.
+eval-llava: $(STAMP)
+	$(PY) scripts/eval_llava_pruning.py $(ARGS)
 
 clean-cache:
 	rm -rf .cache/tiny_models

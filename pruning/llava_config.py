@@ -103,6 +103,7 @@ class MergerConfig:
     target_merge_tokens: int | None = 288  # >= 1, or None to use merge_ratio
     merger_d_internal: int = 512  # width of the importance head and of the assignment Q/K
     merger_num_heads: int = 4  # heads of the question cross-attention (question_aware)
+    merger_prior_scale: float = 3.0  # initial weight of the distinctiveness prior in the importance logits; >= 0
 
     def __post_init__(self) -> None:
         _check_choice("merger_type", self.merger_type, MERGER_TYPES)
@@ -111,6 +112,7 @@ class MergerConfig:
             _check_int("target_merge_tokens", self.target_merge_tokens, lo=1)
         _check_int("merger_d_internal", self.merger_d_internal, lo=1)
         _check_int("merger_num_heads", self.merger_num_heads, lo=1)
+        _check_float("merger_prior_scale", self.merger_prior_scale, 0.0, math.inf, hi_open=True)
         if self.merger_d_internal % self.merger_num_heads:
             _fail("merger_num_heads", self.merger_num_heads, f"a divisor of merger_d_internal={self.merger_d_internal}")
 
@@ -141,6 +143,7 @@ class PrunerConfig:
     pruner_d_internal: int = 512
     pruner_num_heads: int = 4  # must divide pruner_d_internal
     keep_ratios: tuple[float, ...] = (0.7, 0.75, 0.67)  # per layer, of the tokens entering it; (0, 1]
+    pruner_prior_scale: float = 3.0  # initial weight of the distinctiveness prior in the keep logits; >= 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pruning_layers", _as_tuple("pruning_layers", self.pruning_layers))
@@ -153,6 +156,7 @@ class PrunerConfig:
             _fail("pruning_layers", list(self.pruning_layers), "strictly increasing layer indices")
         _check_int("pruner_d_internal", self.pruner_d_internal, lo=1)
         _check_int("pruner_num_heads", self.pruner_num_heads, lo=1)
+        _check_float("pruner_prior_scale", self.pruner_prior_scale, 0.0, math.inf, hi_open=True)
         if self.pruner_d_internal % self.pruner_num_heads:
             _fail("pruner_num_heads", self.pruner_num_heads, f"a divisor of pruner_d_internal={self.pruner_d_internal}")
         if len(self.keep_ratios) != len(self.pruning_layers):

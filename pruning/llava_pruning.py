@@ -189,6 +189,25 @@ def keep_mask(
 # ----------------------------------------------------------------------------- building blocks
 
 
+def distinctiveness(x: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
+    """Parameter-free prior for the importance heads: how unlike the other tokens each token is.
+
+    ``x [B, N, D]``, ``alive [B, N]`` (bool; None: all) -> ``[B, N]``: ``1 - mean_j cos(x_i, x_j)``
+    over the alive ``j``, standardised per row over the alive tokens (zero mean, unit std; 0 at
+    dead tokens). Large for a token that stands out from the rest (an object on a plain background),
+    small for the many look-alike ones: the same intuition as diversity-based selection (DivPrune),
+    as a score a learned head can start from and correct. No gradient flows through it.
+    """
+    with torch.no_grad():
+        xn = F.normalize(x.float(), dim=-1)
+        w = torch.ones(x.shape[:2], device=x.device) if alive is None else alive.float()
+        count = w.sum(-1, keepdim=True).clamp(min=1.0)
+        score = 1.0 - (xn @ (xn * w.unsqueeze(-1)).sum(1, keepdim=True).transpose(1, 2)).squeeze(-1) / count
+        mean = (score * w).sum(-1, keepdim=True) / count
+        std = (((score - mean) ** 2 * w).sum(-1, keepdim=True) / count).sqrt().clamp(min=1e-6)
+        return ((score - mean) / std * w).to(x.dtype)
+
+
 def _masked_fill_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
@@ -263,6 +282,8 @@ class TokenMerger(nn.Module):
         d_internal: width of the importance head and of the assignment queries/keys.
         num_heads: heads of the question cross-attention (``question_aware``).
         question_dim: width of the question embeddings (default ``dim``).
+        prior_scale: initial value of the learnable weight of the ``distinctiveness`` prior added to
+            the importance logits (0: none).
     """
 
     def __init__(
@@ -274,6 +295,7 @@ class TokenMerger(nn.Module):
         d_internal: int = 512,
         num_heads: int = 4,
         question_dim: int | None = None,
+        prior_scale: float = 0.0,
     ) -> None:
         super().__init__()
         if merger_type not in ("simple", "question_aware"):
@@ -287,6 +309,7 @@ class TokenMerger(nn.Module):
             self.cross_attn = CrossAttention(d_internal, num_heads, d_kv=question_dim or dim)
             self.cross_norm = nn.LayerNorm(d_internal)
         self.importance = MLP(d_internal, d_internal, 1)
+        self.prior_scale = nn.Parameter(torch.tensor(float(prior_scale)))
         self.q_proj = nn.Linear(dim, d_internal, bias=False)
         self.k_proj = nn.Linear(dim, d_internal, bias=False)
         with torch.no_grad():  # equal Q/K: assignment starts as feature similarity
@@ -297,7 +320,7 @@ class TokenMerger(nn.Module):
                     question_dim: int | None = None) -> "TokenMerger":
         """Merger for a tower with ``num_input_tokens`` tokens (``cfg.resolve_num_tokens`` gives M)."""
         return cls(dim, cfg.merger_type, cfg.resolve_num_tokens(num_input_tokens), cfg.merge_ratio,
-                   cfg.merger_d_internal, cfg.merger_num_heads, question_dim)
+                   cfg.merger_d_internal, cfg.merger_num_heads, question_dim, cfg.merger_prior_scale)
 
     def num_output_tokens(self, num_tokens: int) -> int:
         """M for an input of ``num_tokens`` tokens; raises if M > N."""
@@ -319,7 +342,7 @@ class TokenMerger(nn.Module):
             if question is None:
                 raise ValueError("merger_type='question_aware' needs question embeddings [B, Lq, Dq]")
             h = self.cross_norm(h + self.cross_attn(h, self.question_norm(question), question_mask))
-        return self.importance(h).squeeze(-1)
+        return self.importance(h).squeeze(-1) + self.prior_scale.to(x.dtype) * distinctiveness(x)
 
     def forward(
         self,
@@ -346,7 +369,13 @@ class TokenMerger(nn.Module):
         log_a = scores.float().log_softmax(dim=-1)  # token -> centres
         assignment = log_a.exp()
         weights = log_a.softmax(dim=1)  # = A / A.sum(over tokens), columns sum to 1
-        merged = weights.transpose(1, 2).to(x.dtype) @ x  # [B, M, D]
+        # Every token's selection gate also scales its own contribution to the merge, with value exactly 1
+        # (``1 + (s - s.detach())``): the forward is unchanged, but a token that is *not* a centre now gets
+        # a gradient too (d loss / d s_i = <d loss / d merged_j, w_ij x_i>): "more of this token in its merged
+        # token would help" raises its importance until it becomes a centre. Without this path only the M
+        # selected tokens get a gradient (through the keys), and a useful token that is not selected never does.
+        value_gate = 1.0 + (sel_mask - sel_mask.detach())  # [B, N], value 1
+        merged = weights.transpose(1, 2).to(x.dtype) @ (x * value_gate.unsqueeze(-1).to(x.dtype))  # [B, M, D]
         return MergerOutput(merged, assignment.to(x.dtype), weights.to(x.dtype), logits, idx, sel_mask)
 
 
@@ -360,9 +389,11 @@ class LayerPruner(nn.Module):
         hidden_size: LLM hidden width D.
         d_internal: internal width of the cross-attention and the predictor.
         num_heads: cross-attention heads.
+        prior_scale: initial value of the learnable weight of the ``distinctiveness`` prior added to
+            the keep logits (0: none).
     """
 
-    def __init__(self, hidden_size: int, d_internal: int = 512, num_heads: int = 4) -> None:
+    def __init__(self, hidden_size: int, d_internal: int = 512, num_heads: int = 4, prior_scale: float = 0.0) -> None:
         super().__init__()
         self.vision_norm = nn.LayerNorm(hidden_size)
         self.question_norm = nn.LayerNorm(hidden_size)
@@ -370,17 +401,21 @@ class LayerPruner(nn.Module):
         self.cross_attn = CrossAttention(d_internal, num_heads, d_kv=hidden_size)
         self.norm = nn.LayerNorm(d_internal)
         self.predictor = MLP(d_internal, d_internal, 1)
+        self.prior_scale = nn.Parameter(torch.tensor(float(prior_scale)))
 
     @classmethod
     def from_config(cls, hidden_size: int, cfg: PrunerConfig) -> "LayerPruner":
-        return cls(hidden_size, cfg.pruner_d_internal, cfg.pruner_num_heads)
+        return cls(hidden_size, cfg.pruner_d_internal, cfg.pruner_num_heads, cfg.pruner_prior_scale)
 
     def forward(self, vision: torch.Tensor, question: torch.Tensor,
-                question_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``vision [B, V, D]``, ``question [B, Lq, D]``, ``question_mask [B, Lq]`` -> keep logits ``[B, V]``."""
+                question_mask: torch.Tensor | None = None, alive: torch.Tensor | None = None) -> torch.Tensor:
+        """``vision [B, V, D]``, ``question [B, Lq, D]``, ``question_mask [B, Lq]`` -> keep logits ``[B, V]``.
+
+        ``alive [B, V]`` (bool): the tokens still in play, over which the prior compares (None: all).
+        """
         h = self.in_proj(self.vision_norm(vision))  # [B, V, d]
         h = self.norm(h + self.cross_attn(h, self.question_norm(question), question_mask))
-        return self.predictor(h).squeeze(-1)
+        return self.predictor(h).squeeze(-1) + self.prior_scale.to(vision.dtype) * distinctiveness(vision, alive)
 
     @staticmethod
     def keep_mask(

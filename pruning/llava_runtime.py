@@ -382,7 +382,7 @@ class VisionTokenPruning(nn.Module):
             keep = self.selectors[ctx.layer_idx](ctx)
             return keep.to(ctx.alive.dtype) * (ctx.alive if ctx.mode == "mask" else 1.0)
         pruner = self.pruners[str(ctx.layer_idx)]
-        logits = pruner(ctx.vision_hidden, ctx.question_hidden, ctx.question_mask)
+        logits = pruner(ctx.vision_hidden, ctx.question_hidden, ctx.question_mask, alive=ctx.alive.detach() > 0.5)
         prev = ctx.alive if ctx.mode == "mask" else None
         keep = keep_mask(logits, self.keep_ratios[ctx.layer_idx], temperature=ctx.temperature,
                          training=self.training, prev_mask=prev, generator=self.generator)

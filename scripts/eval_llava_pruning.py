@@ -6,6 +6,9 @@ On the held-out split of the shapes-VQA task, generates answers (greedy) with
 * the unpruned base (the fork with nothing attached: upstream's computation),
 * the learned method (``pruning_final.pt`` from ``train_llava_pruner.py``), as trained and at
   each budget (its per-layer keep ratios rescaled, the merger fixed),
+* the same stages untrained (``untrained``: freshly initialised heads, seed ``--seed``; their
+  logits are the distinctiveness prior plus random-head noise), the ablation that shows what
+  training changed,
 * random selection, FastV (attention from the last prompt token, layer 2) and DivPrune
   (max-min diversity of the vision features) at each budget (``pruning/llava_baselines.py``),
 
@@ -34,7 +37,7 @@ from _cli import REPO_ROOT, ArgumentParser, UserError, load_or_explain, run_cli,
 import torch
 
 DEFAULT_RUN = REPO_ROOT / "runs" / "vision_token_pruning"
-METHODS = ("learned", "random", "fastv", "divprune")
+METHODS = ("learned", "untrained", "random", "fastv", "divprune")
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -100,7 +103,7 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
         make_selector,
         prefill_flops,
     )
-    from pruning.llava_config import VisionTokenPruningConfig, config_from_dict, vision_token_trajectory
+    from pruning.llava_config import config_from_dict, vision_token_trajectory
     from pruning.llava_runtime import attach_pruning, detach_pruning, load_pruning, num_image_tokens
     from pruning.vqa_shapes import (
         QUESTION_TYPES,
@@ -120,7 +123,12 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
     processor = load_or_explain("the LLaVA processor", model_path, lambda: AutoProcessor.from_pretrained(model_path))
     model = load_or_explain("the LLaVA model", model_path, lambda: LlavaForConditionalGeneration.from_pretrained(model_path))
     model.eval().requires_grad_(False)
-    cfg = config_from_dict(checkpoint["config"], "checkpoint") if checkpoint else VisionTokenPruningConfig()
+    if checkpoint:
+        cfg = config_from_dict(checkpoint["config"], "checkpoint")
+    else:
+        from pruning.llava_config import load_config
+
+        cfg = load_config(REPO_ROOT / "configs" / "vision_token_pruning.yaml")
     num_layers = model.config.text_config.num_hidden_layers
     v = num_image_tokens(model.config)
     samples = make_split("heldout", args.eval_size, seed=args.seed)
@@ -186,8 +194,12 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
     base_seconds = prefill_seconds()
     record("unpruned", 1.0, None, unpruned_flops, answers, [v], None, base_seconds)
 
-    def learned_run(budget):
-        pruning = load_pruning(model, checkpoint)
+    def learned_run(budget, name="learned"):
+        if name == "learned":
+            pruning = load_pruning(model, checkpoint)
+        else:  # untrained: the same architecture and config, fresh (seeded) initialisation
+            torch.manual_seed(args.seed)
+            pruning = attach_pruning(model, cfg)
         pruning.eval()
         tiny = learned_schedule(budget, num_layers, v, pruning.merger.target_merge_tokens if pruning.merger else v,
                                 pruning.pruning_layers, list(cfg.pruner.keep_ratios))
@@ -199,15 +211,16 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
         pruned_in = [real_sched.layer_tokens[max(0, l - 1)] for l in real_layers]
         flops = prefill_flops(real, real_sched.layer_tokens, merged=real_merged, pruner_layers=real_layers,
                               pruner_vision=pruned_in)
-        record("learned", budget, tiny, flops, answers, trajectory, layer_tokens, seconds)
+        record(name, budget, tiny, flops, answers, trajectory, layer_tokens, seconds)
 
-    if "learned" in methods:
-        learned_run(None)
-        print(f"  learned (as trained) done [{time.perf_counter() - t0:.0f} s]")
+    for name in ("learned", "untrained"):
+        if name in methods:
+            learned_run(None, name)
+            print(f"  {name} (trained schedule) done [{time.perf_counter() - t0:.0f} s]")
     for budget in budgets:
         for method in methods:
-            if method == "learned":
-                learned_run(budget)
+            if method in ("learned", "untrained"):
+                learned_run(budget, method)
             else:
                 tiny = baseline_schedule(method, budget, num_layers, v, args.fastv_layer)
                 real_sched = baseline_schedule(method, budget, real.num_layers, real.num_vision, args.fastv_layer)
@@ -257,14 +270,14 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
 
 def format_table(report: dict) -> str:
     lines = [f"held-out exact match / BLEU on {report['eval_size']} questions; budget = mean vision-token fraction per layer",
-             f"{'method':<10}{'budget':>8}{'tiny tokens/stage':>22}{'acc':>7}{'dAcc':>7}{'BLEU':>7}{'agree':>7}"
+             f"{'method':<11}{'budget':>8}{'tiny tokens/stage':>22}{'acc':>7}{'dAcc':>7}{'BLEU':>7}{'agree':>7}"
              f"{'FLOPs@7B':>10}{'time':>7}"]
     for r in report["results"]:
         budget = "trained" if r["budget"] is None else f"{r['budget']:.2f}"
         if r["achieved_budget_tiny"] is not None and r["budget"] is not None and abs(r["achieved_budget_tiny"] - r["budget"]) > 0.005:
             budget += f"~{r['achieved_budget_tiny']:.2f}"
         traj = "->".join(str(n) for n in (r["vision_tokens_after_each_stage_tiny"] or []))
-        lines.append(f"{r['method']:<10}{budget:>8}{traj:>22}{r['accuracy']:>7.3f}{-r['accuracy_drop']:>+7.3f}"
+        lines.append(f"{r['method']:<11}{budget:>8}{traj:>22}{r['accuracy']:>7.3f}{-r['accuracy_drop']:>+7.3f}"
                      f"{r['bleu']:>7.3f}{r['agreement_with_unpruned']:>7.3f}{r['real_shape_flops_ratio']:>10.3f}"
                      f"{r['prefill_time_ratio']:>7.2f}")
     traj = report["token_trajectory"]

@@ -7,7 +7,8 @@ The base model is frozen. Each step, on a batch of the shapes-VQA training split
 2. *fake*: the pruned model in "mask" mode (merger + pruner heads, Gumbel-top-k with the
    straight-through estimator, temperature annealed 1.0 -> 0.1 by ``temperature_at``) ->
    logits and final hidden states;
-3. discriminator step: ``BCE(D(real), 1) + BCE(D(fake.detach()), 0)`` on the text tokens;
+3. discriminator step: ``BCE(D(real), 1) + BCE(D(fake.detach()), 0)`` on the hidden states of
+   the rows that predict the answer (``answer_position_mask``);
 4. generator step (merger + pruners): ``adv * BCE(D(fake), 1) + task * CE(answer) +
    merge_sparsity * H(assignment)`` (+ the optional budget term), weights and learning rates
    from the config (``configs/vision_token_pruning.yaml``).
@@ -84,6 +85,20 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 def text_token_mask(batch: dict, image_token_id: int) -> torch.Tensor:
     """[B, T]: non-padding, non-image tokens (present in both the real and the pruned sequence)."""
     return batch["attention_mask"].bool() & (batch["input_ids"] != image_token_id)
+
+
+def answer_position_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T]: the rows whose hidden state predicts a supervised (answer or EOS) token, ``labels[:, t + 1] != -100``.
+
+    What the discriminator compares. These are the states the answer is read from; on every
+    other text row (the question, the template) the pruned model's states differ from the
+    unpruned ones mostly in how much background they averaged over, and a discriminator fed
+    those rows rewards keeping look-alike background tokens (measured: held-out accuracy of the
+    tiny model fell from 0.66 to 0.44 in 200 steps with ``task_loss_weight=0`` and all text rows).
+    """
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
 
 
 @torch.no_grad()
@@ -254,7 +269,7 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
             batch = next(batches)
             question_mask = batch.pop("question_mask")
             labels = batch.pop("labels")
-            text_mask = text_token_mask(batch, image_token_id)
+            text_mask = answer_position_mask(labels)  # the rows the discriminator compares
             with accelerator.accumulate(model, discriminator):
                 with torch.no_grad(), pruning.disabled():
                     real = model(**batch, output_hidden_states=True).hidden_states[layer].float()

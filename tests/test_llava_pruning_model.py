@@ -434,3 +434,14 @@ def test_question_aware_merger_in_forward_and_generate(fork, batch_inputs) -> No
     generated = fork.generate(**batch_inputs, do_sample=False, max_new_tokens=3, min_new_tokens=3)
     first = generated[:, batch_inputs["input_ids"].shape[1]]
     assert torch.equal(first, out.logits[:, -1].argmax(-1))  # the same first token as the plain forward
+
+
+def test_discriminator_compares_the_rows_that_predict_the_answer() -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from train_llava_pruner import answer_position_mask
+
+    labels = torch.tensor([[-100, -100, -100, 7, 2], [-100, -100, 5, 2, -100]])
+    expected = torch.tensor([[False, False, True, True, False], [False, True, True, False, False]])
+    assert torch.equal(answer_position_mask(labels), expected)

@@ -27,6 +27,7 @@ from pruning.llava_pruning import (
     LayerPruner,
     TokenMerger,
     adversarial_losses,
+    distinctiveness,
     gumbel_topk,
     keep_mask,
     merge_sparsity_loss,
@@ -146,6 +147,49 @@ def test_merger_training_sends_gradients_to_the_importance_head():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
     assert merger.cross_attn.q.weight.grad.abs().sum() > 0
+
+
+def test_distinctiveness_ranks_the_odd_tokens_first_and_ignores_dead_ones():
+    torch.manual_seed(4)
+    background = torch.randn(1, 1, 16)
+    x = background + 0.05 * torch.randn(2, 12, 16)  # twelve look-alike tokens per row
+    x[:, 3] = torch.randn(16)  # one object each
+    x[:, 8] = torch.randn(16)
+    score = distinctiveness(x)
+    assert set(score[0].topk(2).indices.tolist()) == {3, 8}
+    torch.testing.assert_close(score.mean(-1), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(score.std(-1, unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
+    alive = torch.ones(2, 12, dtype=torch.bool)
+    alive[:, 8] = False  # a dropped token scores 0 and no longer counts in the others' means
+    masked = distinctiveness(x, alive)
+    assert torch.equal(masked[:, 8], torch.zeros(2)) and masked[0].argmax() == 3
+    kept = [i for i in range(12) if i != 8]
+    torch.testing.assert_close(masked[:, kept], distinctiveness(x[:, kept]), atol=1e-5, rtol=1e-5)
+
+
+def test_merger_prior_scale_adds_the_distinctiveness_prior_and_is_learnable():
+    x = torch.randn(2, 20, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(5)
+    plain = TokenMerger(16, target_merge_tokens=5, d_internal=16)
+    torch.manual_seed(5)
+    with_prior = TokenMerger(16, target_merge_tokens=5, d_internal=16, prior_scale=3.0)
+    torch.testing.assert_close(with_prior.importance_logits(x), plain.importance_logits(x) + 3.0 * distinctiveness(x))
+    assert with_prior.prior_scale.requires_grad
+
+
+def test_merger_gives_gradients_to_tokens_that_are_not_centres():
+    """The value gate: a non-centre token's importance logit gets a gradient (the keys alone reach only centres)."""
+    torch.manual_seed(6)
+    merger = TokenMerger(16, target_merge_tokens=4, d_internal=16).train()
+    x = torch.randn(1, 16, 16)
+    logits = merger.importance_logits(x).detach().requires_grad_(True)
+    merger.importance_logits = lambda *a, **k: logits  # the same logits, now a leaf we can read the gradient of
+    out = merger(x, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.tokens, (out.merge_weights.transpose(1, 2) @ x))  # the gate has value exactly 1
+    out.tokens.square().sum().backward()
+    not_centres = torch.ones(16, dtype=torch.bool)
+    not_centres[out.centre_indices[0]] = False
+    assert (logits.grad[0, not_centres].abs() > 0).sum() >= 8
 
 
 def test_question_aware_merger_without_question_raises():
@@ -328,6 +372,8 @@ def test_config_unknown_key_raises_config_error_naming_the_key(tmp_path, text, k
         ("pruner:\n  pruner_num_heads: 3\n", "pruner_num_heads", "3"),
         ("merger_type: fancy\n", "merger_type", "fancy"),
         ("lr_discriminator: -1.0\n", "lr_discriminator", "-1.0"),
+        ("pruner:\n  pruner_prior_scale: -0.5\n", "pruner_prior_scale", "-0.5"),
+        ("merger_prior_scale: -1\n", "merger_prior_scale", "-1"),
     ],
 )
 def test_config_out_of_range_value_raises_one_line_config_error(tmp_path, text, key, value):
