@@ -58,7 +58,7 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "count": COUNT_WORDS,
     "position": ("yes", "no"),
 }
-SPLITS = {"train": 0, "heldout": 1}
+SPLITS = {"train": 0, "heldout": 1, "val": 2}  # val: model selection during training; heldout: reporting
 GRID = 8  # cells of 14 px: the patch grid of a 112 px image with 14 px patches
 SIZES = (10, 14)  # shape size in px, [low, high)
 JITTER = 1  # px, around the cell centre
@@ -207,7 +207,7 @@ def make_sample(seed: int, split: str, index: int) -> VQASample:
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; allowed: {', '.join(SPLITS)}")
     rng = np.random.default_rng([seed, SPLITS[split], index])
-    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)] if split == "heldout" else \
+    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)] if split != "train" else \
         QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
     while True:
         shapes = _scene(rng)

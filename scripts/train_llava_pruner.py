@@ -17,8 +17,13 @@ Runs under Hugging Face Accelerate (``Accelerator``, ``accelerator.prepare``,
 ``accelerator.backward``): ``python scripts/train_llava_pruner.py`` on one CPU, or
 ``accelerate launch --num_processes 4 scripts/train_llava_pruner.py`` for data parallel on GPUs,
 unchanged. Writes to ``--output-dir``: ``train_log.json`` (losses every ``log_every`` steps,
-periodic held-out accuracy), ``checkpoint-<step>/state.pt`` every ``save_every`` steps (resume
-with ``--resume``), and ``pruning_final.pt`` (what ``eval_llava_pruning.py`` loads).
+periodic accuracy of the pruned model on the *validation* split), ``checkpoint-<step>/state.pt``
+every ``save_every`` steps (resume with ``--resume``), ``pruning_last.pt`` (the stages after the
+last step) and ``pruning_final.pt`` (what ``eval_llava_pruning.py`` loads): the stages of the
+periodic evaluation with the best validation accuracy, the untrained initialisation (step 0)
+included, ties to the later step. Adversarial training is not monotone (on the tiny task the
+accuracy of the pruned model can fall in the low-temperature phase), so the selection is made on
+a split that the evaluation never reports (``val``; the evaluation uses ``heldout``).
 
     python scripts/train_llava_pruner.py                         # tiny shapes-VQA base (trained if missing)
     python scripts/train_llava_pruner.py --model-path /path/llava-1.5-7b-hf --max-steps 2000
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -38,6 +44,8 @@ import torch
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "vision_token_pruning.yaml"
 FINAL_NAME = "pruning_final.pt"
+LAST_NAME = "pruning_last.pt"
+BEST_NAME = "pruning_best.pt"  # written whenever the validation accuracy improves; renamed to FINAL_NAME
 LOG_NAME = "train_log.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,7 +110,7 @@ def answer_position_mask(labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heldout_accuracy(model, processor, samples) -> float:
+def split_accuracy(model, processor, samples) -> float:
     from pruning.vqa_shapes import accuracy_by_type, generate_answers
 
     return accuracy_by_type(samples, generate_answers(model, processor, samples))["all"]
@@ -119,7 +127,7 @@ def main() -> int:
                         help="resume from a checkpoint (a checkpoint-<step> dir or state.pt; no value: the latest)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set lr_pruners=1e-3 (repeatable)")
-    parser.add_argument("--eval-size", type=int, default=100, help="held-out questions per periodic eval")
+    parser.add_argument("--eval-size", type=int, default=200, help="validation questions per periodic eval")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="base model weights (auto: float32 on CPU, bfloat16 on GPU)")
     args = parser.parse_args()
@@ -218,10 +226,14 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
         pruning.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         start_step, history, evals = state["step"], state["history"], state["evals"]
+        saved_best = resume_path.parent / BEST_NAME
+        if saved_best.is_file() and saved_best.resolve() != (output_dir / BEST_NAME).resolve():
+            output_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(saved_best, output_dir / BEST_NAME)
         log(f"resumed from {resume_path} at step {start_step}")
         if start_step >= t_cfg.max_steps:
             raise UserError(f"checkpoint is at step {start_step}, already >= max_steps={t_cfg.max_steps}")
-    eval_samples = make_split("heldout", args.eval_size, seed=t_cfg.seed)
+    eval_samples = make_split("val", args.eval_size, seed=t_cfg.seed)
 
     def save(step: int, final: bool = False) -> None:
         accelerator.wait_for_everyone()
@@ -229,7 +241,11 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
             return
         ckpt = pruning_checkpoint(pruning)
         if final:
-            torch.save({**ckpt, "base_model": model_path, "steps": step}, output_dir / FINAL_NAME)
+            torch.save({**ckpt, "base_model": model_path, "steps": step}, output_dir / LAST_NAME)
+            best = max((e for e in evals if "val_accuracy" in e), key=lambda e: (e["val_accuracy"], e["step"]))
+            (output_dir / BEST_NAME).replace(output_dir / FINAL_NAME)
+            log(f"selected the step-{best['step']} stages (validation accuracy {best['val_accuracy']:.3f}) "
+                f"as {FINAL_NAME}; the last step's are in {LAST_NAME}")
         else:
             folder = output_dir / f"checkpoint-{step}"
             folder.mkdir(parents=True, exist_ok=True)
@@ -239,25 +255,32 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
                 "generator": pruning.generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "step": step, "history": history, "evals": evals,
             }, folder / "state.pt")
+            if (output_dir / BEST_NAME).is_file():  # the best-so-far stages travel with the checkpoint
+                shutil.copyfile(output_dir / BEST_NAME, folder / BEST_NAME)
         write_json(output_dir / LOG_NAME, {"config": cfg.to_dict(), "base_model": model_path, "world_size": world,
                                            "step": step, "history": history, "evals": evals})
 
     def evaluate(step: int) -> None:
         pruning.eval()
-        acc = heldout_accuracy(accelerator.unwrap_model(model), processor, eval_samples)
+        acc = split_accuracy(accelerator.unwrap_model(model), processor, eval_samples)
         trace = pruning.last_trace
-        evals.append({"step": step, "heldout_accuracy": acc, "vision_tokens": trace.num_vision_tokens if trace else None})
+        best = max((e["val_accuracy"] for e in evals if "val_accuracy" in e), default=-1.0)
+        evals.append({"step": step, "val_accuracy": acc, "vision_tokens": trace.num_vision_tokens if trace else None})
+        if acc >= best:
+            torch.save({**pruning_checkpoint(pruning), "base_model": model_path, "steps": step}, output_dir / BEST_NAME)
         pruning.train()
-        log(f"step {step}: held-out accuracy (pruned, {args.eval_size} questions) {acc:.3f}")
+        log(f"step {step}: validation accuracy (pruned, {args.eval_size} questions) {acc:.3f}"
+            + (" (best so far)" if acc >= best else ""))
 
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         if start_step == 0:
             unwrapped = accelerator.unwrap_model(model)
             with pruning.disabled():
-                base_acc = heldout_accuracy(unwrapped, processor, eval_samples)
-            evals.append({"step": 0, "unpruned_heldout_accuracy": base_acc})
-            log(f"unpruned base: held-out accuracy {base_acc:.3f} ({args.eval_size} questions)")
+                base_acc = split_accuracy(unwrapped, processor, eval_samples)
+            evals.append({"step": 0, "unpruned_val_accuracy": base_acc})
+            log(f"unpruned base: validation accuracy {base_acc:.3f} ({args.eval_size} questions)")
+            evaluate(0)  # the untrained stages are a candidate too
     skip = start_step * t_cfg.grad_accum_steps
     batches = iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
     bar = tqdm(range(start_step, t_cfg.max_steps), desc="train pruner", disable=not main_process, dynamic_ncols=True)

@@ -14,6 +14,7 @@ All on the embedded tiny LLaVA-1.5 (random weights; pruning heads freshly initia
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -445,3 +446,34 @@ def test_discriminator_compares_the_rows_that_predict_the_answer() -> None:
     labels = torch.tensor([[-100, -100, -100, 7, 2], [-100, -100, 5, 2, -100]])
     expected = torch.tensor([[False, False, True, True, False], [False, True, True, False, False]])
     assert torch.equal(answer_position_mask(labels), expected)
+
+
+def test_pruner_training_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(tmp_path) -> None:
+    """train_llava_pruner.py: checkpoints, JSON log, final file; --resume continues the same trajectory."""
+    import json
+    import shutil
+
+    from models.tiny.llava import tiny_llava_dir
+
+    common = ["scripts/train_llava_pruner.py", "--model-path", str(tiny_llava_dir()), "--max-steps", "4",
+              "--eval-size", "2", "--set", "batch_size=2", "--set", "eval_every=0", "--set", "log_every=1",
+              "--set", "save_every=2"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run = _run_script(*common, "--output-dir", str(full))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (full / "checkpoint-2" / "state.pt").is_file() and (full / "pruning_final.pt").is_file()
+    assert (full / "pruning_last.pt").is_file() and not (full / "pruning_best.pt").exists()
+    log = json.loads((full / "train_log.json").read_text())
+    assert [h["step"] for h in log["history"]] == [0, 1, 2, 3] and log["step"] == 4
+    assert all(math.isfinite(h["g_total"]) and math.isfinite(h["d_loss"]) for h in log["history"])
+    assert log["history"][0]["temperature"] == 1.0 and log["history"][-1]["temperature"] == 0.1
+
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")  # as if the run had stopped after step 2
+    run = _run_script(*common, "--output-dir", str(resumed), "--resume")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "resumed from" in run.stdout + run.stderr
+    a = torch.load(full / "pruning_final.pt", weights_only=False)["state_dict"]
+    b = torch.load(resumed / "pruning_final.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda hist: [{k: v for k, v in h.items() if k != "seconds"} for h in hist]  # noqa: E731
+    assert strip(json.loads((resumed / "train_log.json").read_text())["history"]) == strip(log["history"])

@@ -43,6 +43,8 @@ def test_samples_are_deterministic_and_splits_differ() -> None:
     assert np.array_equal(np.asarray(a[0].image), np.asarray(b[0].image))
     held = make_split("heldout", 20, seed=3)
     assert {s.shapes for s in a}.isdisjoint({s.shapes for s in held})
+    val = make_split("val", 20, seed=3)  # the split train_llava_pruner.py selects checkpoints on
+    assert {s.shapes for s in val}.isdisjoint({s.shapes for s in held} | {s.shapes for s in a})
     assert make_split("train", 5, seed=3) == a[:5]  # prefixes agree
     assert make_split("train", 5, seed=4) != a[:5]
 
