@@ -63,6 +63,8 @@ def main() -> int:
     parser.add_argument("--model-path", default=None, help="base LLaVA directory (default: the tiny shapes-VQA base)")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "pruning_final.pt",
                         help="learned stages from train_llava_pruner.py (default: %(default)s)")
+    parser.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "vision_token_pruning.yaml",
+                        help="config of the 'untrained' stages when no checkpoint is evaluated (default: %(default)s)")
     parser.add_argument("--budgets", default="0.25,0.35,0.5", help="token budgets (default: %(default)s)")
     parser.add_argument("--methods", default=",".join(METHODS), help="methods to run (default: %(default)s)")
     parser.add_argument("--eval-size", type=int, default=400, help="held-out questions (default: %(default)s)")
@@ -78,6 +80,8 @@ def main() -> int:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1")
     if args.fastv_layer < 1:
         raise UserError("--fastv-layer must be >= 1 (FastV ranks with the attention of the layer before)")
+    if "untrained" in methods and "learned" not in methods and not args.config.is_file():
+        raise UserError(f"--config: no config file at {args.config}")
     checkpoint = None
     if "learned" in methods:
         if not args.checkpoint.is_file():
@@ -128,7 +132,10 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
     else:
         from pruning.llava_config import load_config
 
-        cfg = load_config(REPO_ROOT / "configs" / "vision_token_pruning.yaml")
+        try:
+            cfg = load_config(args.config)
+        except (FileNotFoundError, ValueError) as error:
+            raise UserError(str(error)) from None
     num_layers = model.config.text_config.num_hidden_layers
     v = num_image_tokens(model.config)
     samples = make_split("heldout", args.eval_size, seed=args.seed)
