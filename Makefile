@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit run-video bench-video sweep-video eval-egoschema train-llava eval-llava
+.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit run-video bench-video sweep-video eval-egoschema train-llava eval-llava bench-llava
 
 venv: $(STAMP)
 
@@ -69,6 +69,10 @@ train-llava: $(STAMP)
 ## Accuracy / BLEU / tokens / FLOPs of the learned method vs unpruned, random, FastV and DivPrune at equal budgets.
 eval-llava: $(STAMP)
 	$(PY) scripts/eval_llava_pruning.py $(ARGS)
+
+## Prefill speed of the learned method and the baselines vs unpruned, shape-faithful scaled LLaVA-1.5 (not a test).
+bench-llava: $(STAMP)
+	$(PY) scripts/bench_llava.py $(ARGS)
 
 clean-cache:
 	rm -rf .cache/tiny_models

@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Benchmark system C's prefill speed against the unpruned LLaVA-1.5 at a shape-faithful scaled size.
+
+Not a test. Builds a LLaVA-1.5 (the fork) with the 7B's *proportions* divided by one
+factor of 4 in width and in token count: Vicuna's 32 layers and MHA kept, hidden 4096 ->
+1024 (8 heads x 128), MLP 11008 -> 2752; CLIP ViT-L/14-336's 24 layers kept, width 1024 -> 256,
+576 -> 144 vision tokens (168 px, 14 px patches); 60 -> 15 text tokens; merger and pruner heads
+512 -> 128 wide. Scaling widths and token counts by the same factor keeps the ratio of attention
+to projection FLOPs, so the analytic FLOP ratio of the scaled shapes equals that of the real
+shapes (both are printed, with the measured time ratio). Random seeded weights (speed does not
+depend on them), batch of one, float32, ``logits_to_keep=1`` as in ``generate``.
+
+Methods, each at the token budgets of ``eval_llava_pruning.py`` (mean fraction of the vision
+tokens per LLM layer): ``learned`` (merger 144 -> 72 + pruner heads at layers 10/20/31, untrained
+heads: the time depends on the counts, not on which tokens are kept), ``random``, ``fastv`` and
+``divprune``. Every method runs in the same process as the unpruned model: warm-up, then
+``--repeats`` interleaved rounds, median.
+
+    python scripts/bench_llava.py                       # ~3 min on 2 CPU cores
+    python scripts/bench_llava.py --repeats 7 --stats-json docs/bench/bench_llava.json
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from _cli import ArgumentParser, UserError, run_cli, write_json
+
+IMAGE_TOKEN_ID = 32000
+SCALE = 4  # 576 / 4 = 144 = 12 x 12 patches; the only factor of 576 below 8 that leaves a square grid
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budgets", default="0.25,0.35,0.5", help="token budgets (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--stats-json", type=Path, default=Path("outputs_bench/bench_llava.json"))
+    args = p.parse_args(argv)
+    try:
+        args.budgets = [float(x) for x in args.budgets.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--budgets must be comma-separated fractions like 0.25,0.5, got {args.budgets!r}") from None
+    if not args.budgets or any(not 0.0 < b <= 1.0 for b in args.budgets):
+        raise UserError(f"--budgets must be fractions in (0, 1], got {args.budgets}")
+    if args.repeats < 1:
+        raise UserError("--repeats must be >= 1")
+    return args
+
+
+def scaled_model(scale: int):
+    """The fork at LLaVA-1.5-7B proportions / ``scale`` (random seeded weights, eval mode)."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from models.llava.modeling_llava import LlavaForConditionalGeneration
+
+    patches = 24 // 2  # 576 / 4 = 144 = 12 x 12
+    vision = CLIPVisionConfig(hidden_size=1024 // scale, intermediate_size=4096 // scale, num_hidden_layers=24,
+                              num_attention_heads=max(1, 16 // scale), image_size=patches * 14, patch_size=14,
+                              projection_dim=768 // scale)
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096 // scale, intermediate_size=11008 // scale,
+                       num_hidden_layers=32, num_attention_heads=32 // scale, num_key_value_heads=32 // scale,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval().requires_grad_(False), patches * patches
+
+
+def main() -> int:
+    args = parse_args()
+    import torch
+
+    from pruning.llava_baselines import (
+        LlavaShape,
+        baseline_schedule,
+        learned_schedule,
+        make_selector,
+        prefill_flops,
+    )
+    from pruning.llava_config import VisionTokenPruningConfig, config_from_dict
+    from pruning.llava_runtime import attach_pruning, detach_pruning
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scale = SCALE
+    model, num_vision = scaled_model(scale)
+    text_len = 60 // scale
+    real = LlavaShape()
+    shape = LlavaShape(hidden=4096 // scale, mlp=11008 // scale, kv_hidden=4096 // scale, num_vision=num_vision,
+                       text_len=text_len, vision_dim=1024 // scale, merger_internal=512 // scale,
+                       pruner_internal=512 // scale)
+    base_cfg = VisionTokenPruningConfig()
+    flat = {k: v for section in base_cfg.to_dict().values() for k, v in section.items()}
+    flat.update(merger_d_internal=512 // scale, pruner_d_internal=512 // scale)
+    cfg = config_from_dict(flat, source="bench_llava")
+    layers, ratios = list(cfg.pruner.pruning_layers), list(cfg.pruner.keep_ratios)
+    merged = cfg.merger.resolve_num_tokens(num_vision)
+    real_merged = cfg.merger.resolve_num_tokens(real.num_vision)
+
+    g = torch.Generator().manual_seed(0)
+    before = text_len // 3  # "<s> USER: " before the image, the question and "ASSISTANT:" after it
+    ids = torch.cat([torch.tensor([1]), torch.randint(2, 32000, (before - 1,), generator=g),
+                     torch.full((num_vision,), IMAGE_TOKEN_ID),
+                     torch.randint(2, 32000, (text_len - before,), generator=g)]).unsqueeze(0)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "pixel_values": torch.randn(1, 3, model.config.vision_config.image_size,
+                                          model.config.vision_config.image_size, generator=g)}
+
+    runs = [{"method": "unpruned", "budget": 1.0, "attach": lambda: None,
+             "flops": (prefill_flops(shape, [num_vision] * 32), prefill_flops(real, [real.num_vision] * 32)),
+             "tokens": [num_vision] * 32}]
+
+    def learned(budget):
+        sched = learned_schedule(budget, 32, num_vision, merged, layers, ratios)
+        real_sched = learned_schedule(budget, 32, real.num_vision, real_merged, layers, ratios)
+
+        def attach():
+            pruning = attach_pruning(model, cfg)
+            pruning.keep_ratios = dict(zip(pruning.pruning_layers, sched.keep_ratios))
+            pruning.eval()
+
+        def flops(s, sh, m, sched_):
+            return prefill_flops(sh, sched_.layer_tokens, merged=m, pruner_layers=layers,
+                                 pruner_vision=[sched_.layer_tokens[max(0, l - 1)] for l in layers])
+        return {"method": "learned", "budget": budget, "attach": attach, "tokens": list(sched.layer_tokens),
+                "flops": (flops(sched, shape, merged, sched), flops(real_sched, real, real_merged, real_sched))}
+
+    def baseline(method, budget):
+        sched = baseline_schedule(method, budget, 32, num_vision)
+        real_sched = baseline_schedule(method, budget, 32, real.num_vision)
+        return {"method": method, "budget": budget, "tokens": list(sched.layer_tokens),
+                "attach": lambda: attach_pruning(model, use_merger=False, use_pruners=False,
+                                                 selectors=make_selector(sched)).eval(),
+                "flops": (prefill_flops(shape, sched.layer_tokens), prefill_flops(real, real_sched.layer_tokens))}
+
+    runs.append(learned(None))
+    for budget in args.budgets:
+        runs += [learned(budget)] + [baseline(m, budget) for m in ("random", "fastv", "divprune")]
+
+    @torch.no_grad()
+    def timed(run) -> float:
+        run["attach"]()
+        start = time.perf_counter()
+        model(**inputs, logits_to_keep=1)
+        seconds = time.perf_counter() - start
+        detach_pruning(model)
+        return seconds
+
+    from tqdm.auto import tqdm
+
+    for run in runs:  # warm-up
+        timed(run)
+    times = {i: [] for i in range(len(runs))}
+    for _ in tqdm(range(args.repeats), desc="interleaved rounds"):
+        for i, run in enumerate(runs):
+            times[i].append(timed(run))
+    base_time = statistics.median(times[0])
+    results = []
+    for i, run in enumerate(runs):
+        t = statistics.median(times[i])
+        scaled_flops, real_flops = run["flops"]
+        results.append({
+            "method": run["method"], "budget": run["budget"],
+            "achieved_budget": sum(run["tokens"]) / (32 * num_vision),
+            "vision_tokens_per_layer": run["tokens"],
+            "prefill_seconds_median": t, "prefill_seconds_all": times[i],
+            "speedup": base_time / t,
+            "flops_ratio_scaled": scaled_flops["total"] / runs[0]["flops"][0]["total"],
+            "flops_ratio_real": real_flops["total"] / runs[0]["flops"][1]["total"],
+            "flops_scaled": scaled_flops, "flops_real": real_flops,
+        })
+    report = {
+        "what": "prefill (vision tower + merger + projector + LLM, logits_to_keep=1) of one prompt, median of "
+                f"{args.repeats} interleaved rounds after a warm-up",
+        "scale": scale, "shape": {"llm_layers": 32, "hidden": shape.hidden, "mlp": shape.mlp,
+                                  "vision_tokens": num_vision, "text_tokens": text_len,
+                                  "clip_width": shape.vision_dim, "clip_layers": 24},
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "results": results,
+    }
+    write_json(args.stats_json, report)
+    print(f"LLaVA-1.5-7B proportions / {scale}: {num_vision} vision + {text_len} text tokens, hidden {shape.hidden}, "
+          f"32 layers; {torch.get_num_threads()} threads; unpruned prefill {base_time * 1e3:.0f} ms")
+    print(f"{'method':<10}{'budget':>8}{'achieved':>10}{'speedup':>9}{'FLOPs ratio (scaled)':>22}{'(real 7B)':>11}")
+    for r in results:
+        budget = "trained" if r["budget"] is None else f"{r['budget']:.2f}"
+        print(f"{r['method']:<10}{budget:>8}{r['achieved_budget']:>10.3f}{r['speedup']:>8.2f}x"
+              f"{r['flops_ratio_scaled']:>22.3f}{r['flops_ratio_real']:>11.3f}")
+    print(f"wrote {args.stats_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
