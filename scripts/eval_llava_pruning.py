@@ -7,7 +7,8 @@ On the held-out split of the shapes-VQA task, generates answers (greedy) with
 * the learned method (``pruning_final.pt`` from ``train_llava_pruner.py``), as trained and at
   each budget (its per-layer keep ratios rescaled, the merger fixed),
 * the same stages untrained (``untrained``: freshly initialised heads, seed ``--seed``; their
-  logits are the distinctiveness prior plus random-head noise), the ablation that shows what
+  logits are the distinctiveness prior plus random-head noise; inference temperature
+  ``temperature_min`` as a trained run saves it), the ablation that shows what
   training changed,
 * random selection, FastV (attention from the last prompt token, layer 2) and DivPrune
   (max-min diversity of the vision features) at each budget (``pruning/llava_baselines.py``),
@@ -207,6 +208,7 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
         else:  # untrained: the same architecture and config, fresh (seeded) initialisation
             torch.manual_seed(args.seed)
             pruning = attach_pruning(model, cfg)
+            pruning.temperature = cfg.anneal.temperature_min  # inference temperature, as a trained run saves it
         pruning.eval()
         tiny = learned_schedule(budget, num_layers, v, pruning.merger.target_merge_tokens if pruning.merger else v,
                                 pruning.pruning_layers, list(cfg.pruner.keep_ratios))

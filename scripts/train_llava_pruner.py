@@ -261,6 +261,9 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
                                            "step": step, "history": history, "evals": evals})
 
     def evaluate(step: int) -> None:
+        # Inference runs at the end of the annealing schedule (hard assignment, hard top-k), whatever the
+        # step: the stages are evaluated and saved as they would be used, so step 0 is a fair candidate.
+        training_temperature, pruning.temperature = pruning.temperature, cfg.anneal.temperature_min
         pruning.eval()
         acc = split_accuracy(accelerator.unwrap_model(model), processor, eval_samples)
         trace = pruning.last_trace
@@ -269,6 +272,7 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
         if acc >= best:
             torch.save({**pruning_checkpoint(pruning), "base_model": model_path, "steps": step}, output_dir / BEST_NAME)
         pruning.train()
+        pruning.temperature = training_temperature
         log(f"step {step}: validation accuracy (pruned, {args.eval_size} questions) {acc:.3f}"
             + (" (best so far)" if acc >= best else ""))
 
@@ -348,6 +352,7 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
         if t_cfg.save_every and done % t_cfg.save_every == 0 and done != t_cfg.max_steps:
             save(done)
     bar.close()
+    pruning.temperature = cfg.anneal.temperature_min  # what the saved stages run at
     if main_process:
         evaluate(t_cfg.max_steps)
     save(t_cfg.max_steps)
