@@ -463,6 +463,8 @@ def test_pruner_training_resumed_from_a_checkpoint_ends_where_the_uninterrupted_
     assert run.returncode == 0, run.stderr[-2000:]
     assert (full / "checkpoint-2" / "state.pt").is_file() and (full / "pruning_final.pt").is_file()
     assert (full / "pruning_last.pt").is_file() and not (full / "pruning_best.pt").exists()
+    selected = torch.load(full / "pruning_final.pt", weights_only=False)
+    assert selected["temperature"] == 0.1 and selected["steps"] in (0, 4)  # stages run at temperature_min
     log = json.loads((full / "train_log.json").read_text())
     assert [h["step"] for h in log["history"]] == [0, 1, 2, 3] and log["step"] == 4
     assert all(math.isfinite(h["g_total"]) and math.isfinite(h["d_loss"]) for h in log["history"])
