@@ -90,11 +90,6 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def text_token_mask(batch: dict, image_token_id: int) -> torch.Tensor:
-    """[B, T]: non-padding, non-image tokens (present in both the real and the pruned sequence)."""
-    return batch["attention_mask"].bool() & (batch["input_ids"] != image_token_id)
-
-
 def answer_position_mask(labels: torch.Tensor) -> torch.Tensor:
     """[B, T]: the rows whose hidden state predicts a supervised (answer or EOS) token, ``labels[:, t + 1] != -100``.
 
@@ -213,7 +208,6 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
     loader = torch.utils.data.DataLoader(dataset, batch_size=t_cfg.batch_size, shuffle=False,
                                          collate_fn=VQACollator(processor, with_answers=True))
     model, gen_opt, discriminator, disc_opt, loader = accelerator.prepare(model, gen_opt, discriminator, disc_opt, loader)
-    image_token_id = accelerator.unwrap_model(model).config.image_token_id
     layer = cfg.discriminator.discriminator_hidden_layer
 
     start_step, history, evals = 0, [], []
@@ -296,7 +290,7 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
             batch = next(batches)
             question_mask = batch.pop("question_mask")
             labels = batch.pop("labels")
-            text_mask = answer_position_mask(labels)  # the rows the discriminator compares
+            answer_rows = answer_position_mask(labels)  # the rows the discriminator compares
             with accelerator.accumulate(model, discriminator):
                 with torch.no_grad(), pruning.disabled():
                     real = model(**batch, output_hidden_states=True).hidden_states[layer].float()
@@ -305,7 +299,7 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
                 trace = pruning.last_trace
 
                 for _d in range(t_cfg.discriminator_steps):  # discriminator: real vs pruned (generator detached)
-                    d_loss, _ = adversarial_losses(discriminator(real, text_mask), discriminator(fake.detach(), text_mask))
+                    d_loss, _ = adversarial_losses(discriminator(real, answer_rows), discriminator(fake.detach(), answer_rows))
                     accelerator.backward(d_loss)
                     if o_cfg.grad_clip_norm > 0 and accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(discriminator.parameters(), o_cfg.grad_clip_norm)
@@ -315,9 +309,9 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
                 # generator step: D frozen (its unwrapped module, outside DDP), gradients reach merger + pruners only
                 disc = accelerator.unwrap_model(discriminator)
                 disc.requires_grad_(False)
-                d_fake = disc(fake, text_mask)
+                d_fake = disc(fake, answer_rows)
                 with torch.no_grad():
-                    d_real = disc(real, text_mask)
+                    d_real = disc(real, answer_rows)
                 disc.requires_grad_(True)
                 _, g_adv = adversarial_losses(d_real, d_fake)
                 parts = {"adv": g_adv, "task": task_loss(fake_out.logits, labels)}
