@@ -417,18 +417,6 @@ class LayerPruner(nn.Module):
         h = self.norm(h + self.cross_attn(h, self.question_norm(question), question_mask))
         return self.predictor(h).squeeze(-1) + self.prior_scale.to(vision.dtype) * distinctiveness(vision, alive)
 
-    @staticmethod
-    def keep_mask(
-        logits: torch.Tensor,
-        keep_ratio: float,
-        temperature: float = 1.0,
-        training: bool = False,
-        prev_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """``logits [B, V]`` -> keep mask ``[B, V]``; see the module-level ``keep_mask``."""
-        return keep_mask(logits, keep_ratio, temperature, training, prev_mask, generator)
-
 
 # ----------------------------------------------------------------------------- discriminator
 

@@ -211,11 +211,11 @@ def test_pruner_logits_shape_and_fully_padded_question_stays_finite():
 @pytest.mark.parametrize("ratio", [0.7, 0.5, 0.25, 1.0])
 def test_pruner_keep_mask_at_inference_keeps_the_requested_count_deterministically(ratio):
     logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(5))
-    mask = LayerPruner.keep_mask(logits, ratio, training=False)
+    mask = keep_mask(logits, ratio, training=False)
     k = keep_count(40, ratio)
     assert mask.sum(-1).tolist() == [float(k)] * 3
     assert torch.equal(mask, _hard_topk(logits, k))
-    assert torch.equal(mask, LayerPruner.keep_mask(logits, ratio, training=False))
+    assert torch.equal(mask, keep_mask(logits, ratio, training=False))
 
 
 def test_pruner_keep_mask_respects_prev_mask_dropped_stays_dropped():
