@@ -152,9 +152,11 @@ def main(argv=None) -> int:
         runs["pruning"] = edit(mode)
     timer.remove()
 
-    stats_any = runs.get("pruning", runs["baseline"])[3]
+    # the pruned run when there is one, else the baseline (no eager runs["baseline"]: it may not exist)
+    main_run = runs["pruning"] if "pruning" in runs else runs["baseline"]
+    stats_any = main_run[3]
     tokens = stats_any.get("tokens") or {}
-    out_image = runs.get("pruning", runs["baseline"])[0]
+    out_image = main_run[0]
     width, height = out_image.size
     stats = {
         "mode": mode,

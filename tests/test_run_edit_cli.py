@@ -62,3 +62,28 @@ def test_unreachable_model_is_one_line(tmp_path):
     proc = run("-o", str(tmp_path / "out"), "--model-path", str(tmp_path / "no_such_model"), cwd=tmp_path)
     assert proc.returncode == 2 and "cannot load the Qwen-Image-Edit pipeline" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["mlp", "full", "kv"])
+def test_plain_pruned_run_without_compare_writes_pruned_image_and_stats(tmp_path, mode):
+    """The first command of the quick start: a pruned edit without ``--compare`` (no baseline run)."""
+    out = tmp_path / "out"
+    proc = run("-o", str(out), "--height", "64", "--width", "64", "-s", "2", "--pruning-mode", mode,
+               "--stats-json", str(tmp_path / "stats.json"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    names = {p.name for p in out.iterdir()}
+    assert "latest_pruning.png" in names and "latest_baseline.png" not in names
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["mode"] == mode and stats["time_baseline_s"] is None and stats["speedup"] is None
+    assert stats["time_pruned_s"] > 0 and 0 < stats["flops_ratio"] < 1
+
+
+def test_plain_baseline_run_writes_baseline_image_only(tmp_path):
+    out = tmp_path / "out"
+    proc = run("-o", str(out), "--height", "64", "--width", "64", "-s", "2", "--no-pruning",
+               "--stats-json", str(tmp_path / "stats.json"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    names = {p.name for p in out.iterdir()}
+    assert "latest_baseline.png" in names and "latest_pruning.png" not in names
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["mode"] == "none" and stats["time_pruned_s"] is None and stats["time_baseline_s"] > 0
