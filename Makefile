@@ -30,7 +30,7 @@ test-slow: $(STAMP)
 
 test-all: test test-slow
 
-## Print each fork's diff against the pinned upstream file; fail on any drift outside fences.
+## Print each fork's diff against the pinned upstream file and check the copied upstream blocks in pruning/; fail on any drift.
 diff-upstream: $(STAMP)
 	$(PY) scripts/diff_upstream.py
 

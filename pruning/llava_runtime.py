@@ -1,45 +1,47 @@
-"""System C at run time: the machinery the fenced branches of ``models/llava/modeling_llava.py`` call.
+"""System C at run time: the state that the fences of the forked LLaVA and Llama files call.
 
 How pruning reaches the model
 -----------------------------
-``attach_pruning(model, config)`` builds a :class:`VisionTokenPruning` module (the learned token
-merger, the pruner heads at the scaled ``pruning_layers``, the temperature, optional training-free
-``selectors``) and sets it as the optional submodule ``model.model.vision_pruning`` of the forked
-``LlavaModel``. The fork built with upstream arguments alone has no such attribute: every fence
-checks ``getattr(self, "vision_pruning", None)`` and, when it is missing or disabled, runs the
-upstream statements unchanged. ``detach_pruning`` removes it again.
+``attach_pruning(model, config)`` (or ``with llava_pruning(model, config):``) builds a
+:class:`VisionTokenPruning` module (the learned token merger, the pruner heads at the scaled
+``pruning_layers``, the temperature, optional training-free ``selectors``) and sets it as the
+optional submodule ``model.model.vision_pruning`` of the forked ``LlavaModel``, whose language model
+is the forked ``LlamaModel`` (``models/llama/modeling_llama.py``). A fork built with upstream
+arguments alone has no such submodule and every fence runs the upstream statements unchanged;
+``detach_pruning`` (or leaving the ``with`` block) removes it again.
 
-With it attached, three fences call into this module:
+Each forward of the forked LLaVA opens one :class:`LlavaPruningPass` (``VisionTokenPruning.open_pass``)
+and hands it down in ``kwargs["vision_token_pruning"]``; the fences call its methods:
 
-1. ``LlavaModel.get_image_features``: between the CLIP feature selection and the projector,
-   :meth:`VisionTokenPruning.merge` merges ``[n_img, N, Dv]`` -> ``[n_img, M, Dv]`` (576 -> 288 on
-   LLaVA-1.5-7B; 64 -> 32 on the tiny model), so the projector runs on M tokens.
-2. ``LlavaModel.forward``: :meth:`VisionTokenPruning.scatter_merged_tokens` puts merged token ``m``
-   at the sequence position of its centre (the other ``N - M`` image placeholders get zeros and
-   are dropped before layer 0), so the upstream ``masked_scatter`` and the prompt's original
-   numbering are kept; then :func:`run_language_model` replaces ``self.language_model(...)``.
-3. ``LlavaForConditionalGeneration.forward``: labels are gathered at the rows that survived.
+1. ``LlavaModel.get_image_features`` returns the selected CLIP features unprojected when a merger is
+   attached; ``LlavaModel.forward`` merges them (:meth:`LlavaPruningPass.merge`, ``[n_img, N, Dv]``
+   -> ``[n_img, M, Dv]``, 576 -> 288 on LLaVA-1.5-7B, 64 -> 32 on the tiny model; the question is
+   known there, so a ``question_aware`` merger needs no set-up call), runs the projector on the
+   M tokens and puts merged token ``m`` at the placeholder of its centre
+   (:meth:`~LlavaPruningPass.scatter_merged_tokens`; the other ``N - M`` placeholders get zeros and
+   never enter layer 0), so the upstream ``masked_scatter`` and the prompt's numbering are kept.
+2. The forked ``LlamaModel.forward`` calls :meth:`~LlavaPruningPass.begin_language_model` and, at
+   the input of every decoder layer, :meth:`~LlavaPruningPass.before_layer`, which returns the
+   layer's new inputs (:class:`LayerInputs`) where pruning changes them.
+3. ``LlavaForConditionalGeneration.forward`` gathers the labels at the rows that survived.
 
-The decoder loop (:func:`run_language_model`)
----------------------------------------------
-Runs ``embed -> layers -> norm`` of the language model (an upstream ``LlamaModel``) with its own
-decoder-layer modules, mask function (``create_causal_mask``) and rotary embedding, exactly as
-``LlamaModel.forward`` does, plus the pruning steps. A *selector* runs at the **input** of each
-pruning layer ``p``: the learned :class:`~pruning.llava_pruning.LayerPruner` (vision hidden states
-attend to the question tokens, the text after the image) or a training-free baseline
-(``pruning/llava_baselines.py``). Tokens it drops take no part in layer ``p`` and any later layer.
+Selection and the two modes
+---------------------------
+A *selector* runs at the **input** of each pruning layer ``p``: the learned
+:class:`~pruning.llava_pruning.LayerPruner` (vision hidden states attend to the question tokens,
+the text after the image) or a training-free baseline (``pruning/llava_baselines.py``). Tokens it
+drops take no part in layer ``p`` and any later layer.
 
 * ``mode="drop"`` (inference; the default in eval mode): tokens are **physically removed**. The
   hidden states, the 2-D padding mask, the position ids (the survivors keep their original
-  positions) and the rotary ``(cos, sin)`` are gathered at the surviving rows and the causal mask
-  is rebuilt for the shorter sequence. Layer ``l``'s KV cache is filled during prefill by the
-  tokens alive at layer ``l``, so each layer's cache holds exactly its survivors (layers before
-  the first drop keep every token, later ones fewer: the same key set the masked computation
-  attends to). The kept rows of each group of layers are stored on the cache
-  (``cache.vision_pruning_state``); a decode step builds, per group, the padding mask of its
+  positions) and the rotary ``(cos, sin)`` are gathered at the surviving rows and the fork rebuilds
+  the causal mask for the shorter sequence. Layer ``l``'s KV cache is filled during prefill by the
+  tokens alive at layer ``l``, so each layer's cache holds exactly its survivors. The kept rows of
+  each group of layers are registered under the cache (``VisionTokenPruning.cache_states``, a weak
+  mapping: nothing is stored on the cache); a decode step builds, per group, the padding mask of its
   cache (``attention_mask[:, kept rows]`` + the new tokens), so ``generate`` continues with the
   original numbering: ``generate`` passes ``position_ids`` (the original prefill length + step);
-  without them the next position is ``state.seen`` (the original length + tokens since).
+  without them the next position is ``seen`` (the original length + tokens since).
 * ``mode="mask"`` (training; the default in train mode): the full sequence runs; a dropped key is
   hidden by an additive attention bias ``log(keep + 1e-20)`` (0 for kept keys, -46 for dropped
   ones, i.e. a weight of 1e-20 relative to a kept key of the same score), where ``keep`` is the
@@ -52,13 +54,13 @@ attend to the question tokens, the text after the image) or a training-free base
   whatever they keep). Masks multiply: a token dropped at one layer stays dropped at every later one.
 
 Both modes give the same result on the same decisions (tested at 1e-5 relative), and with no
-merger and keep ratios 1.0 the loop is bit-identical to upstream (tested with ``torch.equal``).
+merger and keep ratios 1.0 the forks are bit-identical to upstream (tested with ``torch.equal``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -164,7 +166,7 @@ class PruningTrace:
 
 @dataclass
 class PrunedCacheState:
-    """Stored on the KV cache after a pruned prefill: enough to build every later decode mask."""
+    """What a pruned prefill leaves for its decode steps (registered under its cache): every later decode mask."""
 
     mode: str  # "drop": group caches hold only ``rows``; "mask": all rows, ``key_keep`` hides the dropped
     prefill_length: int  # T0, original numbering
@@ -233,13 +235,20 @@ class VisionTokenPruning(nn.Module):
         self.temperature = float(config.anneal.temperature)
         self.generator: torch.Generator | None = None
         self.last_trace: PruningTrace | None = None
-        self.merger_embeddings: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by attach_pruning
-        self._pass: dict[str, Any] = {}  # this forward: question mask, merge keep (consumed by the decoder loop)
-        self._merge: dict[str, Any] = {}  # the last merge (generate encodes images before the forward)
-        self._question: dict[str, Any] | None = None  # question context of the next merge
-        self._output_rows: torch.Tensor | None = None
+        # Decode state of each KV cache that a pruned prefill filled (kept rows per layer group, tokens seen),
+        # keyed by the cache object and dropped with it: nothing is stored on the cache itself.
+        self.language_model_ref: Callable[[], nn.Module | None] = lambda: None  # set by attach_pruning (weakref)
+        self.cache_states: weakref.WeakKeyDictionary[Any, PrunedCacheState] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ switches
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The forked ``LlamaModel`` this module is attached to (selectors that score with its layers)."""
+        language_model = self.language_model_ref()
+        if language_model is None:
+            raise RuntimeError("vision-token pruning is not attached to a model: use attach_pruning / llava_pruning")
+        return language_model
 
     @property
     def merges(self) -> bool:
@@ -288,91 +297,23 @@ class VisionTokenPruning(nn.Module):
         """Selectors replaying ``trace``'s decisions (use with ``using(selectors=..., learned_pruners=False)``)."""
         return {layer: ForcedSelector(keep) for layer, keep in trace.keep.items()}
 
-    # ------------------------------------------------------------------ fence 0: pass context
+    # ------------------------------------------------------------------ per-call state
 
-    def begin_pass(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor,
-                   attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> None:
-        """Called by ``LlavaModel.forward`` before the image features: records the question tokens.
+    def open_pass(self, *, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                  past_key_values: Any, question_mask: torch.Tensor | None = None) -> "LlavaPruningPass":
+        """The state of one forward of the forked LLaVA (prefill or decode step), handed to every fence.
 
-        ``kwargs["vision_question_mask"]`` ([B, T] bool, popped) marks the question tokens
-        explicitly (training passes it so the pruners never see the answer); otherwise the
-        question is the text after the last image token (a prompt during generation).
+        ``question_mask [B, T]`` marks the question tokens explicitly (training passes it, so the
+        pruners never see the answer); default: the non-padding text after the last image token.
+        A forward whose cache was filled by a pruned prefill is a decode step of that prefill.
         """
-        question_mask = kwargs.pop("vision_question_mask", None)
-        if question_mask is None and input_ids is not None and self.image_token_id is not None:
-            question_mask = default_question_mask(input_ids == self.image_token_id, attention_mask)
-        self._pass = {"question_mask": question_mask}
-        if question_mask is not None and self._question is None:
-            self._question = {"question_mask": question_mask, "inputs_embeds": inputs_embeds}
-        self._output_rows = None  # set by a pruned prefill (drop mode): rows of the returned sequence
+        decode_state = self.cache_states.get(past_key_values) if past_key_values is not None else None
+        return LlavaPruningPass(self, input_ids=input_ids, attention_mask=attention_mask,
+                                question_mask=question_mask, decode_state=decode_state)
 
-    def set_question(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     question_mask: torch.Tensor | None = None) -> None:
-        """Give a ``question_aware`` merger its question before ``generate``.
-
-        ``generate`` encodes the images (``get_image_features``) before the first forward, so the
-        merger cannot see the prompt there; call this with the prompt first. Used by the next merge.
-        """
-        if question_mask is None:
-            question_mask = default_question_mask(input_ids == self.image_token_id, attention_mask)
-        embeddings = self.merger_embeddings(input_ids) if self.merger_embeddings is not None else None
-        if embeddings is None:
-            raise ValueError("set_question needs the model's input embeddings (attach with attach_pruning)")
-        self._question = {"question_mask": question_mask, "inputs_embeds": embeddings}
-
-    # ------------------------------------------------------------------ fence 1: merger
-
-    def merge(self, image_features: torch.Tensor) -> torch.Tensor:
-        """``[n_img, N, Dv]`` CLIP features -> ``[n_img, M, Dv]`` merged features (stage 1)."""
-        question = question_mask = None
-        context, self._question = self._question, None
-        if self.merger.merger_type == "question_aware":
-            if context is None:
-                raise ValueError("merger_type='question_aware' needs the question: call the model with input_ids, or "
-                                 "call model.model.vision_pruning.set_question(input_ids, attention_mask) before generate")
-            qm, embeds = context["question_mask"], context["inputs_embeds"]
-            if qm.shape[0] != image_features.shape[0]:
-                raise ValueError(f"merger_type='question_aware' needs one image per prompt, got {image_features.shape[0]} "
-                                 f"images for {qm.shape[0]} prompts")
-            idx, valid = _rows_of(qm.bool().to(embeds.device))
-            question = embeds.gather(1, idx[..., None].expand(-1, -1, embeds.shape[-1])).to(image_features.dtype)
-            question_mask = valid
-        out = self.merger(image_features, temperature=self.temperature, question=question,
-                          question_mask=question_mask, generator=self.generator)
-        self._merge = {"merger_output": out, "num_tokens": image_features.shape[1]}
-        return out.tokens
-
-    def scatter_merged_tokens(self, image_features: torch.Tensor) -> torch.Tensor:
-        """``[n_img * M, D]`` projected merged tokens -> ``[n_img * N, D]`` in placeholder layout.
-
-        Merged token ``m`` of an image goes to the placeholder of its centre (ascending, so the
-        order is kept); the other placeholders get zeros and are dropped before layer 0
-        (``merge_keep``). Features that were not merged by this module are returned unchanged.
-        """
-        record, self._merge = self._merge, {}
-        out: MergerOutput | None = record.get("merger_output")
-        if out is None:
-            return image_features
-        n_img, m = out.centre_indices.shape
-        n = record["num_tokens"]
-        if image_features.shape[0] != n_img * m:
-            return image_features
-        full = image_features.new_zeros(n_img, n, image_features.shape[-1])
-        idx = out.centre_indices.to(image_features.device)
-        full.scatter_(1, idx[..., None].expand(-1, -1, image_features.shape[-1]), image_features.view(n_img, m, -1))
-        keep = torch.zeros(n_img, n, dtype=torch.bool, device=image_features.device).scatter_(1, idx, True)
-        self._pass["merge_keep"] = keep
-        self._pass["merger_output"] = out
-        return full.view(n_img * n, -1)
-
-    # ------------------------------------------------------------------ fence 3: labels
-
-    def labels_for_output(self, labels: torch.Tensor) -> torch.Tensor:
-        """Labels aligned with the returned (possibly shorter) sequence."""
-        rows = self._output_rows
-        if rows is None or rows.shape[1] == labels.shape[1]:
-            return labels
-        return labels.gather(1, rows.to(labels.device))
+    def cache_state(self, past_key_values: Any) -> PrunedCacheState | None:
+        """What a pruned prefill left for the decode steps of ``past_key_values`` (None: not pruned)."""
+        return self.cache_states.get(past_key_values)
 
     # ------------------------------------------------------------------ selection
 
@@ -395,6 +336,345 @@ class VisionTokenPruning(nn.Module):
             "merger": list(self.merger.parameters()) if self.merger is not None else [],
             "pruners": list(self.pruners.parameters()) if self.pruners is not None else [],
         }
+
+
+# ----------------------------------------------------------------------------- the per-call state
+
+
+@dataclass
+class LayerInputs:
+    """What the forked Llama decoder loop feeds layer ``l`` after :meth:`LlavaPruningPass.before_layer`."""
+
+    hidden_states: torch.Tensor  # [B, T_l, D]
+    position_ids: torch.Tensor  # [B or 1, T_l] original positions of the rows
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # rotary (cos, sin) of the rows
+    attention_mask: torch.Tensor | None  # [B, K] 2-D key padding mask: the fork builds the causal mask from it
+    attention_bias: torch.Tensor | None = None  # [B, 1, T, T] additive mask used as is (training, mask mode)
+
+
+class LlavaPruningPass:
+    """System C's state for one forward of the forked LLaVA: a prefill or one decode step.
+
+    Created by :meth:`VisionTokenPruning.open_pass` in the outermost forked ``forward`` and handed
+    down in ``kwargs["vision_token_pruning"]``; the fences call, in this order:
+
+    1. ``merge`` + ``scatter_merged_tokens`` (``LlavaModel.forward``, stage 1, prefill with images);
+    2. ``set_image_tokens`` (``LlavaModel.forward``, before the language model);
+    3. ``begin_language_model`` and ``before_layer`` for every layer (forked ``LlamaModel.forward``);
+    4. ``labels_for_output`` (``LlavaForConditionalGeneration.forward``).
+
+    A prefill with images registers its decode state under the cache it fills
+    (``VisionTokenPruning.cache_states``). A pass without images and without such a cache
+    (a text-only prompt) changes nothing: the upstream computation runs.
+    """
+
+    def __init__(self, pruning: VisionTokenPruning, *, input_ids: torch.Tensor | None,
+                 attention_mask: torch.Tensor | None, question_mask: torch.Tensor | None,
+                 decode_state: PrunedCacheState | None) -> None:
+        self.pruning = pruning
+        self.mode = pruning.resolved_mode()
+        self.decode_state = decode_state
+        self.prompt_image_mask = (input_ids == pruning.image_token_id) if (
+            input_ids is not None and pruning.image_token_id is not None) else None  # [B, T]
+        self.question_mask = question_mask  # [B, T] or None (default: the text after the last image token)
+        self.attention_mask = attention_mask if (attention_mask is not None and attention_mask.dim() == 2) else None
+        self.merger_output: MergerOutput | None = None
+        self.merge_keep: torch.Tensor | None = None  # [n_img, N] placeholders holding a merged token
+        self.num_tower_tokens: int | None = None
+        self.image_token_mask: torch.Tensor | None = None  # [B, T] image placeholders of this call
+        self.trace: PruningTrace | None = None
+        self.kept_rows: torch.Tensor | None = None  # [B, T_out] prompt rows of the returned sequence (drop mode)
+        self.prefill = False  # set by begin_language_model: a prompt with images is being pruned
+        self._rows: dict[str, Any] = {}  # per-row bookkeeping of this prefill (only this class reads it)
+
+    # ------------------------------------------------------------------ stage 1 (LlavaModel.forward)
+
+    @property
+    def merges(self) -> bool:
+        """Whether this call merges image tokens (stage 1): a prefill with a merger attached."""
+        return self.decode_state is None and self.pruning.merges
+
+    def merge(self, image_features: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """``[n_img * N, Dv]`` selected CLIP features -> ``[n_img, M, Dv]`` merged features.
+
+        ``inputs_embeds [B, T, D]`` gives a ``question_aware`` merger the question tokens.
+        """
+        pruning = self.pruning
+        n = pruning.num_vision_tokens
+        if image_features.shape[0] % n:
+            raise ValueError(f"the vision-token merger expects {n} features per image, got {image_features.shape[0]} rows")
+        features = image_features.view(-1, n, image_features.shape[-1])
+        question = question_mask = None
+        if pruning.merger.merger_type == "question_aware":
+            qm = self._question_mask()
+            if qm is None:
+                raise ValueError("merger_type='question_aware' needs the question: call the model with input_ids "
+                                 "(or pass vision_question_mask)")
+            if qm.shape[0] != features.shape[0]:
+                raise ValueError(f"merger_type='question_aware' needs one image per prompt, got {features.shape[0]} "
+                                 f"images for {qm.shape[0]} prompts")
+            idx, valid = _rows_of(qm.bool().to(inputs_embeds.device))
+            question = inputs_embeds.gather(1, idx[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
+            question, question_mask = question.to(features.dtype), valid
+        out = pruning.merger(features, temperature=pruning.temperature, question=question,
+                             question_mask=question_mask, generator=pruning.generator)
+        self.merger_output, self.num_tower_tokens = out, n
+        return out.tokens
+
+    def scatter_merged_tokens(self, merged_features: torch.Tensor) -> torch.Tensor:
+        """``[n_img, M, D]`` projected merged tokens -> ``[n_img * N, D]`` in placeholder layout.
+
+        Merged token ``m`` goes to the placeholder of its centre (ascending: the order is kept); the
+        other placeholders get zeros and never enter layer 0 (``merge_keep``).
+        """
+        out = self.merger_output
+        n_img, m = out.centre_indices.shape
+        n, d = self.num_tower_tokens, merged_features.shape[-1]
+        full = merged_features.new_zeros(n_img, n, d)
+        idx = out.centre_indices.to(merged_features.device)
+        full.scatter_(1, idx[..., None].expand(-1, -1, d), merged_features.reshape(n_img, m, d))
+        self.merge_keep = torch.zeros(n_img, n, dtype=torch.bool, device=full.device).scatter_(1, idx, True)
+        return full.view(n_img * n, d)
+
+    def set_image_tokens(self, image_token_mask: torch.Tensor | None) -> None:
+        """``[B, T]`` image placeholder rows of this call (None: no image in this call)."""
+        self.image_token_mask = image_token_mask
+
+    def _question_mask(self) -> torch.Tensor | None:
+        if self.question_mask is not None:
+            return self.question_mask
+        image_mask = self.prompt_image_mask if self.prompt_image_mask is not None else self.image_token_mask
+        return None if image_mask is None else default_question_mask(image_mask, self.attention_mask)
+
+    # ------------------------------------------------------------------ stage 2 (forked LlamaModel.forward)
+
+    def begin_language_model(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                             position_ids: torch.Tensor | None, past_key_values: Any) -> torch.Tensor | None:
+        """Start the decoder loop; returns the position ids it must use (None: upstream's default)."""
+        has_images = self.image_token_mask is not None and bool(self.image_token_mask.any())
+        if self.decode_state is not None:
+            if has_images:
+                raise ValueError("vision-token pruning: a prompt with images cannot continue an already pruned cache; "
+                                 "start a new cache for each image prompt")
+            return self._begin_decode(inputs_embeds, attention_mask, position_ids)
+        if not has_images:
+            self.pruning.last_trace = None
+            return position_ids  # text only: nothing to prune, upstream
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise ValueError("vision-token pruning prunes a whole prompt: pass an empty cache with an image prompt "
+                             f"(the cache already holds {past_key_values.get_seq_length()} tokens)")
+        self._begin_prefill(inputs_embeds, attention_mask, past_key_values)
+        return position_ids
+
+    def _begin_prefill(self, inputs_embeds, attention_mask, past_key_values) -> None:
+        pruning, mode = self.pruning, self.mode
+        b, t, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        vision_rows, v = _vision_columns(self.image_token_mask.to(device).bool())
+        question_mask = self._question_mask()
+        question_mask = question_mask.to(device).bool()
+        merge_keep = self.merge_keep.to(device).reshape(b, v) if self.merge_keep is not None else None
+        self.merge_keep = merge_keep
+        am = attention_mask if (attention_mask is not None and attention_mask.dim() == 2) else None
+        layers = pruning.selection_layers()
+        if layers and layers[-1] >= pruning.num_layers:
+            raise ValueError(f"pruning layers {[x for x in layers if x >= pruning.num_layers]} do not exist in a "
+                             f"{pruning.num_layers}-layer language model")
+
+        trace = PruningTrace(mode=mode, sequence_length=t, merger_output=self.merger_output, merge_keep=merge_keep)
+        trace.num_vision_tokens.append(self.merger_output.selection_mask.shape[1] if self.merger_output is not None else v)
+        trace.stage_names.append("vision tower")
+        if merge_keep is not None:
+            trace.num_vision_tokens.append(int(merge_keep[0].sum()))
+            trace.stage_names.append("merger")
+        self.trace = pruning.last_trace = trace
+        self.prefill = True
+        self.selection_layers = set(layers)
+        self.previous_layer = None  # (hidden, (cos, sin), 2-D mask) that entered the previous layer (FastV)
+        self.groups: list[tuple[int, torch.Tensor]] = []
+        rows = self._rows
+        rows["v"], rows["t"] = v, t
+        rows["vision_rows0"] = vision_rows
+        rows["attention_mask"] = am
+        if mode == "drop":
+            rows["rows"] = torch.arange(t, device=device).expand(b, t)  # original row of each current row
+            rows["is_vision"] = torch.zeros(b, t, dtype=torch.bool, device=device).scatter_(1, vision_rows, True)
+            rows["is_question"] = question_mask
+            rows["alive_cols"] = torch.arange(v, device=device).expand(b, v)
+        else:
+            rows["question_mask"] = question_mask
+            rows["policy"] = (torch.ones(b, v, dtype=inputs_embeds.dtype, device=device) if merge_keep is None
+                              else merge_keep.to(inputs_embeds.dtype))
+            pad = am.bool() if am is not None else torch.ones(b, t, dtype=torch.bool, device=device)
+            ar = torch.arange(t, device=device)
+            allowed = (ar[None, :, None] >= ar[None, None, :]) & pad[:, None, :]  # [B, T(q), T(k)]
+            dtype = inputs_embeds.dtype
+            rows["base"] = torch.zeros(b, 1, t, t, dtype=dtype, device=device).masked_fill(
+                ~allowed[:, None], torch.finfo(dtype).min)
+        if past_key_values is not None:
+            self.cache_state_out = PrunedCacheState(mode, t, t, self.groups)
+            pruning.cache_states[past_key_values] = self.cache_state_out
+
+    def _begin_decode(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
+        state = self.decode_state
+        q = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = (torch.arange(q, device=inputs_embeds.device) + state.seen).unsqueeze(0)
+        am = attention_mask if (attention_mask is not None and attention_mask.dim() == 2) else None
+        t0 = state.prefill_length
+        if am is not None and am.shape[1] != state.seen + q:
+            raise ValueError(f"attention_mask covers {am.shape[1]} tokens, expected {state.seen + q} "
+                             f"(the {t0}-token prompt in its original numbering + {state.seen - t0 + q} new tokens)")
+        key_masks: dict[int, torch.Tensor | None] = {}
+        for start, info in state.groups:
+            if state.mode == "drop":
+                key_masks[start] = None if am is None else torch.cat(
+                    [am[:, :t0].gather(1, info.to(am.device)), am[:, t0:]], dim=1)
+            else:
+                device = inputs_embeds.device
+                prompt = info.to(device) if am is None else (am[:, :t0].bool() & info.to(am.device))
+                tail = (torch.ones(inputs_embeds.shape[0], state.seen - t0 + q, dtype=torch.bool, device=device)
+                        if am is None else am[:, t0:].bool())
+                key_masks[start] = torch.cat([prompt, tail], dim=1)
+        self.decode_key_masks = key_masks
+        state.seen += q
+        return position_ids
+
+    def before_layer(self, layer_idx: int, hidden_states: torch.Tensor, position_ids: torch.Tensor,
+                     position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> LayerInputs | None:
+        """The inputs of decoder layer ``layer_idx`` when pruning changes them, else None."""
+        if self.decode_state is not None:
+            if layer_idx not in self.decode_key_masks:
+                return None
+            return LayerInputs(hidden_states, position_ids, position_embeddings, self.decode_key_masks[layer_idx])
+        if not self.prefill:
+            return None
+        if self.mode == "drop":
+            return self._before_layer_drop(layer_idx, hidden_states, position_ids, position_embeddings)
+        return self._before_layer_mask(layer_idx, hidden_states, position_ids, position_embeddings)
+
+    def _context(self, layer_idx, hidden, vision_rows, alive, vision_cols, question_rows, attention_mask,
+                 position_embeddings) -> SelectionContext:
+        q_idx, q_valid = _rows_of(question_rows)
+        d = hidden.shape[-1]
+        prev = self.previous_layer
+        return SelectionContext(
+            layer_idx=layer_idx,
+            mode=self.mode,
+            vision_hidden=hidden.gather(1, vision_rows[..., None].expand(-1, -1, d)),
+            alive=alive,
+            vision_cols=vision_cols,
+            vision_rows=vision_rows,
+            question_hidden=hidden.gather(1, q_idx[..., None].expand(-1, -1, d)),
+            question_mask=q_valid,
+            hidden_states=hidden,
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            language_model=self.pruning.language_model,
+            previous_layer_input=prev[0] if prev else None,
+            previous_position_embeddings=prev[1] if prev else None,
+            previous_attention_mask=prev[2] if prev else None,
+            training=self.pruning.training,
+            temperature=self.pruning.temperature,
+            generator=self.pruning.generator,
+        )
+
+    def _before_layer_drop(self, i, hidden, position_ids, position_embeddings) -> LayerInputs | None:
+        """Inference: physical removal (see the module docstring, ``mode="drop"``)."""
+        r, trace = self._rows, self.trace
+        b, device = hidden.shape[0], hidden.device
+        v = r["v"]
+        state = {"hidden": hidden, "pos": position_ids, "cos_sin": position_embeddings, "am": r["attention_mask"]}
+        changed = False
+
+        def drop(keep_vision: torch.Tensor) -> None:
+            """``[B, Vc]`` keep over the current vision rows: remove every other vision row."""
+            keep_rows = torch.ones_like(r["is_vision"])
+            keep_rows[r["is_vision"]] = keep_vision.reshape(-1).bool()
+            counts = keep_rows.sum(1)
+            if not bool((counts == counts[0]).all()):
+                raise ValueError(f"a selector kept different token counts per row: {counts.tolist()}")
+            sel = keep_rows.nonzero()[:, 1].view(b, int(counts[0]))
+            for key in ("rows", "is_vision", "is_question"):
+                r[key] = _gather_rows(r[key], sel)
+            state["hidden"], state["pos"] = _gather_rows(state["hidden"], sel), _gather_rows(state["pos"], sel)
+            state["am"] = _gather_rows(state["am"], sel) if state["am"] is not None else None
+            cos, sin = state["cos_sin"]
+            state["cos_sin"] = (_gather_rows(cos, sel), _gather_rows(sin, sel))
+            r["attention_mask"] = state["am"]
+            self.previous_layer = None  # FastV needs the previous layer on the same rows
+
+        if i == 0 and self.merge_keep is not None:  # stage 1 leftovers: placeholders without a merged token
+            drop(self.merge_keep.gather(1, r["alive_cols"]))
+            r["alive_cols"] = r["alive_cols"][self.merge_keep].view(b, -1)
+            changed = True
+        if i in self.selection_layers:
+            vis_rows = r["is_vision"].nonzero()[:, 1].view(b, -1)
+            ctx = self._context(i, state["hidden"], vis_rows,
+                                torch.ones(vis_rows.shape, dtype=hidden.dtype, device=device),
+                                r["alive_cols"], r["is_question"], state["am"], state["cos_sin"])
+            with torch.no_grad():
+                keep_vis = self.pruning.select(ctx).detach() > 0.5
+            full = torch.zeros(b, v, dtype=torch.bool, device=device)
+            full.scatter_(1, r["alive_cols"], keep_vis)
+            trace.keep[i] = full
+            drop(keep_vis)
+            r["alive_cols"] = r["alive_cols"][keep_vis].view(b, -1)
+            trace.num_vision_tokens.append(r["alive_cols"].shape[1])
+            trace.stage_names.append(f"layer {i}")
+            changed = True
+        if changed or i == 0:  # a new group of layers with its own cached rows (layer 0 always starts one)
+            self.groups.append((i, r["rows"]))
+        self.kept_rows = trace.kept_rows = r["rows"]
+        trace.layer_tokens.append(state["hidden"].shape[1])
+        self.previous_layer = (state["hidden"], state["cos_sin"], state["am"])
+        if not changed:
+            return None
+        mask_2d = state["am"] if state["am"] is not None else torch.ones(r["rows"].shape, dtype=torch.bool, device=device)
+        return LayerInputs(state["hidden"], state["pos"], state["cos_sin"], mask_2d)
+
+    def _before_layer_mask(self, i, hidden, position_ids, position_embeddings) -> LayerInputs | None:
+        """Training: differentiable masking (see the module docstring, ``mode="mask"``)."""
+        r, trace = self._rows, self.trace
+        b, t, device, dtype = hidden.shape[0], r["t"], hidden.device, hidden.dtype
+        v, vision_rows0 = r["v"], r["vision_rows0"]
+        changed = i == 0 and self.merge_keep is not None
+        if i in self.selection_layers:
+            cols = torch.arange(v, device=device).expand(b, v)
+            ctx = self._context(i, hidden, vision_rows0, r["policy"], cols, r["question_mask"], r["attention_mask"],
+                                position_embeddings)
+            r["policy"] = self.pruning.select(ctx)
+            trace.keep[i] = r["policy"]
+            trace.num_vision_tokens.append(int((r["policy"][0].detach() > 0.5).sum()))
+            trace.stage_names.append(f"layer {i}")
+            changed = True
+        policy = r["policy"]
+        trace.layer_tokens.append(t - v + int((policy[0].detach() > 0.5).sum()))
+        self.previous_layer = (hidden, position_embeddings, r["attention_mask"])
+        if i == 0 and not changed:
+            self.groups.append((0, torch.ones(b, t, dtype=torch.bool, device=device)))
+        if not changed:
+            return None
+        # Gradient only through kept keys (d bias / d keep = 1 there). Through a dropped key it would be
+        # e^{s_k} / Z * (v_k - out) (the 1e20 of 1 / (keep + eps) times a 1e-20 attention weight): unbounded,
+        # summed over queries, heads and layers, and a first-order "re-add a little of it" signal that outliers
+        # dominate. Values are unchanged: kept 0, dropped -46.
+        log_keep = torch.log(policy.float() + MASK_EPS)
+        log_keep = torch.where(policy.detach() > 0.5, log_keep, log_keep.detach())
+        key_bias = torch.zeros(b, t, dtype=torch.float32, device=device).scatter(1, vision_rows0, log_keep)
+        hard = torch.ones(b, t, dtype=torch.bool, device=device).scatter(1, vision_rows0, policy.detach() > 0.5)
+        self.groups.append((i, hard))
+        bias = r["base"] + key_bias.to(dtype)[:, None, None, :]
+        return LayerInputs(hidden, position_ids, position_embeddings, None, attention_bias=bias)
+
+    # ------------------------------------------------------------------ labels (LlavaForConditionalGeneration)
+
+    def labels_for_output(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels ``[B, T]`` aligned with the returned (possibly shorter, drop mode) sequence."""
+        rows = self.kept_rows
+        if rows is None or rows.shape[1] == labels.shape[1]:
+            return labels
+        return labels.gather(1, rows.to(labels.device))
 
 
 # ----------------------------------------------------------------------------- attach / detach / save
@@ -436,6 +716,7 @@ def attach_pruning(
     Returns it (already attached).
     """
     inner = _llava_model(model)
+    _check_language_model(inner.language_model)
     config = config if config is not None else VisionTokenPruningConfig()
     cfg = inner.config
     if selectors:
@@ -456,8 +737,7 @@ def attach_pruning(
     param = next(inner.parameters())
     pruning.to(device=param.device, dtype=dtype or param.dtype)
     pruning.train(inner.training)
-    embed = inner.get_input_embeddings()
-    pruning.merger_embeddings = lambda ids: embed(ids.to(embed.weight.device))  # not a submodule: no weights copied
+    pruning.language_model_ref = weakref.ref(inner.language_model)  # a reference, not a submodule: no weights copied
     inner.vision_pruning = pruning
     return pruning
 
@@ -469,6 +749,21 @@ def detach_pruning(model: nn.Module) -> VisionTokenPruning | None:
     if pruning is not None:
         del inner.vision_pruning
     return pruning
+
+
+@contextlib.contextmanager
+def llava_pruning(model: nn.Module, config: VisionTokenPruningConfig | None = None, **attach_kwargs: Any
+                  ) -> Iterator[VisionTokenPruning]:
+    """``with llava_pruning(model, config) as vp: model.generate(...)``: attach, run, always detach.
+
+    Inside the block the forked LLaVA prunes; after it (also on an exception) the model is the
+    upstream-equivalent fork again. ``attach_kwargs`` go to :func:`attach_pruning`.
+    """
+    pruning = attach_pruning(model, config, **attach_kwargs)
+    try:
+        yield pruning
+    finally:
+        detach_pruning(model)
 
 
 def get_pruning(model: nn.Module) -> VisionTokenPruning | None:
@@ -546,340 +841,19 @@ def _vision_columns(image_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
     return rows, v
 
 
-def _check_language_model(lm: nn.Module) -> None:
-    missing = [name for name in ("embed_tokens", "layers", "norm", "rotary_emb", "config") if not hasattr(lm, name)]
-    if missing:
-        raise TypeError(f"vision-token pruning runs the decoder loop of a Llama-style language model; "
-                        f"{type(lm).__name__} lacks {missing}")
-
-
-# ----------------------------------------------------------------------------- the decoder loop
-
-
-def run_language_model(
-    language_model: nn.Module,
-    pruning: VisionTokenPruning,
-    *,
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    past_key_values: Any,
-    inputs_embeds: torch.Tensor,
-    image_token_mask: torch.Tensor | None,
-    **kwargs: Any,
-):
-    """``self.language_model(...)`` of ``LlavaModel.forward`` with vision-token pruning (see module doc).
-
-    ``image_token_mask [B, T]``: the image placeholder positions of this call (None: no image).
-    Returns a ``BaseModelOutputWithPast`` (``last_hidden_state`` holds only the surviving rows in
-    drop mode; ``pruning.last_trace.kept_rows`` maps them to the prompt's rows).
-    """
-    from transformers.cache_utils import DynamicCache
-    from transformers.masking_utils import create_causal_mask
-    from transformers.modeling_outputs import BaseModelOutputWithPast
-
-    lm = language_model
-    state: PrunedCacheState | None = getattr(past_key_values, "vision_pruning_state", None)
-    has_images = image_token_mask is not None and bool(image_token_mask.any())
-    merge_keep: torch.Tensor | None = pruning._pass.get("merge_keep")
-    question_mask: torch.Tensor | None = pruning._pass.get("question_mask")
-    merger_output = pruning._pass.get("merger_output")
-    pruning._pass = {}
-
-    if not has_images and state is None:
-        # Nothing to prune and no pruned cache to respect (text-only prompt): the upstream call.
-        pruning.last_trace = None
-        return lm(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-                  inputs_embeds=inputs_embeds, **kwargs)
-
-    _check_language_model(lm)
-    config = lm.config
-    output_hidden_states = kwargs.pop("output_hidden_states", None)
-    output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-    kwargs.pop("output_attentions", None)
-    kwargs.pop("return_dict", None)
-    use_cache = kwargs.pop("use_cache", None)
-    use_cache = config.use_cache if use_cache is None else use_cache
-
-    if has_images and state is not None:
-        raise ValueError("vision-token pruning: a prompt with images cannot continue an already pruned cache; "
-                         "start a new cache for each image prompt")
-    if use_cache and past_key_values is None:
-        past_key_values = DynamicCache(config=config)
-
-    if not has_images:
-        return _decode_step(lm, state, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                            output_hidden_states=output_hidden_states, **kwargs)
-
-    if past_key_values is not None and past_key_values.get_seq_length() > 0:
-        raise ValueError("vision-token pruning prunes a whole prompt: pass an empty cache with an image prompt "
-                         f"(the cache already holds {past_key_values.get_seq_length()} tokens)")
-
-    mode = pruning.resolved_mode()
-    if mode == "mask" and config._attn_implementation not in ("eager", "sdpa"):
-        raise ValueError(f"mode='mask' adds a differentiable bias to the attention mask, which needs "
-                         f"attn_implementation 'sdpa' or 'eager' (got {config._attn_implementation!r})")
-
-    b, t, _ = inputs_embeds.shape
-    device = inputs_embeds.device
-    if position_ids is None:
-        position_ids = torch.arange(t, device=device).unsqueeze(0)
-    vision_rows0, v = _vision_columns(image_token_mask.to(device).bool())
-    if question_mask is None:
-        question_mask = default_question_mask(image_token_mask.bool(), attention_mask)
-    question_mask = question_mask.to(device).bool()
-    if merge_keep is not None:
-        merge_keep = merge_keep.to(device).reshape(b, v)
-
-    trace = PruningTrace(mode=mode, sequence_length=t, merger_output=merger_output, merge_keep=merge_keep)
-    trace.num_vision_tokens.append(merger_output.selection_mask.shape[1] if merger_output is not None else v)
-    trace.stage_names.append("vision tower")
-    if merge_keep is not None:
-        trace.num_vision_tokens.append(int(merge_keep[0].sum()))
-        trace.stage_names.append("merger")
-
-    # Exactly LlavaModel -> LlamaModel.forward up to the layers (mask, rotary): the no-drop path is upstream's.
-    causal_mask = create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                     past_key_values=past_key_values, position_ids=position_ids)
-    hidden = inputs_embeds
-    position_embeddings = lm.rotary_emb(hidden, position_ids=position_ids)
-    all_hidden = [hidden] if output_hidden_states else None
-    selection_layers = set(pruning.selection_layers())
-    layers = lm.layers[: config.num_hidden_layers]
-    bad = sorted(layer for layer in selection_layers if layer >= len(layers))
-    if bad:
-        raise ValueError(f"pruning layers {bad} do not exist in a {len(layers)}-layer language model")
-
-    if mode == "drop":
-        hidden = _prefill_drop(lm, pruning, trace, layers, hidden, causal_mask, position_embeddings, position_ids,
-                               attention_mask, past_key_values, use_cache, vision_rows0, merge_keep, question_mask,
-                               selection_layers, all_hidden, kwargs)
-    else:
-        hidden = _prefill_mask(lm, pruning, trace, layers, hidden, causal_mask, position_embeddings, position_ids,
-                               attention_mask, past_key_values, use_cache, vision_rows0, merge_keep, question_mask,
-                               selection_layers, all_hidden, kwargs)
-    hidden = lm.norm(hidden)
-    if all_hidden is not None:
-        all_hidden[-1] = hidden  # like upstream: the last entry is the normed output
-    pruning.last_trace = trace
-    pruning._output_rows = trace.kept_rows
-    return BaseModelOutputWithPast(
-        last_hidden_state=hidden,
-        past_key_values=past_key_values if use_cache else None,
-        hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-    )
-
-
-def _selection_context(pruning, lm, layer_idx, mode, hidden, vis_rows, alive, vision_cols, question_mask_rows,
-                       attention_mask, position_embeddings, prev) -> SelectionContext:
-    q_idx, q_valid = _rows_of(question_mask_rows)
-    d = hidden.shape[-1]
-    return SelectionContext(
-        layer_idx=layer_idx,
-        mode=mode,
-        vision_hidden=hidden.gather(1, vis_rows[..., None].expand(-1, -1, d)),
-        alive=alive,
-        vision_cols=vision_cols,
-        vision_rows=vis_rows,
-        question_hidden=hidden.gather(1, q_idx[..., None].expand(-1, -1, d)),
-        question_mask=q_valid,
-        hidden_states=hidden,
-        attention_mask=attention_mask,
-        position_embeddings=position_embeddings,
-        language_model=lm,
-        previous_layer_input=prev[0] if prev else None,
-        previous_position_embeddings=prev[1] if prev else None,
-        previous_attention_mask=prev[2] if prev else None,
-        training=pruning.training,
-        temperature=pruning.temperature,
-        generator=pruning.generator,
-    )
-
-
-def _prefill_drop(lm, pruning, trace, layers, hidden, causal_mask, position_embeddings, position_ids,
-                  attention_mask, cache, use_cache, vision_rows0, merge_keep, question_mask, selection_layers,
-                  all_hidden, kwargs):
-    """Prefill with physical removal (see the module docstring, ``mode="drop"``)."""
-    from transformers.masking_utils import create_causal_mask
-
-    b, t, _ = hidden.shape
-    device = hidden.device
-    v = vision_rows0.shape[1]
-    rows = torch.arange(t, device=device).expand(b, t)  # original row of each current row
-    is_vision = torch.zeros(b, t, dtype=torch.bool, device=device).scatter_(1, vision_rows0, True)
-    col_of_row = torch.full((b, t), -1, dtype=torch.long, device=device)
-    col_of_row.scatter_(1, vision_rows0, torch.arange(v, device=device).expand(b, v))
-    is_question = question_mask
-    pos = position_ids
-    am = attention_mask if (attention_mask is not None and attention_mask.dim() == 2) else None
-    cos_sin = position_embeddings
-    groups: list[tuple[int, torch.Tensor]] = []
-    alive_cols = torch.arange(v, device=device).expand(b, v)
-    dirty = False
-    prev = None
-
-    def drop(keep_rows: torch.Tensor) -> None:
-        nonlocal rows, is_vision, col_of_row, is_question, pos, am, cos_sin, hidden, dirty, prev
-        counts = keep_rows.sum(1)
-        if not bool((counts == counts[0]).all()):
-            raise ValueError(f"a selector kept different token counts per row: {counts.tolist()}")
-        sel = keep_rows.nonzero()[:, 1].view(b, int(counts[0]))
-        hidden = _gather_rows(hidden, sel)
-        rows, is_vision = _gather_rows(rows, sel), _gather_rows(is_vision, sel)
-        col_of_row, is_question = _gather_rows(col_of_row, sel), _gather_rows(is_question, sel)
-        pos = _gather_rows(pos, sel)
-        am = _gather_rows(am, sel) if am is not None else None
-        cos_sin = (_gather_rows(cos_sin[0], sel), _gather_rows(cos_sin[1], sel))
-        dirty, prev = True, None
-
-    def keep_vision(keep_vis: torch.Tensor) -> torch.Tensor:
-        """[B, Vc] keep over the current vision rows -> [B, Tc] keep over all current rows."""
-        keep_rows = torch.ones_like(is_vision)
-        keep_rows[is_vision] = keep_vis.reshape(-1).bool()
-        return keep_rows
-
-    if merge_keep is not None:  # stage 1 leftovers: placeholders without a merged token never enter layer 0
-        drop(keep_vision(merge_keep.gather(1, alive_cols)))
-        alive_cols = alive_cols[merge_keep].view(b, -1)
-
-    for i, layer in enumerate(layers):
-        if i in selection_layers:
-            vis_rows = is_vision.nonzero()[:, 1].view(b, -1)
-            ctx = _selection_context(pruning, lm, i, "drop", hidden, vis_rows,
-                                     torch.ones(vis_rows.shape, dtype=hidden.dtype, device=device),
-                                     alive_cols, is_question, am, cos_sin, prev)
-            with torch.no_grad():
-                keep_vis = pruning.select(ctx).detach() > 0.5
-            full = torch.zeros(b, v, dtype=torch.bool, device=device)
-            full.scatter_(1, alive_cols, keep_vis)
-            trace.keep[i] = full
-            drop(keep_vision(keep_vis))
-            alive_cols = alive_cols[keep_vis].view(b, -1)
-            trace.num_vision_tokens.append(alive_cols.shape[1])
-            trace.stage_names.append(f"layer {i}")
-        if dirty:
-            groups.append((i, rows))
-            mask_2d = am if am is not None else torch.ones(rows.shape, dtype=torch.bool, device=device)
-            causal_mask = create_causal_mask(config=lm.config, inputs_embeds=hidden, attention_mask=mask_2d,
-                                             past_key_values=cache, position_ids=pos, layer_idx=i)
-            dirty = False
-        trace.layer_tokens.append(hidden.shape[1])
-        prev = (hidden, cos_sin, am)
-        hidden = layer(hidden, attention_mask=causal_mask, position_embeddings=cos_sin, position_ids=pos,
-                       past_key_values=cache, use_cache=use_cache, **kwargs)
-        if all_hidden is not None:
-            all_hidden.append(hidden)
-    trace.kept_rows = rows
-    if cache is not None and use_cache:
-        if not groups or groups[0][0] != 0:
-            groups.insert(0, (0, torch.arange(t, device=device).expand(b, t)))
-        cache.vision_pruning_state = PrunedCacheState("drop", t, t, groups)
-    return hidden
-
-
-def _prefill_mask(lm, pruning, trace, layers, hidden, causal_mask, position_embeddings, position_ids,
-                  attention_mask, cache, use_cache, vision_rows0, merge_keep, question_mask, selection_layers,
-                  all_hidden, kwargs):
-    """Prefill with differentiable masking (see the module docstring, ``mode="mask"``)."""
-    b, t, _ = hidden.shape
-    device, dtype = hidden.device, hidden.dtype
-    v = vision_rows0.shape[1]
-    cols = torch.arange(v, device=device).expand(b, v)
-    policy = torch.ones(b, v, dtype=dtype, device=device) if merge_keep is None else merge_keep.to(dtype)
-    am = attention_mask if (attention_mask is not None and attention_mask.dim() == 2) else None
-    pad = am.bool() if am is not None else torch.ones(b, t, dtype=torch.bool, device=device)
-    ar = torch.arange(t, device=device)
-    allowed = (ar[None, :, None] >= ar[None, None, :]) & pad[:, None, :]  # [B, T(q), T(k)]
-    base = torch.zeros(b, 1, t, t, dtype=dtype, device=device).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-    groups: list[tuple[int, torch.Tensor]] = []
-
-    def biased_mask(i: int) -> torch.Tensor:
-        key_bias = torch.zeros(b, t, dtype=torch.float32, device=device)
-        log_keep = torch.log(policy.float() + MASK_EPS)
-        # Gradient only through kept keys (d bias / d keep = 1 there). Through a dropped key it would be
-        # e^{s_k} / Z * (v_k - out) (the 1e20 of 1 / (keep + eps) times a 1e-20 attention weight): unbounded,
-        # summed over queries, heads and layers, and a first-order "re-add a little of it" signal that outliers
-        # dominate. Values are unchanged: kept 0, dropped -46.
-        log_keep = torch.where(policy.detach() > 0.5, log_keep, log_keep.detach())
-        key_bias = key_bias.scatter(1, vision_rows0, log_keep)
-        hard = torch.ones(b, t, dtype=torch.bool, device=device).scatter(1, vision_rows0, policy.detach() > 0.5)
-        groups.append((i, hard))
-        return base + key_bias.to(dtype)[:, None, None, :]
-
-    prev = None
-    for i, layer in enumerate(layers):
-        changed = i == 0 and merge_keep is not None
-        if i in selection_layers:
-            ctx = _selection_context(pruning, lm, i, "mask", hidden, vision_rows0, policy, cols, question_mask,
-                                     am, position_embeddings, prev)
-            policy = pruning.select(ctx)
-            trace.keep[i] = policy
-            trace.num_vision_tokens.append(int((policy[0].detach() > 0.5).sum()))
-            trace.stage_names.append(f"layer {i}")
-            changed = True
-        if changed:
-            causal_mask = biased_mask(i)
-        trace.layer_tokens.append(t - v + int((policy[0].detach() > 0.5).sum()))
-        prev = (hidden, position_embeddings, am)
-        hidden = layer(hidden, attention_mask=causal_mask, position_embeddings=position_embeddings,
-                       position_ids=position_ids, past_key_values=cache, use_cache=use_cache, **kwargs)
-        if all_hidden is not None:
-            all_hidden.append(hidden)
-    trace.kept_rows = None
-    if cache is not None and use_cache:
-        if not groups or groups[0][0] != 0:
-            groups.insert(0, (0, torch.ones(b, t, dtype=torch.bool, device=device)))
-        cache.vision_pruning_state = PrunedCacheState("mask", t, t, groups)
-    return hidden
-
-
-def _decode_step(lm, state: PrunedCacheState, *, attention_mask, position_ids, past_key_values, inputs_embeds,
-                 use_cache, output_hidden_states, **kwargs):
-    """A forward over new text tokens after a pruned prefill: per layer group, the mask of its cache."""
-    from transformers.masking_utils import create_causal_mask
-    from transformers.modeling_outputs import BaseModelOutputWithPast
-
-    if past_key_values is None:
-        raise ValueError("a pruned prefill can only be continued with its KV cache")
-    config = lm.config
-    hidden = inputs_embeds
-    q = hidden.shape[1]
-    if position_ids is None:
-        position_ids = (torch.arange(q, device=hidden.device) + state.seen).unsqueeze(0)
-    position_embeddings = lm.rotary_emb(hidden, position_ids=position_ids)
-    am = attention_mask if (attention_mask is not None and attention_mask.dim() == 2) else None
-    t0 = state.prefill_length
-    if am is not None and am.shape[1] != state.seen + q:
-        raise ValueError(f"attention_mask covers {am.shape[1]} tokens, expected {state.seen + q} "
-                         f"(the {t0}-token prompt in its original numbering + {state.seen - t0 + q} new tokens)")
-    layers = lm.layers[: config.num_hidden_layers]
-    bounds = [g[0] for g in state.groups] + [len(layers)]
-    all_hidden = [hidden] if output_hidden_states else None
-    for (start, info), end in zip(state.groups, bounds[1:]):
-        if state.mode == "drop":
-            key_2d = None if am is None else torch.cat([am[:, :t0].gather(1, info.to(am.device)), am[:, t0:]], dim=1)
-        else:
-            prompt = info.to(hidden.device) if am is None else (am[:, :t0].bool() & info.to(am.device))
-            tail = (torch.ones(hidden.shape[0], state.seen - t0 + q, dtype=torch.bool, device=hidden.device)
-                    if am is None else am[:, t0:].bool())
-            key_2d = torch.cat([prompt, tail], dim=1)
-        causal_mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=key_2d,
-                                         past_key_values=past_key_values, position_ids=position_ids, layer_idx=start)
-        for layer in layers[start:end]:
-            hidden = layer(hidden, attention_mask=causal_mask, position_embeddings=position_embeddings,
-                           position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
-            if all_hidden is not None:
-                all_hidden.append(hidden)
-    state.seen += q
-    hidden = lm.norm(hidden)
-    if all_hidden is not None:
-        all_hidden[-1] = hidden
-    return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values,
-                                   hidden_states=tuple(all_hidden) if all_hidden is not None else None)
+def _check_language_model(language_model: nn.Module) -> None:
+    """Token dropping lives in the forked Llama decoder loop; any other language model cannot prune."""
+    cls = type(language_model)
+    if cls.__module__ != "models.llama.modeling_llama" or cls.__name__ != "LlamaModel":
+        raise TypeError(f"vision-token pruning drops tokens in the decoder loop of the forked Llama "
+                        f"(models.llama.modeling_llama.LlamaModel); this LLaVA's language model is "
+                        f"{cls.__module__}.{cls.__name__}")
 
 
 __all__ = [
     "ForcedSelector",
+    "LayerInputs",
+    "LlavaPruningPass",
     "MASK_EPS",
     "PrunedCacheState",
     "PruningTrace",
@@ -890,8 +864,8 @@ __all__ = [
     "default_question_mask",
     "detach_pruning",
     "get_pruning",
+    "llava_pruning",
     "load_pruning",
     "num_image_tokens",
     "pruning_checkpoint",
-    "run_language_model",
 ]

@@ -70,3 +70,40 @@ def test_drifted_fork_fails_the_equivalence_comparison_while_the_real_fork_passe
         drifted_logits = drifted_model(**inputs).logits
     assert torch.equal(fork_logits, expected)
     assert not torch.equal(drifted_logits, expected)
+
+
+LLAMA_FORK = REPO_ROOT / "models" / "llama" / "modeling_llama.py"
+LLAMA_ORIGINAL = "        self.scaling = self.head_dim**-0.5\n"
+
+
+def test_drifted_llama_fork_fails_the_audit_and_the_equivalence_comparison(tmp_path):
+    """The decoder loop system C prunes in is guarded the same way: one changed constant is caught twice."""
+    from transformers import LlamaForCausalLM as UpstreamLlama
+
+    from models.llama.modeling_llama import LlamaForCausalLM as ForkLlama
+    from models.tiny.llava import build_llama_tokenizer, tiny_text_config
+
+    text = LLAMA_FORK.read_text()
+    assert text.count(LLAMA_ORIGINAL) == 1
+    line = text[: text.index(LLAMA_ORIGINAL)].count("\n") + 1
+    drifted = tmp_path / "modeling_llama.py"
+    drifted.write_text(text.replace(LLAMA_ORIGINAL, LLAMA_ORIGINAL.replace("**-0.5", "**-0.45")))
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "diff_upstream.py"), "--quiet", str(drifted)],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 1
+    assert f"modeling_llama.py:{line}: code added or changed outside a pruning fence" in proc.stderr
+
+    drifted_module = import_from(drifted, "drifted_modeling_llama")
+    torch.manual_seed(0)
+    config = tiny_text_config(build_llama_tokenizer())
+    state = UpstreamLlama(config).state_dict()
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        logits = {}
+        for name, cls in (("upstream", UpstreamLlama), ("fork", ForkLlama),
+                          ("drifted", drifted_module.LlamaForCausalLM)):
+            model = cls(config).eval()
+            model.load_state_dict(state)
+            logits[name] = model(input_ids=ids).logits
+    assert torch.equal(logits["fork"], logits["upstream"])
+    assert not torch.equal(logits["drifted"], logits["upstream"])

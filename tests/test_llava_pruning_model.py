@@ -268,8 +268,10 @@ def test_generate_with_layer_drops_equals_a_from_scratch_reference_without_kv_ca
     trace = pruning.last_trace
     assert trace.num_vision_tokens == [64, 32, 22, 17, 11]
 
-    # The prompt's embeddings as the decoder loop received them (merged tokens at their centres).
-    prompt_out = fork(**batch_inputs, output_hidden_states=True)
+    # The prompt's embeddings as the decoder loop received them (merged tokens at their centres). hidden_states[0]
+    # is what layer 0 receives: in mask mode the whole prompt (drop mode removes the merger's leftovers first).
+    with pruning.using(mode="mask"):
+        prompt_out = fork(**batch_inputs, output_hidden_states=True)
     embeds = prompt_out.hidden_states[0]
     image_mask = batch_inputs["input_ids"] == fork.config.image_token_id
     b, t0 = image_mask.shape
@@ -307,7 +309,7 @@ def test_decode_positions_continue_the_original_numbering(fork, processor) -> No
     t = inputs["input_ids"].shape[1]
     prefill = fork(**inputs, use_cache=True)
     cache = prefill.past_key_values
-    assert cache.vision_pruning_state.seen == t
+    assert pruning.cache_state(cache).seen == t
     assert [cache.get_seq_length(layer) for layer in range(8)] == pruning.last_trace.layer_tokens
     next_id = prefill.logits[:, -1:].argmax(-1)
     mask = torch.ones(1, t + 1, dtype=torch.long)
@@ -316,7 +318,7 @@ def test_decode_positions_continue_the_original_numbering(fork, processor) -> No
     def step(position_ids):
         for layer, (k, v) in zip(cache.layers, snapshot):
             layer.keys, layer.values = k.clone(), v.clone()
-        cache.vision_pruning_state.seen = t
+        pruning.cache_state(cache).seen = t
         return fork(input_ids=next_id, attention_mask=mask, past_key_values=cache, position_ids=position_ids).logits
 
     implicit = step(None)
@@ -429,9 +431,7 @@ def test_question_aware_merger_in_forward_and_generate(fork, batch_inputs) -> No
     pruning = _attach(fork, config=cfg)
     out = fork(**batch_inputs)  # forward: the question comes from input_ids
     assert pruning.last_trace.num_vision_tokens == [64, 32, 22, 17, 11] and torch.isfinite(out.logits).all()
-    with pytest.raises(ValueError, match="call model.model.vision_pruning.set_question"):
-        fork.generate(**batch_inputs, max_new_tokens=2)  # generate encodes the images before the forward
-    pruning.set_question(batch_inputs["input_ids"], batch_inputs["attention_mask"])
+    # generate encodes the images before the first forward; the merge waits for the forward, where the question is
     generated = fork.generate(**batch_inputs, do_sample=False, max_new_tokens=3, min_new_tokens=3)
     first = generated[:, batch_inputs["input_ids"].shape[1]]
     assert torch.equal(first, out.logits[:, -1].argmax(-1))  # the same first token as the plain forward

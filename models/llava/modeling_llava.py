@@ -39,10 +39,12 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import select_hidden_states
 from transformers.models.auto import AutoModel
 from transformers.models.llava.configuration_llava import LlavaConfig
-# >>> pruning: system C (two-stage learned vision-token pruning). The machinery lives in pruning/llava_runtime.py:
-# `attach_pruning(model, config)` sets the optional submodule `model.model.vision_pruning`; a fork built with
-# upstream arguments alone has none, and every fence below then runs the upstream statements unchanged.
-from pruning import llava_runtime as _llava_runtime
+# >>> pruning: system C (two-stage learned vision-token pruning). `attach_pruning(model, config)` or
+# `with llava_pruning(model, config):` (pruning/llava_runtime.py) sets the optional submodule
+# `LlavaModel.vision_pruning`; each forward then opens one per-call state (a LlavaPruningPass) and hands it down in
+# kwargs["vision_token_pruning"], to the fences below and to the decoder loop of the forked Llama, which drops tokens.
+# A fork without the submodule runs the upstream statements in every fence.
+from models.llama import modeling_llama as _forked_llama
 # <<< pruning
 
 
@@ -159,7 +161,15 @@ class LlavaModel(LlavaPreTrainedModel):
         self.vision_tower = AutoModel.from_config(config.vision_config)
 
         self.multi_modal_projector = LlavaMultiModalProjector(config)
-        self.language_model = AutoModel.from_config(config.text_config)
+        # >>> pruning: a Llama text model (LLaVA-1.5's Vicuna) is built from the forked LlamaModel, whose decoder
+        # loop holds the token-dropping fences: same class name, parameters and forward as upstream's (audited; equal
+        # bit for bit without pruning), so from_pretrained of a llava-hf checkpoint loads the upstream weights into it.
+        # Any other text model: the upstream AutoModel line.
+        if config.text_config.model_type == "llama":
+            self.language_model = _forked_llama.LlamaModel._from_config(config.text_config)
+        else:
+            self.language_model = AutoModel.from_config(config.text_config)
+        # <<< pruning
         self.post_init()
 
     @merge_with_config_defaults
@@ -197,20 +207,19 @@ class LlavaModel(LlavaPreTrainedModel):
                 hs_pool = [hs[:, 1:] for hs in hs_pool]
             selected_image_feature = torch.cat(hs_pool, dim=-1)
 
-        # >>> pruning: stage 1, the learnable token merger, between the CLIP features and the projector.
-        # selected_image_feature [n_img, N, Dv] -> [n_img, M, Dv] (N=576 -> M=288 on LLaVA-1.5-7B, 64 -> 32 on the
-        # tiny model): M centres are picked by Gumbel-top-k on an importance head, every token is softly assigned to
-        # the centres and each merged token is the weighted mean of its tokens (pruning/llava_pruning.py TokenMerger).
-        # Safe: the merged tokens live in the same CLIP feature space the projector expects. Saves the projector on
-        # N - M tokens and removes N - M tokens from every LLM layer (LlavaModel.forward puts merged token m at its
-        # centre's placeholder and drops the rest before layer 0). No pruning module attached: the upstream line.
+        # >>> pruning: stage 1, the learnable token merger, sits between the CLIP features and the projector. It needs
+        # the question (question-aware merger) and LlavaModel.forward must know where each merged token goes, and
+        # generate() calls this method before the forward, without the prompt: so with a merger attached the selected
+        # CLIP features [n_img, N, Dv] are returned unprojected, and LlavaModel.forward merges them to [n_img, M, Dv]
+        # and runs the projector on the M tokens. No merger attached: the upstream projector line.
         vision_pruning = getattr(self, "vision_pruning", None)
         if vision_pruning is not None and vision_pruning.merges:
             if image_sizes is not None:
                 raise ValueError("the vision-token merger supports fixed-size images (LLaVA-1.5), not image_sizes")
-            selected_image_feature = vision_pruning.merge(selected_image_feature)
+            image_features = selected_image_feature
+        else:
+            image_features = self.multi_modal_projector(selected_image_feature)
         # <<< pruning
-        image_features = self.multi_modal_projector(selected_image_feature)
 
         # If image_sizes is provided, we need to split the image features accordingly,
         # but only if the image_sizes is not None (the default in this and related architectures)
@@ -276,14 +285,17 @@ class LlavaModel(LlavaPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        # >>> pruning: open a pruning pass: record the question tokens (the text after the image, or the
-        # `vision_question_mask` [B, T] kwarg, popped here, that training passes so the pruner heads never see the
-        # answer) for the question-aware merger and the pruner heads. Nothing attached or disabled: no-op.
+        # >>> pruning: the per-call state of system C (opened here unless LlavaForConditionalGeneration.forward already
+        # did): it records the question tokens (the text after the image, or the `vision_question_mask` [B, T] kwarg,
+        # popped here, that training passes so the pruner heads never see the answer) and travels in kwargs down to the
+        # forked Llama's decoder loop. Nothing attached or disabled: none, and every fence is a no-op.
+        pruning_pass = kwargs.get("vision_token_pruning")
         vision_pruning = getattr(self, "vision_pruning", None)
-        if vision_pruning is not None and not vision_pruning.enabled:
-            vision_pruning = None
-        if vision_pruning is not None:
-            vision_pruning.begin_pass(input_ids, inputs_embeds, attention_mask, kwargs)
+        question_mask = kwargs.pop("vision_question_mask", None)
+        if pruning_pass is None and vision_pruning is not None and vision_pruning.enabled:
+            pruning_pass = vision_pruning.open_pass(input_ids=input_ids, attention_mask=attention_mask,
+                                                    past_key_values=past_key_values, question_mask=question_mask)
+            kwargs["vision_token_pruning"] = pruning_pass
         # <<< pruning
         mm_encoder_outputs = mm_encoder_outputs if mm_encoder_outputs is not None else {}
         if mm_encoder_outputs.get("image") is None and pixel_values is not None:
@@ -298,53 +310,39 @@ class LlavaModel(LlavaPreTrainedModel):
         if mm_encoder_outputs.get("image") is not None:
             image_features = mm_encoder_outputs["image"].pooler_output
             image_features = torch.cat(image_features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-            # >>> pruning: after the merger, image_features holds n_img * M rows but the prompt n_img * N image
-            # placeholders. Merged token m goes to the placeholder of its centre (centres ascending, so token order
-            # and the prompt's position numbering are kept); the other N - M placeholders get zero rows, and the
-            # decoder loop drops them before layer 0 (never attended to). [n_img*M, D] -> [n_img*N, D]; the upstream
-            # placeholder check and masked_scatter below then run unchanged.
-            if vision_pruning is not None:
-                image_features = vision_pruning.scatter_merged_tokens(image_features)
+            # >>> pruning: stage 1. image_features holds the selected CLIP features [n_img*N, Dv] (see
+            # get_image_features); the merger picks M centres by Gumbel-top-k on an importance head and softly assigns
+            # every token to them (pruning/llava_pruning.py TokenMerger): [n_img, M, Dv], 576 -> 288 on LLaVA-1.5-7B.
+            # Safe: merged tokens live in the CLIP feature space the projector expects. The projector then runs on M
+            # tokens, and merged token m goes to the placeholder of its centre (centres ascending, so token order and
+            # the prompt's position numbering are kept); the other N - M placeholders get zero rows, which the decoder
+            # loop drops before layer 0 (never attended to). Saves the projector and every LLM layer on N - M tokens.
+            # [n_img*N, Dv] -> [n_img*N, D]; the upstream placeholder check and masked_scatter below run unchanged.
+            if pruning_pass is not None and pruning_pass.merges:
+                merged_features = pruning_pass.merge(image_features, inputs_embeds)
+                image_features = pruning_pass.scatter_merged_tokens(self.multi_modal_projector(merged_features))
             # <<< pruning
             special_image_mask = self.get_placeholder_mask(
                 input_ids, inputs_embeds=inputs_embeds, image_features=image_features
             )
             inputs_embeds = inputs_embeds.masked_scatter(special_image_mask, image_features)
 
-        # >>> pruning: stage 2, pruner heads inside the LLM. self.language_model is an upstream LlamaModel
-        # (AutoModel), whose forward loops over its decoder layers with no hook for dropping tokens, so with pruning
-        # attached the fork owns that loop: _llava_runtime.run_language_model runs the same steps as
-        # LlamaModel.forward (create_causal_mask, rotary_emb, self.language_model.layers[i], norm) with the real
-        # layer modules, and at the input of each pruning layer (default [10, 20, 31] of 32, scaled to [2, 4, 7] of 8)
-        # a pruner head (vision hidden states [B, V, D] cross-attend to the question tokens) keeps a fraction of the
-        # vision tokens still alive. Inference ("drop" mode): the dropped rows are removed from the hidden states,
-        # position ids, rotary cos/sin and 2-D mask (survivors keep their original positions; the causal mask is
-        # rebuilt), so layer l's KV cache only ever holds the tokens alive at layer l; the kept rows of each group of
-        # layers are stored on the cache, and a decode step builds each group's padding mask from them (generate's
-        # position ids continue the original numbering). Saves every later layer's projections, attention and MLP
-        # on the dropped tokens, and their KV cache. Training ("mask" mode): full length, dropped keys hidden by a
-        # differentiable log(keep) attention bias. The image placeholder mask [B, T] tells the loop which rows are
-        # vision tokens. Nothing attached or disabled: the upstream call.
-        if vision_pruning is not None:
-            outputs = _llava_runtime.run_language_model(
-                self.language_model,
-                vision_pruning,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                image_token_mask=special_image_mask[..., 0] if mm_encoder_outputs.get("image") is not None else None,
-                **kwargs,
-            )
-        else:
-            outputs = self.language_model(
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                **kwargs,
+        # >>> pruning: stage 2 runs in the decoder loop of the forked Llama (models/llama/modeling_llama.py), which
+        # receives the per-call state in kwargs: tell it which rows [B, T] are image placeholders (None: no image in
+        # this call, e.g. a decode step). At each pruning layer (default [10, 20, 31] of 32, scaled to [2, 4, 7] of 8)
+        # a pruner head keeps a fraction of the vision tokens; the language model call below is upstream's.
+        if pruning_pass is not None:
+            pruning_pass.set_image_tokens(
+                special_image_mask[..., 0] if mm_encoder_outputs.get("image") is not None else None
             )
         # <<< pruning
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
 
         return LlavaModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
@@ -430,6 +428,19 @@ class LlavaForConditionalGeneration(LlavaPreTrainedModel, GenerationMixin):
         >>> processor.batch_decode(generate_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
         "USER:  \nWhat's the content of the image? ASSISTANT: The image features a busy city street with a stop sign prominently displayed"
         ```"""
+        # >>> pruning: open system C's per-call state here (not in LlavaModel.forward) so that the labels fence below
+        # sees which rows survived; it travels down in kwargs. Nothing attached or disabled: none.
+        pruning_pass = None
+        vision_pruning = getattr(self.model, "vision_pruning", None)
+        if vision_pruning is not None and vision_pruning.enabled:
+            pruning_pass = vision_pruning.open_pass(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                question_mask=kwargs.pop("vision_question_mask", None),
+            )
+            kwargs["vision_token_pruning"] = pruning_pass
+        # <<< pruning
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -451,9 +462,9 @@ class LlavaForConditionalGeneration(LlavaPreTrainedModel, GenerationMixin):
         loss = None
         # >>> pruning: with tokens physically dropped ("drop" mode) the logits cover only the surviving rows
         # [B, T_kept, V]; the labels [B, T] are gathered at the same rows (no-op otherwise, and without pruning).
-        vision_pruning = getattr(self.model, "vision_pruning", None)
-        if labels is not None and vision_pruning is not None and vision_pruning.enabled:
-            labels = vision_pruning.labels_for_output(labels)
+        if labels is not None and pruning_pass is not None:
+            labels = pruning_pass.labels_for_output(labels)
+        kwargs.pop("vision_token_pruning", None)
         # <<< pruning
         if labels is not None:
             loss = self.loss_function(
