@@ -416,8 +416,17 @@ class PruneVidState:
         with torch.no_grad():  # the selection is discrete; the slicing below stays differentiable
             # Queries: layer K's own projection of the question rows only (Q rows, not L1): input_layernorm,
             # q_proj, heads, RoPE at their positions -- the queries layer K's attention used.
-            rows = decoder_layer.input_layernorm(self.question_hidden)
-            query = attn.q_proj(rows).view(1, rows.shape[1], -1, attn.head_dim).transpose(1, 2)  # [1, H, Q, d]
+            rows = self.question_hidden  # [1, Q, D]
+            # Copied from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLDecoderLayer.forward with self->decoder_layer, hidden_states->rows
+            rows = decoder_layer.input_layernorm(rows)
+            # End copied
+            # Copied from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLAttention.forward with self->attn, hidden_states->rows, query_states->query
+            bsz, q_len, _ = rows.size()
+            query = attn.q_proj(rows)
+            # ...
+            query = query.view(bsz, q_len, -1, attn.head_dim).transpose(1, 2)  # [1, H, Q, d]
+            # End copied
+            # upstream applies RoPE to queries and keys together with the rows' cos/sin: here the queries only
             query, _ = apply_rotary_pos_emb(query, query, cos[:, qpos], sin[:, qpos])
             # Keys: exactly what layer K attended to -- its KV cache, just written (after k_proj and RoPE).
             keys = cache.layers[layer_idx].keys  # [1, Hkv, L1, d]

@@ -187,8 +187,12 @@ class BlockReferenceReuse:
         """
         if self.call.mode == "full" and self.call.is_reuse:
             cached_input = self.call.cache.states[self.index]
-            normed = block.img_norm1(cached_input)
-            self.reference_states, _ = block._modulate(normed, img_mod1, self.call.reference_modulate_index)
+            modulate_index = self.call.reference_modulate_index
+            # Copied from diffusers.models.transformers.transformer_qwenimage.QwenImageTransformerBlock.forward with self->block, hidden_states->cached_input
+            img_normed = block.img_norm1(cached_input)
+            img_modulated, img_gate1 = block._modulate(img_normed, img_mod1, modulate_index)
+            # End copied
+            self.reference_states = img_modulated
         return self
 
     @property
@@ -227,8 +231,12 @@ class BlockReferenceReuse:
         l1 = self.call.denoise_len
         denoise = hidden_states[:, :l1]
         index = modulate_index[:, :l1] if modulate_index is not None else None
-        modulated, gate = block._modulate(block.img_norm2(denoise), img_mod2, index)
-        denoise = denoise + gate * block.img_mlp(modulated)
+        # Copied from diffusers.models.transformers.transformer_qwenimage.QwenImageTransformerBlock.forward with self->block, hidden_states->denoise, modulate_index->index
+        img_normed2 = block.img_norm2(denoise)
+        img_modulated2, img_gate2 = block._modulate(img_normed2, img_mod2, index)
+        img_mlp_output = block.img_mlp(img_modulated2)
+        denoise = denoise + img_gate2 * img_mlp_output
+        # End copied
         return torch.cat([denoise, self.call.cache.states[self.index]], dim=1)
 
 
@@ -240,13 +248,22 @@ def project_reference_key_value(attn, reference_states: torch.Tensor, reference_
     """
     from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
+    # Copied from diffusers.models.transformers.transformer_qwenimage.QwenDoubleStreamAttnProcessor2_0.__call__ with hidden_states->reference_states, img_key->key, img_value->value
+    key = attn.to_k(reference_states)
+    value = attn.to_v(reference_states)
+    # ...
     head_dim = attn.inner_dim // attn.heads
-    key = attn.to_k(reference_states).unflatten(-1, (-1, head_dim))
-    value = attn.to_v(reference_states).unflatten(-1, (-1, head_dim))
+    # ...
+    key = key.unflatten(-1, (-1, head_dim))
+    value = value.unflatten(-1, (-1, head_dim))
+    # ...
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    if reference_freqs is not None:
+    # End copied
+    if reference_freqs is not None:  # upstream: `if image_rotary_emb is not None:`, here the reference rows of img_freqs
+        # Copied from diffusers.models.transformers.transformer_qwenimage.QwenDoubleStreamAttnProcessor2_0.__call__ with img_key->key, img_freqs->reference_freqs
         key = apply_rotary_emb_qwen(key, reference_freqs, use_real=False)
+        # End copied
     return key, value
 
 

@@ -191,3 +191,228 @@ def test_perturbed_copy_of_a_real_fork_fails_the_cli_naming_file_and_line(tmp_pa
 def test_code_replaced_by_comment_outside_fence_is_caught():
     result = audit(make_fork(clean_body().replace("        scale = 2.0\n", "        # scale = 2.0\n")))
     assert any("removed outside a pruning fence" in v.message for v in result.violations)
+
+
+# ----------------------------------------------------------------------------- copied blocks outside forks
+
+TOY_UPSTREAM_NAME = "pkg.models.toy.modeling_toy.ToyBlock.forward"
+TOY_UPSTREAM_FORWARD = '''\
+    def forward(self, hidden_states, mask=None):
+        """Docstring."""
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states)  # pre-norm
+
+        query = self.q_proj(hidden_states)
+        key = self.k_proj(hidden_states)
+        value = self.v_proj(hidden_states)
+        if mask is not None:
+            key = key.masked_fill(mask, 0.0)
+        out = self.self_attn(query, key, value)
+        return residual + out
+'''
+
+
+def toy_resolve(name: str):
+    if name == TOY_UPSTREAM_NAME:
+        return TOY_UPSTREAM_FORWARD, "pkg"
+    raise LookupError(f"no {name} in the toy package")
+
+
+def audit_copies(code: str, *, installed: str = "1.0.0", pinned: str = "1.0.0"):
+    return diff_upstream.audit_copies_text(
+        code, path="copy.py", resolve=toy_resolve, pins={"pkg": pinned}, installed=lambda package: installed
+    )
+
+
+def copy_of(*body: str, header: str = f"# Copied from {TOY_UPSTREAM_NAME}", indent: str = "    ") -> str:
+    lines = ["def project(layer, x, mask):", indent + header, *(indent + line if line else "" for line in body), indent + "# End copied", "    return key"]
+    return "\n".join(lines) + "\n"
+
+
+def test_copied_block_matching_a_contiguous_run_of_upstream_statements_passes():
+    result = audit_copies(copy_of("query = self.q_proj(hidden_states)", "key = self.k_proj(hidden_states)"))
+    assert result.ok, result.violations
+    assert [(b.line, b.name) for b in result.blocks] == [(2, TOY_UPSTREAM_NAME)]
+
+
+def test_copied_block_with_one_statement_changed_fails_with_one_line_naming_file_line_and_upstream():
+    result = audit_copies(copy_of("query = self.q_proj(hidden_states)", "key = self.k_proj(hidden_states) * 2"))
+    assert len(result.violations) == 1
+    message = str(result.violations[0])
+    assert message.startswith(f"copy.py:2: copied block drifted from {TOY_UPSTREAM_NAME} (pkg 1.0.0): ")
+    assert "line 4 'key = self.k_proj(hidden_states) * 2' is not an upstream statement" in message
+    assert "\n" not in message
+
+
+def test_copied_block_missing_an_upstream_statement_in_between_fails():
+    # value = ... stands between key and the mask test upstream: dropping it silently is drift
+    result = audit_copies(copy_of("key = self.k_proj(hidden_states)", "if mask is not None:", "    key = key.masked_fill(mask, 0.0)"))
+    assert any("not as contiguous runs" in v.message for v in result.violations)
+
+
+def test_elision_line_allows_left_out_statements_but_keeps_the_order():
+    elided = copy_of("key = self.k_proj(hidden_states)", "# ...", "if mask is not None:", "    key = key.masked_fill(mask, 0.0)")
+    assert audit_copies(elided).ok
+    swapped = copy_of("if mask is not None:", "    key = key.masked_fill(mask, 0.0)", "# ...", "key = self.k_proj(hidden_states)")
+    assert not audit_copies(swapped).ok
+
+
+def test_comments_blank_lines_spacing_and_line_breaks_are_not_compared():
+    result = audit_copies(copy_of(
+        "# the queries",
+        "query = self.q_proj(",
+        "    hidden_states",
+        ")",
+        "",
+        "key = self.k_proj( hidden_states )  # a comment",
+    ))
+    assert result.ok, result.violations
+
+
+def test_indentation_counts_relative_to_the_first_statement_at_any_depth():
+    deeper = copy_of("if mask is not None:", "    key = key.masked_fill(mask, 0.0)", indent="            ")
+    assert audit_copies(deeper).ok
+    flattened = copy_of("key = self.k_proj(hidden_states)", "value = self.v_proj(hidden_states)", "if mask is not None:", "key = key.masked_fill(mask, 0.0)")
+    assert not audit_copies(flattened).ok
+
+
+def test_renames_apply_to_whole_words_of_upstream_in_order():
+    renamed = copy_of(
+        "query = layer.q_proj(x)",
+        "key = layer.k_proj(x)",
+        header=f"# Copied from {TOY_UPSTREAM_NAME} with self->layer, hidden_states->x",
+    )
+    assert audit_copies(renamed).ok
+    # `self->layer` leaves `self_attn` alone (transformers' substring replace would not)
+    call = copy_of("out = layer.self_attn(query, key, value)", header=f"# Copied from {TOY_UPSTREAM_NAME} with self->layer")
+    assert audit_copies(call).ok
+    assert diff_upstream.apply_renames("self.self_attn(hidden_states)", [("self", "a"), ("hidden_states", "h")]) == "a.self_attn(h)"
+    without_rename = copy_of("query = layer.q_proj(x)")
+    assert not audit_copies(without_rename).ok
+
+
+def test_unknown_upstream_name_fails_clearly():
+    result = audit_copies(copy_of("query = self.q_proj(hidden_states)", header="# Copied from pkg.models.toy.modeling_toy.Missing.forward"))
+    assert [str(v) for v in result.violations] == [
+        "copy.py:2: copied block names an unknown upstream pkg.models.toy.modeling_toy.Missing.forward: "
+        "no pkg.models.toy.modeling_toy.Missing.forward in the toy package"
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("diffusers.models.transformers.transformer_qwenimage.NoSuchBlock.forward", "no class or function 'NoSuchBlock' in diffusers.models.transformers.transformer_qwenimage"),
+        ("diffusers.models.transformers.transformer_qwenimage.QwenImageTransformerBlock.no_such_method", "no class or function 'no_such_method'"),
+        ("no_such_package_xyz.models.thing", "package no_such_package_xyz is not installed"),
+    ],
+)
+def test_unknown_name_in_the_installed_package_is_a_lookup_error_with_the_reason(name, reason):
+    with pytest.raises(LookupError, match=reason):
+        diff_upstream.upstream_definition(name)
+
+
+def test_upstream_definition_is_read_from_the_installed_file_without_importing_it():
+    source, package = diff_upstream.upstream_definition(
+        "diffusers.models.transformers.transformer_qwenimage.QwenImageTransformerBlock._modulate"
+    )
+    assert package == "diffusers"
+    assert source.lstrip().startswith("def _modulate(self, x, mod_params, index=None):")
+
+
+def test_installed_version_differs_from_pin_fails_the_copied_block():
+    result = audit_copies(copy_of("query = self.q_proj(hidden_states)"), installed="1.1.0", pinned="1.0.0")
+    assert [v.message for v in result.violations] == [
+        "installed pkg==1.1.0 but requirements.txt pins ==1.0.0: reinstall with `make venv`"
+    ]
+
+
+def test_malformed_unclosed_unopened_and_empty_copy_markers_are_caught():
+    code = (
+        "# copied from somewhere\n"
+        f"# Copied from {TOY_UPSTREAM_NAME} with self\n"
+        "x = 1\n"
+        "# End copied\n"
+        "# End copied\n"
+        f"# Copied from {TOY_UPSTREAM_NAME}\n"
+        "# only a comment\n"
+        "# End copied\n"
+        f"# Copied from {TOY_UPSTREAM_NAME}\n"
+        "query = self.q_proj(hidden_states)\n"
+    )
+    messages = [str(v) for v in audit_copies(code).violations]
+    assert any(m.startswith("copy.py:1: malformed copy marker") for m in messages)
+    assert any(m.startswith("copy.py:2: malformed rename 'self'") for m in messages)
+    assert "copy.py:5: `# End copied` closes no `# Copied from` block" in messages
+    assert "copy.py:6: copied block has no statement" in messages
+    assert "copy.py:9: copied block is never closed with `# End copied`" in messages
+
+
+def test_copied_block_cut_inside_a_statement_is_caught():
+    result = audit_copies(copy_of("query = self.q_proj(", "# End copied", "hidden_states)"))
+    assert any("not a run of whole statements" in v.message for v in result.violations)
+
+
+REAL_BLOCK_NAME = "diffusers.models.transformers.transformer_qwenimage.QwenImageTransformerBlock.forward"
+REAL_BLOCK = f'''\
+def mlp(block, denoise, img_mod2, index):
+    # Copied from {REAL_BLOCK_NAME} with self->block, hidden_states->denoise, modulate_index->index
+    img_normed2 = block.img_norm2(denoise)
+    img_modulated2, img_gate2 = block._modulate(img_normed2, img_mod2, index)
+    img_mlp_output = block.img_mlp(img_modulated2)
+    denoise = denoise + img_gate2 * img_mlp_output
+    # End copied
+    return denoise
+'''
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "diff_upstream.py"), *args],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )
+
+
+def test_cli_passes_a_temporary_copy_of_installed_upstream_statements(tmp_path):
+    path = tmp_path / "copy.py"
+    path.write_text(REAL_BLOCK)
+    proc = run_cli(str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert f"copied block OK: {path}:2 <- {REAL_BLOCK_NAME}" in proc.stdout
+
+
+def test_cli_fails_a_drifted_temporary_copy_with_one_line_naming_file_line_and_upstream(tmp_path):
+    path = tmp_path / "copy.py"
+    path.write_text(REAL_BLOCK.replace("denoise + img_gate2 * img_mlp_output", "denoise + img_gate2 * img_mlp_output * 0.5"))
+    proc = run_cli("--quiet", str(path))
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"error: {path}:2: copied block drifted from {REAL_BLOCK_NAME} (diffusers ")
+    assert "line 6 " in errors[0]
+
+
+def test_real_copied_blocks_all_pass_and_are_listed():
+    proc = run_cli()
+    assert proc.returncode == 0, proc.stderr
+    listed = [line for line in proc.stdout.splitlines() if line.startswith("copied block OK: ")]
+    assert any(line.startswith("copied block OK: pruning/reference_reuse.py:") and "QwenImageTransformerBlock.forward" in line for line in listed)
+    assert any(line.startswith("copied block OK: pruning/reference_reuse.py:") and "QwenDoubleStreamAttnProcessor2_0.__call__" in line for line in listed)
+    assert any(line.startswith("copied block OK: pruning/prunevid_cache.py:") and "Qwen2_5_VLAttention.forward" in line for line in listed)
+    files = {p.relative_to(REPO_ROOT).as_posix() for p in diff_upstream.find_copy_files(REPO_ROOT)}
+    assert files >= {"pruning/reference_reuse.py", "pruning/prunevid_cache.py"}
+    quiet = run_cli("--quiet")
+    assert quiet.returncode == 0 and "copied block OK" not in quiet.stdout
+
+
+@pytest.mark.parametrize("path", ["pruning/reference_reuse.py", "pruning/prunevid_cache.py"])
+def test_one_statement_changed_in_a_real_copied_block_fails_the_cli(tmp_path, path):
+    lines = (REPO_ROOT / path).read_text().splitlines(keepends=True)
+    marker = next(i for i, line in enumerate(lines) if line.lstrip().startswith("# Copied from "))
+    target = next(i for i in range(marker + 1, len(lines)) if not lines[i].lstrip().startswith("#"))
+    lines[target] = lines[target].replace("(", "(-", 1)
+    perturbed = tmp_path / Path(path).name
+    perturbed.write_text("".join(lines))
+    proc = run_cli("--quiet", str(perturbed))
+    assert proc.returncode == 1
+    assert f"{perturbed}:{marker + 1}: copied block drifted from " in proc.stderr
