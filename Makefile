@@ -1,4 +1,5 @@
-# Every target creates .venv from requirements.txt on first use (a fresh clone needs nothing else).
+# Every target creates .venv from requirements.txt on first use (a fresh clone needs nothing else) and installs
+# the repository into it (editable, pyproject.toml), so `.venv/bin/python` imports models/, pruning/, ... from anywhere.
 PYTHON_SYS ?= python3
 VENV       := .venv
 PY         := $(VENV)/bin/python
@@ -14,10 +15,12 @@ export TOKENIZERS_PARALLELISM ?= false
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
-	@cp requirements.txt $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation \
+		--config-settings editable_mode=compat -e .
+	@cat requirements.txt pyproject.toml > $(STAMP)
 
 ## The default suite (what CI runs): the upstream audit, then every test not marked slow.
 test: $(STAMP)

@@ -12,11 +12,11 @@
 The model is the FORK ``models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLForConditionalGeneration``
 loaded with ``from_pretrained`` (exactly like upstream: any Qwen2.5-VL directory or hub id) with its
 ``AutoProcessor``. The pruning configuration travels with the KV cache given to ``generate``
-(:class:`pruning.prunevid_cache.PruneVidDynamicCache`); the ``baseline`` configuration uses a plain
+(:class:`pruning.video.prunevid_cache.PruneVidDynamicCache`); the ``baseline`` configuration uses a plain
 ``DynamicCache``, i.e. the unmodified upstream code path. Decoding is greedy. Batch size 1 (one video,
 one question per call) is the contract.
 
-Presets (:data:`PRESETS`, from :mod:`pruning.prunevid`; ``preset="custom"`` = ``default`` + your
+Presets (:data:`PRESETS`, from :mod:`pruning.video.prunevid`; ``preset="custom"`` = ``default`` + your
 overrides)::
 
     baseline      every stage off: the unpruned model
@@ -62,7 +62,7 @@ from typing import Any, Sequence
 import torch
 
 from pipelines.video_io import LoadedVideo, load_video
-from pruning.prunevid import PRESET_NAMES, PRESETS, PruneVidConfig, preset as make_preset
+from pruning.video.prunevid import PRESET_NAMES, PRESETS, PruneVidConfig, preset as make_preset
 
 __all__ = [
     "Qwen25VLPruneVid",
@@ -211,7 +211,7 @@ class _PeakMemory:
 
 
 def _enable_verbose_logging() -> None:
-    for name in ("pruning.prunevid", "pipelines.prunevid"):
+    for name in ("pruning.video.prunevid", "pipelines.prunevid"):
         log = logging.getLogger(name)
         log.setLevel(logging.INFO)
         if not log.handlers and not logging.getLogger().handlers:
@@ -232,7 +232,7 @@ class Qwen25VLPruneVid:
     """PruneVid (stage 1 merging, stage 2 pruning at ``pruning_layer``, stage 3 KV compression) on Qwen2.5-VL.
 
     Configuration: start from ``preset`` (a name in :data:`PRESET_NAMES` or a
-    :class:`~pruning.prunevid.PruneVidConfig`; ``None`` = ``"default"``), then every knob passed
+    :class:`~pruning.video.prunevid.PruneVidConfig`; ``None`` = ``"default"``), then every knob passed
     explicitly (not ``None``) overrides it. Invalid values raise a one-line ``ValueError``.
     """
 
@@ -349,7 +349,7 @@ class Qwen25VLPruneVid:
         """The cache for one generation: a PruneVidDynamicCache, or a plain DynamicCache for the baseline."""
         from transformers import DynamicCache
 
-        from pruning.prunevid_cache import PruneVidDynamicCache
+        from pruning.video.prunevid_cache import PruneVidDynamicCache
 
         if self.config.enable_stage1 or self.config.enable_pruning:
             return PruneVidDynamicCache(config=self.model.config, prunevid=self.config, verbose=self.verbose)

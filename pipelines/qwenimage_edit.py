@@ -1,7 +1,7 @@
 """``TokenPruningQwenImageEditPipeline``: the stock diffusers edit pipeline on the forked transformer.
 
 Everything the stock ``QwenImageEditPipeline`` takes still works; ``__call__`` adds
-``pruning_mode`` (``"none" | "mlp" | "full" | "kv"``, see ``pruning/reference_reuse.py``) and
+``pruning_mode`` (``"none" | "mlp" | "full" | "kv"``, see ``pruning/edit/reference_reuse.py``) and
 ``refresh_steps``. With ``pruning_mode="none"`` the call *is* the stock call (bit-identical
 output, tested). Otherwise a ``ReferenceTokenReuse`` controller rides along in
 ``attention_kwargs`` into the fork's fenced branches, and its cache is freed when the call
@@ -18,7 +18,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
 
 from models.qwenimage.transformer_qwenimage import QwenImageTransformer2DModel
-from pruning.reference_reuse import ATTENTION_KWARG, MODES, ReferenceTokenReuse, validate_mode
+from pruning.edit.reference_reuse import ATTENTION_KWARG, MODES, ReferenceTokenReuse, validate_mode
 
 # Scheduler settings published with Qwen-Image-Lightning (4/8-step LoRAs): flow matching with a
 # dynamic, exponential time shift whose base and max shift are both log(3).

@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _cli import ArgumentParser, UserError, run_cli, write_json
+from cli import ArgumentParser, UserError, run_cli, write_json
 
 SCHEDULES = {"alternate": "alternate", "once": "once"}
 
@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from models.qwenimage.transformer_qwenimage import QwenImageTransformer2DModel
-    from pruning.flops import QwenImageShape, qwenimage_edit_flops_ratio
-    from pruning.reference_reuse import ATTENTION_KWARG, ReferenceTokenReuse, resolve_refresh_steps
+    from evaluation.flops import QwenImageShape, qwenimage_edit_flops_ratio
+    from pruning.edit.reference_reuse import ATTENTION_KWARG, ReferenceTokenReuse, resolve_refresh_steps
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,7 +8,7 @@ factor of 4 in width and in token count: Vicuna's 32 layers and MHA kept, hidden
 512 -> 128 wide. Scaling widths and token counts by the same factor keeps the ratio of attention
 to projection FLOPs, so the analytic FLOP ratio of the scaled shapes equals that of the real
 shapes (both are printed, with the measured time ratio). Random seeded weights (speed does not
-depend on them), batch of one, float32, ``logits_to_keep=1`` as in ``generate``.
+depend on them), batch of one (``--batch-size``), float32, ``logits_to_keep=1`` as in ``generate``.
 
 Methods, each at the token budgets of ``eval_llava_pruning.py`` (mean fraction of the vision
 tokens per LLM layer): ``learned`` (merger 144 -> 72 + pruner heads at layers 10/20/31, untrained
@@ -18,28 +18,43 @@ heads: the time depends on the counts, not on which tokens are kept), ``random``
 
     python scripts/bench_llava.py                       # ~3 min on 2 CPU cores
     python scripts/bench_llava.py --repeats 7 --stats-json docs/bench/bench_llava.json
+    python scripts/bench_llava.py --scale 1 --device cuda --budgets 0.35,0.25   # the real 7B shapes, bf16 GPU
 """
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from pathlib import Path
 
-from _cli import ArgumentParser, UserError, run_cli, write_json
+from cli import ArgumentParser, UserError, machine_info, run_cli, write_json
 
 IMAGE_TOKEN_ID = 32000
 SCALE = 4  # 576 / 4 = 144 = 12 x 12 patches; the only factor of 576 below 8 that leaves a square grid
+PATCHES = {1: 24, 4: 12}  # patch grid side per scale: 24 x 24 = 576 tokens (CLIP ViT-L/14-336), 12 x 12 = 144
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budgets", default="0.25,0.35,0.5", help="token budgets (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per prefill (the same prompt repeated)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--scale", type=int, default=SCALE, choices=sorted(PATCHES),
+                   help="divide widths and token counts by this (1: the real LLaVA-1.5-7B shapes, for a GPU)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--stats-json", type=Path, default=Path("outputs_bench/bench_llava.json"))
     args = p.parse_args(argv)
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise UserError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     try:
         args.budgets = [float(x) for x in args.budgets.split(",") if x.strip()]
     except ValueError:
@@ -48,17 +63,22 @@ def parse_args(argv=None):
         raise UserError(f"--budgets must be fractions in (0, 1], got {args.budgets}")
     if args.repeats < 1:
         raise UserError("--repeats must be >= 1")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     return args
 
 
-def scaled_model(scale: int):
-    """The fork at LLaVA-1.5-7B proportions / ``scale`` (random seeded weights, eval mode)."""
+def scaled_model(scale: int, device: str = "cpu", dtype: str = "float32"):
+    """The fork at LLaVA-1.5-7B proportions / ``scale`` (random seeded weights, eval mode), built on ``device``.
+
+    ``scale=1`` is the real configuration (CLIP ViT-L/14-336 + Vicuna-7B, 7.06 B parameters).
+    """
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     from models.llava.modeling_llava import LlavaForConditionalGeneration
 
-    patches = 24 // 2  # 576 / 4 = 144 = 12 x 12
+    patches = PATCHES[scale]
     vision = CLIPVisionConfig(hidden_size=1024 // scale, intermediate_size=4096 // scale, num_hidden_layers=24,
                               num_attention_heads=max(1, 16 // scale), image_size=patches * 14, patch_size=14,
                               projection_dim=768 // scale)
@@ -68,27 +88,24 @@ def scaled_model(scale: int):
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
                          vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config).eval().requires_grad_(False), patches * patches
+    with torch.device(device):  # initialise on the device: a CPU init of 7 B parameters takes minutes
+        model = LlavaForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype))
+    return model.eval().requires_grad_(False), patches * patches
 
 
 def main() -> int:
     args = parse_args()
     import torch
 
-    from pruning.llava_baselines import (
-        LlavaShape,
-        baseline_schedule,
-        learned_schedule,
-        make_selector,
-        prefill_flops,
-    )
-    from pruning.llava_config import VisionTokenPruningConfig, config_from_dict
-    from pruning.llava_runtime import attach_pruning, detach_pruning
+    from evaluation.flops import LlavaShape, prefill_flops
+    from pruning.llava.baselines import baseline_schedule, learned_schedule, make_selector
+    from pruning.llava.config import VisionTokenPruningConfig, config_from_dict
+    from pruning.llava.runtime import attach_pruning, detach_pruning
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    scale = SCALE
-    model, num_vision = scaled_model(scale)
+    scale = args.scale
+    model, num_vision = scaled_model(scale, args.device, args.dtype)
     text_len = 60 // scale
     real = LlavaShape()
     shape = LlavaShape(hidden=4096 // scale, mlp=11008 // scale, kv_hidden=4096 // scale, num_vision=num_vision,
@@ -107,9 +124,11 @@ def main() -> int:
     ids = torch.cat([torch.tensor([1]), torch.randint(2, 32000, (before - 1,), generator=g),
                      torch.full((num_vision,), IMAGE_TOKEN_ID),
                      torch.randint(2, 32000, (text_len - before,), generator=g)]).unsqueeze(0)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-              "pixel_values": torch.randn(1, 3, model.config.vision_config.image_size,
-                                          model.config.vision_config.image_size, generator=g)}
+    pixels = torch.randn(1, 3, model.config.vision_config.image_size, model.config.vision_config.image_size, generator=g)
+    ids, pixels = ids.repeat(args.batch_size, 1), pixels.repeat(args.batch_size, 1, 1, 1)
+    inputs = {"input_ids": ids.to(args.device), "attention_mask": torch.ones_like(ids).to(args.device),
+              "pixel_values": pixels.to(args.device, getattr(torch, args.dtype))}
+    synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     runs = [{"method": "unpruned", "budget": 1.0, "attach": lambda: None,
              "flops": (prefill_flops(shape, [num_vision] * 32), prefill_flops(real, [real.num_vision] * 32)),
@@ -145,8 +164,10 @@ def main() -> int:
     @torch.no_grad()
     def timed(run) -> float:
         run["attach"]()
+        synchronize()
         start = time.perf_counter()
         model(**inputs, logits_to_keep=1)
+        synchronize()
         seconds = time.perf_counter() - start
         detach_pruning(model)
         return seconds
@@ -175,18 +196,19 @@ def main() -> int:
             "flops_scaled": scaled_flops, "flops_real": real_flops,
         })
     report = {
-        "what": "prefill (vision tower + merger + projector + LLM, logits_to_keep=1) of one prompt, median of "
+        "what": f"prefill (vision tower + merger + projector + LLM, logits_to_keep=1) of {args.batch_size} prompt(s), median of "
                 f"{args.repeats} interleaved rounds after a warm-up",
         "scale": scale, "shape": {"llm_layers": 32, "hidden": shape.hidden, "mlp": shape.mlp,
                                   "vision_tokens": num_vision, "text_tokens": text_len,
                                   "clip_width": shape.vision_dim, "clip_layers": 24},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": machine_info(torch, torch.device(args.device)), "dtype": args.dtype, "batch_size": args.batch_size,
         "results": results,
     }
     write_json(args.stats_json, report)
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"{torch.get_num_threads()} CPU threads")
     print(f"LLaVA-1.5-7B proportions / {scale}: {num_vision} vision + {text_len} text tokens, hidden {shape.hidden}, "
-          f"32 layers; {torch.get_num_threads()} threads; unpruned prefill {base_time * 1e3:.0f} ms")
+          f"32 layers, batch {args.batch_size}, {args.dtype} on {where}; unpruned prefill {base_time * 1e3:.1f} ms")
     print(f"{'method':<10}{'budget':>8}{'achieved':>10}{'speedup':>9}{'FLOPs ratio (scaled)':>22}{'(real 7B)':>11}")
     for r in results:
         budget = "trained" if r["budget"] is None else f"{r['budget']:.2f}"

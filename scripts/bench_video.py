@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _cli import ArgumentParser, UserError, run_cli, write_json
+from cli import ArgumentParser, UserError, run_cli, write_json
 
 # 16 frames of (width, height) px -> 8 grid steps x (h/28 x w/28) = 2048 / scale visual tokens
 FRAME_SIZE = {8: (224, 112), 4: (224, 224)}
@@ -82,9 +82,9 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from models.tiny import cached_model_dir
-    from models.tiny.demo_video import write_demo_video
+    from data.demo_video import write_demo_video
     from pipelines.prunevid import Qwen25VLPruneVid
-    from pruning.flops import Qwen2_5_VLTextShape, qwen2_5_vl_prefill_flops
+    from evaluation.flops import Qwen2_5_VLTextShape, qwen2_5_vl_prefill_flops
 
     if args.threads:
         torch.set_num_threads(args.threads)

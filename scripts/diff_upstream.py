@@ -64,7 +64,7 @@ Usage::
 
     python scripts/diff_upstream.py            # audit every fork under models/ and every copied block
     python scripts/diff_upstream.py --quiet    # violations only, no diffs or per-block lines
-    python scripts/diff_upstream.py pruning/reference_reuse.py   # one file: a fork, or copied blocks
+    python scripts/diff_upstream.py pruning/edit/reference_reuse.py   # one file: a fork, or copied blocks
     python scripts/diff_upstream.py --init transformers transformers/models/llava/modeling_llava.py \
         models/llava/modeling_llava.py         # create a fresh fork
 """

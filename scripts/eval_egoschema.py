@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """EgoSchema-style multiple-choice evaluation of PruneVid presets on Qwen2.5-VL (``make eval-egoschema``).
 
-Default: the generated EgoSchema-format set (:func:`pruning.egoschema.synthetic_egoschema`: 12 short
+Default: the generated EgoSchema-format set (:func:`data.egoschema.synthetic_egoschema`: 12 short
 videos of moving coloured shapes, questions such as "Which direction does the red square move?")
 on the embedded tiny Qwen2.5-VL, every preset, on CPU. The embedded model has random weights, so its
 accuracy is at chance level (1 in 5 = 20%): there only the agreement with the baseline, the token
@@ -14,7 +14,7 @@ counts, the compression and the times mean something. Real data and weights::
 The file format (official ``questions.json`` records with ``q_uid``, ``question``, ``option 0`` ..
 ``option 4``; answers from an ``answer`` field or ``subset_answers.json``; videos
 ``<video-dir>/<q_uid>.mp4`` or another container decord reads) is documented in
-:mod:`pruning.egoschema`. Each question is answered by ``Qwen25VLPruneVid.process_egoschema_sample``
+:mod:`data.egoschema`. Each question is answered by ``Qwen25VLPruneVid.process_egoschema_sample``
 (the option letter with the highest logit at the first generated position) for each preset of
 ``--presets``; the model is loaded once and every preset is a ``with_config`` view of it.
 
@@ -36,14 +36,14 @@ import sys
 import time
 from pathlib import Path
 
-from _cli import ArgumentParser, UserError, configure_torch_threads, run_cli, write_json
+from cli import ArgumentParser, UserError, configure_torch_threads, machine_info, run_cli, write_json
 
 DEFAULT_PRESETS = ("baseline", "stage2_only", "stage1_only", "default", "conservative", "aggressive")
 CHANCE_LEVEL = 0.2
 
 
 def _preset_list(text: str) -> tuple[str, ...]:
-    from pruning.prunevid import PRESETS
+    from pruning.video.prunevid import PRESETS
 
     names = tuple(item.strip() for item in text.split(","))
     if not names or any(not name for name in names):
@@ -57,7 +57,7 @@ def _preset_list(text: str) -> tuple[str, ...]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from pruning.egoschema import MISSING_ANSWER_POLICIES
+    from data.egoschema import MISSING_ANSWER_POLICIES
 
     p = ArgumentParser(prog="eval_egoschema.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--questions", type=Path, default=None,
@@ -102,7 +102,7 @@ def validate(args) -> None:
 
 def load_questions(args):
     """The questions (validated, videos found), and the files they came from."""
-    from pruning.egoschema import EgoSchemaError, EgoSchemaFiles, load_egoschema, synthetic_egoschema
+    from data.egoschema import EgoSchemaError, EgoSchemaFiles, load_egoschema, synthetic_egoschema
 
     try:
         if args.questions is None:
@@ -195,7 +195,6 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     from pipelines.prunevid import Qwen25VLPruneVid
-    from sweep_stage1 import machine_info
 
     hf_logging.disable_progress_bar()
     configure_torch_threads(args.threads, args.model_path, args.device)

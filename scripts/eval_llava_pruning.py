@@ -11,7 +11,7 @@ On the held-out split of the shapes-VQA task, generates answers (greedy) with
   ``temperature_min`` as a trained run saves it), the ablation that shows what
   training changed,
 * random selection, FastV (attention from the last prompt token, layer 2) and DivPrune
-  (max-min diversity of the vision features) at each budget (``pruning/llava_baselines.py``),
+  (max-min diversity of the vision features) at each budget (``pruning/llava/baselines.py``),
 
 and reports exact-match accuracy (overall and per question type), mean smoothed sentence BLEU
 against the reference answers, agreement with the unpruned answers, the vision-token counts
@@ -20,7 +20,7 @@ prefill FLOPs at the real size (32 layers, hidden 4096, MLP 11008, 576 image + ~
 and the measured prefill time ratio against the unpruned model in the same run.
 
 A budget is the mean fraction of the image's vision tokens present per LLM layer (compute
-matched; see ``pruning/llava_baselines.py``). Writes a JSON (``--output``) and prints a table.
+matched; see ``pruning/llava/baselines.py``). Writes a JSON (``--output``) and prints a table.
 
     python scripts/eval_llava_pruning.py
     python scripts/eval_llava_pruning.py --budgets 0.25,0.5 --methods random,divprune --eval-size 200
@@ -33,7 +33,7 @@ import math
 import time
 from pathlib import Path
 
-from _cli import REPO_ROOT, ArgumentParser, UserError, load_or_explain, run_cli, write_json
+from cli import REPO_ROOT, ArgumentParser, UserError, load_or_explain, run_cli, write_json
 
 import torch
 
@@ -101,16 +101,11 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
     from transformers import AutoProcessor
 
     from models.llava.modeling_llava import LlavaForConditionalGeneration
-    from pruning.llava_baselines import (
-        LlavaShape,
-        baseline_schedule,
-        learned_schedule,
-        make_selector,
-        prefill_flops,
-    )
-    from pruning.llava_config import config_from_dict, vision_token_trajectory
-    from pruning.llava_runtime import attach_pruning, detach_pruning, load_pruning, num_image_tokens
-    from pruning.vqa_shapes import (
+    from evaluation.flops import LlavaShape, prefill_flops
+    from pruning.llava.baselines import baseline_schedule, learned_schedule, make_selector
+    from pruning.llava.config import config_from_dict, vision_token_trajectory
+    from pruning.llava.runtime import attach_pruning, detach_pruning, load_pruning, num_image_tokens
+    from data.vqa_shapes import (
         QUESTION_TYPES,
         accuracy_by_type,
         chance_levels,
@@ -122,7 +117,7 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
 
     model_path = args.model_path
     if model_path is None:
-        from train_llava_base import trained_base_dir
+        from models.tiny.llava_vqa import trained_base_dir
 
         model_path = str(trained_base_dir())
     processor = load_or_explain("the LLaVA processor", model_path, lambda: AutoProcessor.from_pretrained(model_path))
@@ -131,7 +126,7 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
     if checkpoint:
         cfg = config_from_dict(checkpoint["config"], "checkpoint")
     else:
-        from pruning.llava_config import load_config
+        from pruning.llava.config import load_config
 
         try:
             cfg = load_config(args.config)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from tests import golden_cases  # noqa: F401  (registers the cases; the repository root is installed, see pyproject.toml)
+from tests.golden_utils import GOLDEN_CASES, write_golden
 
-from tests import golden_cases  # noqa: E402,F401  (registers the cases)
-from tests.golden_utils import GOLDEN_CASES, write_golden  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(names: list[str]) -> int:

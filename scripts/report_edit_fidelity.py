@@ -19,8 +19,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from _cli import ArgumentParser, UserError, run_cli, write_json
-from run_with_token_pruning import load_pipeline, load_reference_image
+from cli import ArgumentParser, UserError, load_edit_pipeline, load_reference_image, run_cli, write_json
 
 # label -> refresh steps (4 steps); other step counts get "alternate" and "once"
 ABLATION_4_STEPS = {"reuse 2": "1,3,4", "reuse 4": "1,2,3", "reuse 2+4": "1,3", "reuse 2,3,4 (once)": "once"}
@@ -61,11 +60,11 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from pruning.flops import QwenImageShape, qwenimage_edit_flops_ratio
-    from pruning.metrics import psnr, ssim
-    from pruning.reference_reuse import resolve_refresh_steps
+    from evaluation.flops import QwenImageShape, qwenimage_edit_flops_ratio
+    from evaluation.metrics import psnr, ssim
+    from pruning.edit.reference_reuse import resolve_refresh_steps
 
-    pipe, model_path, device = load_pipeline(args)
+    pipe, model_path, device = load_edit_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
     schedules = ABLATION_4_STEPS if args.steps == 4 else {"alternate": "alternate", "once": "once"}
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _cli import ArgumentParser, UserError, configure_torch_threads, load_video_or_explain, run_cli, write_json
+from cli import ArgumentParser, UserError, configure_torch_threads, load_video_or_explain, run_cli, write_json
 
 DEFAULT_QUESTION = "What is moving in the video, and in which direction?"
 
 
 def parse_args(argv=None):
-    from pruning.prunevid import PRESET_NAMES, SELECTION_MODES
+    from pruning.video.prunevid import PRESET_NAMES, SELECTION_MODES
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("video", nargs="?", type=Path, default=None, help="video file (default: the generated demo video)")
@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 def validate(args) -> dict:
     """Check every argument before any work is done; returns the knob overrides."""
-    from pruning.prunevid import PRESET_NAMES, PruneVidConfig, preset
+    from pruning.video.prunevid import PRESET_NAMES, PruneVidConfig, preset
 
     if args.preset not in PRESET_NAMES:
         raise UserError(f"unknown --preset {args.preset!r}: choose one of {', '.join(PRESET_NAMES)}")

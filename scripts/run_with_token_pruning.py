@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from _cli import ArgumentParser, REPO_ROOT, ModuleTimer, UserError, load_or_explain, run_cli, stopwatch, write_json
+from cli import ArgumentParser, ModuleTimer, UserError, load_edit_pipeline, load_reference_image, run_cli, stopwatch, write_json
 
 MODES = ("none", "mlp", "full", "kv")
 
@@ -49,7 +49,7 @@ def parse_args(argv=None):
 
 def validate(args) -> tuple[str, tuple[int, ...]]:
     """Check every argument before any work is done; nothing is written on bad input."""
-    from pruning.reference_reuse import resolve_refresh_steps
+    from pruning.edit.reference_reuse import resolve_refresh_steps
 
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
@@ -70,50 +70,6 @@ def validate(args) -> tuple[str, tuple[int, ...]]:
     return mode, refresh
 
 
-def load_reference_image(path: Path | None):
-    from PIL import Image, UnidentifiedImageError
-
-    if path is None:
-        from models.tiny.media import make_sample_image
-
-        return make_sample_image()
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise UserError(f"cannot read image {str(path)!r} ({type(error).__name__}): pass a PNG/JPEG file") from None
-
-
-def load_pipeline(args):
-    """The pruning pipeline from ``--model-path`` (default: embedded tiny) with ``--lora``, on ``--device``."""
-    import torch
-
-    from pipelines.qwenimage_edit import TokenPruningQwenImageEditPipeline
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if args.model_path is None:
-        from models.tiny.qwenimage_edit import tiny_qwenimage_edit_dir
-
-        model_path = str(tiny_qwenimage_edit_dir())
-    else:
-        model_path = args.model_path
-    pipe = load_or_explain(
-        "the Qwen-Image-Edit pipeline",
-        model_path,
-        lambda: TokenPruningQwenImageEditPipeline.from_pretrained(
-            model_path, lora=args.lora, lora_weight_name=args.lora_weight_name, dtype=dtype
-        ),
-    )
-    if args.cpu_offload:
-        pipe.enable_model_cpu_offload()
-    else:
-        pipe.to(device)
-    if args.vae_tiling:
-        pipe.vae.enable_tiling()
-    return pipe, model_path, device
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     mode, refresh = validate(args)
@@ -121,10 +77,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pruning.flops import QwenImageShape, qwenimage_edit_flops_ratio
-    from pruning.metrics import psnr, ssim
+    from evaluation.flops import QwenImageShape, qwenimage_edit_flops_ratio
+    from evaluation.metrics import psnr, ssim
 
-    pipe, model_path, device = load_pipeline(args)
+    pipe, model_path, device = load_edit_pipeline(args)
     timer = ModuleTimer(pipe.transformer)
 
     def edit(pruning_mode: str):

@@ -36,7 +36,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from _cli import ArgumentParser, UserError, configure_torch_threads, load_video_or_explain, run_cli, write_json
+from cli import ArgumentParser, UserError, configure_torch_threads, load_video_or_explain, machine_info, run_cli, write_json
 
 DEFAULT_QUESTION = "What is moving in the video, and in which direction?"
 DEFAULT_TAUS = (0.7, 0.8, 0.9)
@@ -97,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def validate(args) -> None:
     """Check every argument before any work is done."""
-    from pruning.prunevid import PruneVidConfig
+    from pruning.video.prunevid import PruneVidConfig
 
     for flag, value, minimum in (("--num-frames", args.num_frames, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                                  ("--repeats", args.repeats, 1), ("--threads", args.threads, 1)):  # fmt: skip
@@ -128,25 +128,6 @@ def agreement(reference: list[int], ids: list[int]) -> tuple[float, bool]:
 
 def _ratio(value) -> str:
     return f"{value:.2f}x" if value is not None else "-"
-
-
-def machine_info(torch_module, device) -> dict:
-    import transformers
-
-    info = {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch_module.__version__,
-        "transformers": transformers.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch_module.get_num_threads(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch_module.cuda.get_device_name(device)
-    return info
 
 
 def run_setting(pipe, inputs, args, reference_ids=None) -> dict:

@@ -4,7 +4,7 @@
 All weights (CLIP tower, projector, Llama LLM) are trained from the embedded model's seeded
 initialisation with next-token cross-entropy on the one-word answer (+ EOS), AdamW, linear
 warm-up then cosine decay, on a deterministic stream of training samples
-(``pruning/vqa_shapes.py``). A from-scratch VLM first learns the answer priors and ignores the
+(``data/vqa_shapes.py``). A from-scratch VLM first learns the answer priors and ignores the
 image for thousands of steps; to get past that within minutes, an auxiliary dense loss
 (``--aux-weight``) trains linear probes on the projector outputs to predict, for every image
 token, the colour, the shape and the (colour, shape) pair covering its patch
@@ -37,174 +37,11 @@ Reproducible from ``--seed`` on one machine (CPU kernels may round differently e
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
-import time
 from pathlib import Path
 
-from _cli import ArgumentParser, UserError, load_or_explain, run_cli, write_json
-
-import torch
-
-BASE_VERSION = 1
-"""Bump whenever the defaults below or the task change the trained directory."""
-
-DEFAULTS = dict(steps=1200, batch_size=16, lr=1.5e-3, warmup=50, weight_decay=0.01, aux_weight=3.0, embed_std=0.5,
-                qk_std=0.1, turns=4, text_loss=1, clip=5.0, seed=0, eval_size=400)
-METRICS_FILE = "vqa_base_metrics.json"
-
-
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def evaluate_base(model, processor, eval_size: int, seed: int) -> dict:
-    """Held-out exact-match accuracy per question type, with chance levels."""
-    from pruning.vqa_shapes import accuracy_by_type, chance_levels, generate_answers, make_split
-
-    samples = make_split("heldout", eval_size, seed=seed)
-    model.eval()
-    predictions = generate_answers(model, processor, samples)
-    return {
-        "accuracy": accuracy_by_type(samples, predictions),
-        "chance": chance_levels(samples),
-        "eval_size": eval_size,
-        "examples": [
-            {"question": s.question, "answer": s.answer, "prediction": p} for s, p in list(zip(samples, predictions))[:8]
-        ],
-    }
-
-
-def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_size: int, lr: float, warmup: int,
-               weight_decay: float, aux_weight: float, embed_std: float, qk_std: float, turns: int, text_loss: int, clip: float, seed: int,
-               eval_size: int, log=print) -> dict:
-    """Train, evaluate and save; returns the metrics (also written to ``output_dir/vqa_base_metrics.json``)."""
-    from tqdm.auto import tqdm
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from pruning.vqa_shapes import (
-        COLOURS,
-        SHAPES,
-        encode_batch,
-        encode_conversations,
-        make_conversation,
-        make_sample,
-        patch_labels,
-    )
-
-    torch.manual_seed(seed)
-    processor = load_or_explain("the LLaVA processor", str(model_path), lambda: AutoProcessor.from_pretrained(model_path))
-    model = load_or_explain("the LLaVA model", str(model_path),
-                            lambda: LlavaForConditionalGeneration.from_pretrained(model_path))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if embed_std > 0:
-        with torch.no_grad():
-            emb = model.get_input_embeddings().weight
-            emb.mul_(embed_std / emb.std())
-    if qk_std > 0:
-        with torch.no_grad():
-            for layer in model.model.language_model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                    proj.weight.mul_(qk_std / proj.weight.std())
-    model.to(device).train()
-    num_tokens = model.config.image_seq_length
-    grid = int(round(num_tokens ** 0.5))
-    if aux_weight > 0 and grid * grid != num_tokens:
-        raise UserError(f"--aux-weight needs a square patch grid, the model has {num_tokens} image tokens")
-    width = model.config.text_config.hidden_size
-    probe = torch.nn.ModuleDict({"colour": torch.nn.Linear(width, len(COLOURS) + 1),
-                                 "shape": torch.nn.Linear(width, len(SHAPES) + 1),
-                                 "pair": torch.nn.Linear(width, len(COLOURS) * len(SHAPES) + 1)}).to(device)
-    params = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
-    decay = [p for n, p in params if p.dim() >= 2]
-    no_decay = [p for n, p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup))
-    losses = []
-    probe_hits = {"colour": [], "shape": [], "pair": []}
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc="train base", dynamic_ncols=True)
-    for step in bar:
-        if turns > 1:
-            samples = [make_conversation(seed, "train", step * batch_size + i, turns) for i in range(batch_size)]
-            batch = encode_conversations(processor, samples, label_text=bool(text_loss))
-        else:
-            samples = [make_sample(seed, "train", step * batch_size + i) for i in range(batch_size)]
-            batch = encode_batch(processor, samples, with_answers=True)
-            batch.pop("question_mask")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
-        loss = out.loss
-        if aux_weight > 0:
-            feats = out.image_hidden_states.view(len(samples), num_tokens, -1)
-            targets = [patch_labels(s, grid) for s in samples]
-            colour_t = torch.stack([t[0] for t in targets]).to(device).flatten()
-            shape_t = torch.stack([t[1] for t in targets]).to(device).flatten()
-            pair_t = torch.where(colour_t > 0, (colour_t - 1) * len(SHAPES) + shape_t, torch.zeros_like(colour_t))
-            for name, target in (("colour", colour_t), ("shape", shape_t), ("pair", pair_t)):
-                logits = probe[name](feats).flatten(0, 1)
-                loss = loss + aux_weight * torch.nn.functional.cross_entropy(logits, target)
-                on_shape = target > 0
-                probe_hits[name].append((logits[on_shape].argmax(-1) == target[on_shape]).float().mean().item())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        scheduler.step()
-        losses.append(out.loss.item())
-        if step % 10 == 0 or step == steps - 1:
-            postfix = {"loss": f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"}
-            for name, hits in probe_hits.items():
-                if hits:
-                    postfix[f"probe_{name}"] = f"{sum(hits[-10:]) / len(hits[-10:]):.2f}"
-            bar.set_postfix(postfix)
-    train_seconds = time.perf_counter() - start
-    metrics = evaluate_base(model, processor, eval_size, seed)
-    metrics.update(
-        train_seconds=round(train_seconds, 1),
-        settings=dict(model_path=str(model_path), steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                      weight_decay=weight_decay, aux_weight=aux_weight, embed_std=embed_std, qk_std=qk_std, turns=turns, text_loss=text_loss, clip=clip, seed=seed, samples_seen=steps * batch_size),
-        loss_first_10=sum(losses[:10]) / min(10, len(losses)),
-        loss_last_10=sum(losses[-10:]) / min(10, len(losses)),
-        probe_accuracy_last_10={k: sum(v[-10:]) / len(v[-10:]) for k, v in probe_hits.items() if v},
-        loss_curve={step: round(sum(losses[step:step + 25]) / len(losses[step:step + 25]), 4)
-                    for step in range(0, len(losses), 25)},
-    )
-    model.to("cpu")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    write_json(output_dir / METRICS_FILE, metrics)
-    log(format_metrics(metrics))
-    return metrics
-
-
-def format_metrics(metrics: dict) -> str:
-    acc, chance = metrics["accuracy"], metrics["chance"]
-    lines = [f"held-out exact match ({metrics['eval_size']} questions; trained {metrics.get('train_seconds', '?')} s):",
-             f"  {'type':<10}{'accuracy':>10}{'chance (uniform)':>18}{'chance (majority)':>19}"]
-    for qtype, c in chance.items():
-        lines.append(f"  {qtype:<10}{acc[qtype]:>10.3f}{c['uniform']:>18.3f}{c['majority']:>19.3f}")
-    lines.append(f"  {'all':<10}{acc['all']:>10.3f}")
-    return "\n".join(lines)
-
-
-def trained_base_dir(log=print) -> Path:
-    """The cached default base (trained with ``DEFAULTS`` on first use)."""
-    from models.tiny import cached_model_dir
-    from models.tiny.llava import tiny_llava_dir
-
-    def build(tmp: Path) -> None:
-        log(f"training the shapes-VQA base into the cache (once; defaults {DEFAULTS})")
-        train_base(tiny_llava_dir(), tmp, log=log, **DEFAULTS)
-
-    return cached_model_dir("llava-vqa", BASE_VERSION, build)
-
+from cli import ArgumentParser, UserError, run_cli
+from models.tiny.llava_vqa import BASE_VERSION, DEFAULTS, METRICS_FILE, format_metrics, train_base, trained_base_dir
 
 def main() -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -38,7 +38,7 @@ import shutil
 import time
 from pathlib import Path
 
-from _cli import REPO_ROOT, ArgumentParser, UserError, load_or_explain, run_cli, write_json
+from cli import REPO_ROOT, ArgumentParser, UserError, load_or_explain, run_cli, write_json
 
 import torch
 
@@ -67,7 +67,7 @@ def load_training_config(path: Path, overrides: dict, max_steps: int | None, out
     """The YAML config with ``--set`` overrides and the CLI's train settings applied (validated)."""
     import yaml
 
-    from pruning.llava_config import ConfigError, config_from_dict, load_config
+    from pruning.llava.config import ConfigError, config_from_dict, load_config
 
     try:
         cfg = load_config(path)
@@ -90,23 +90,9 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def answer_position_mask(labels: torch.Tensor) -> torch.Tensor:
-    """[B, T]: the rows whose hidden state predicts a supervised (answer or EOS) token, ``labels[:, t + 1] != -100``.
-
-    What the discriminator compares. These are the states the answer is read from; on every
-    other text row (the question, the template) the pruned model's states differ from the
-    unpruned ones mostly in how much background they averaged over, and a discriminator fed
-    those rows rewards keeping look-alike background tokens (measured: held-out accuracy of the
-    tiny model fell from 0.66 to 0.44 in 200 steps with ``task_loss_weight=0`` and all text rows).
-    """
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != -100
-    return mask
-
-
 @torch.no_grad()
 def split_accuracy(model, processor, samples) -> float:
-    from pruning.vqa_shapes import accuracy_by_type, generate_answers
+    from data.vqa_shapes import accuracy_by_type, generate_answers
 
     return accuracy_by_type(samples, generate_answers(model, processor, samples))["all"]
 
@@ -151,17 +137,18 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
     from transformers import AutoProcessor
 
     from models.llava.modeling_llava import LlavaForConditionalGeneration
-    from pruning.llava_config import temperature_at
-    from pruning.llava_pruning import (
+    from pruning.llava.config import temperature_at
+    from pruning.llava.modules import (
         Discriminator,
         adversarial_losses,
+        answer_position_mask,
         merge_sparsity_loss,
         task_loss,
         token_budget_loss,
         total_generator_loss,
     )
-    from pruning.llava_runtime import attach_pruning, pruning_checkpoint
-    from pruning.vqa_shapes import VQACollator, VQADataset, make_split
+    from pruning.llava.runtime import attach_pruning, pruning_checkpoint
+    from data.vqa_shapes import VQACollator, VQADataset, make_split
 
     t_cfg, o_cfg = cfg.train, cfg.optim
     accelerator = Accelerator(
@@ -175,7 +162,7 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
 
     model_path = args.model_path
     if model_path is None:
-        from train_llava_base import trained_base_dir
+        from models.tiny.llava_vqa import trained_base_dir
 
         with accelerator.main_process_first():
             model_path = str(trained_base_dir(log=log))

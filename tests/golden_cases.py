@@ -34,7 +34,7 @@ def _qwen2_5_vl():
 def _qwen_inputs(media: str):
     from transformers.video_utils import VideoMetadata
 
-    from models.tiny.media import make_sample_image, make_sample_video
+    from data.media import make_sample_image, make_sample_video
 
     processor, _ = _qwen2_5_vl()
     question = "Describe this image." if media == "image" else "What happens in the video?"
@@ -80,7 +80,7 @@ def llava_batch2_generate():
 
     from models.llava.modeling_llava import LlavaForConditionalGeneration
     from models.tiny.llava import tiny_llava_dir
-    from models.tiny.media import make_sample_image
+    from data.media import make_sample_image
 
     path = tiny_llava_dir()
     processor = AutoProcessor.from_pretrained(path)
@@ -115,7 +115,7 @@ def _edit_pipe():
 
 
 def _edit_case(mode: str, refresh_steps=None) -> dict:
-    from models.tiny.media import make_sample_image
+    from data.media import make_sample_image
 
     pipe = _edit_pipe()
     image = pipe(
@@ -157,7 +157,7 @@ def qwenimage_edit_kv_once():
 
 @lru_cache(maxsize=1)
 def _prunevid_base():
-    from models.tiny.demo_video import demo_video_path
+    from data.demo_video import demo_video_path
     from pipelines.prunevid import Qwen25VLPruneVid
 
     pipe = Qwen25VLPruneVid(preset="baseline", num_frames=16)

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from tests.script_loader import load_script
 
-import diff_upstream  # noqa: E402
-from diff_upstream import HEADER_TEMPLATE, absolutize_imports, audit_text, sha256_text  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
+diff_upstream = load_script("diff_upstream", "diff_upstream")
+HEADER_TEMPLATE, absolutize_imports = diff_upstream.HEADER_TEMPLATE, diff_upstream.absolutize_imports
+audit_text, sha256_text = diff_upstream.audit_text, diff_upstream.sha256_text
 
 UPSTREAM_PATH = "pkg/models/toy/modeling_toy.py"
 UPSTREAM = '''\
@@ -396,16 +397,16 @@ def test_real_copied_blocks_all_pass_and_are_listed():
     proc = run_cli()
     assert proc.returncode == 0, proc.stderr
     listed = [line for line in proc.stdout.splitlines() if line.startswith("copied block OK: ")]
-    assert any(line.startswith("copied block OK: pruning/reference_reuse.py:") and "QwenImageTransformerBlock.forward" in line for line in listed)
-    assert any(line.startswith("copied block OK: pruning/reference_reuse.py:") and "QwenDoubleStreamAttnProcessor2_0.__call__" in line for line in listed)
-    assert any(line.startswith("copied block OK: pruning/prunevid_cache.py:") and "Qwen2_5_VLAttention.forward" in line for line in listed)
+    assert any(line.startswith("copied block OK: pruning/edit/reference_reuse.py:") and "QwenImageTransformerBlock.forward" in line for line in listed)
+    assert any(line.startswith("copied block OK: pruning/edit/reference_reuse.py:") and "QwenDoubleStreamAttnProcessor2_0.__call__" in line for line in listed)
+    assert any(line.startswith("copied block OK: pruning/video/prunevid_cache.py:") and "Qwen2_5_VLAttention.forward" in line for line in listed)
     files = {p.relative_to(REPO_ROOT).as_posix() for p in diff_upstream.find_copy_files(REPO_ROOT)}
-    assert files >= {"pruning/reference_reuse.py", "pruning/prunevid_cache.py"}
+    assert files >= {"pruning/edit/reference_reuse.py", "pruning/video/prunevid_cache.py"}
     quiet = run_cli("--quiet")
     assert quiet.returncode == 0 and "copied block OK" not in quiet.stdout
 
 
-@pytest.mark.parametrize("path", ["pruning/reference_reuse.py", "pruning/prunevid_cache.py"])
+@pytest.mark.parametrize("path", ["pruning/edit/reference_reuse.py", "pruning/video/prunevid_cache.py"])
 def test_one_statement_changed_in_a_real_copied_block_fails_the_cli(tmp_path, path):
     lines = (REPO_ROOT / path).read_text().splitlines(keepends=True)
     marker = next(i for i, line in enumerate(lines) if line.lstrip().startswith("# Copied from "))

@@ -20,7 +20,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration as UpstreamQwen
 from transformers.video_utils import VideoMetadata
 
 from models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as ForkQwen
-from models.tiny.media import make_sample_image, make_sample_video
+from data.media import make_sample_image, make_sample_video
 from models.tiny.qwen2_5_vl import build_tiny_qwen2_5_vl, tiny_qwen2_5_vl_dir
 from models.tiny.qwen_tokenizer import SPECIAL_TOKENS, build_qwen2_tokenizer
 

@@ -23,7 +23,7 @@ from diffusers import QwenImageTransformer2DModel as UpstreamTransformer
 from PIL import Image
 
 from models.qwenimage.transformer_qwenimage import QwenImageTransformer2DModel as ForkTransformer
-from models.tiny.media import make_sample_image
+from data.media import make_sample_image
 from models.tiny.qwenimage_edit import build_tiny_qwenimage_edit, tiny_qwenimage_edit_dir
 
 PROMPT = "Change the color of the circle to red."

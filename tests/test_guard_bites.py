@@ -17,7 +17,7 @@ import torch
 from transformers import AutoProcessor
 from transformers import Qwen2_5_VLForConditionalGeneration as UpstreamQwen
 
-from models.tiny.media import make_sample_image
+from data.media import make_sample_image
 from models.tiny.qwen2_5_vl import tiny_qwen2_5_vl_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from models.llava.modeling_llava import LlavaForConditionalGeneration as ForkLlava
 from models.tiny.llava import tiny_llava_dir
-from pruning.llava_config import (
+from pruning.llava.config import (
     ConfigError,
     MergerConfig,
     PrunerConfig,
@@ -34,8 +34,8 @@ from pruning.llava_config import (
     load_config,
     vision_token_trajectory,
 )
-from pruning.llava_pruning import TokenMerger
-from pruning.llava_runtime import ForcedSelector, attach_pruning, detach_pruning, get_pruning
+from pruning.llava.modules import TokenMerger
+from pruning.llava.runtime import ForcedSelector, attach_pruning, detach_pruning, get_pruning
 from tests.test_equivalence_llava import QUESTIONS, chat_prompt, make_test_image
 
 NEW_TOKENS = 6
@@ -348,7 +348,7 @@ def test_masked_training_forward_sends_gradients_to_merger_and_every_pruner(fork
 
 def test_keep_mask_gradients_are_bounded_and_budget_preserving(fork, batch_inputs) -> None:
     """Training-mode keep gradients are finite and bounded; the heads receive them projected to sum zero."""
-    from pruning.llava_runtime import _BudgetProjectedGradient
+    from pruning.llava.runtime import _BudgetProjectedGradient
 
     fork.requires_grad_(False)
     pruning = _attach(fork)
@@ -438,10 +438,7 @@ def test_question_aware_merger_in_forward_and_generate(fork, batch_inputs) -> No
 
 
 def test_discriminator_compares_the_rows_that_predict_the_answer() -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from train_llava_pruner import answer_position_mask
+    from pruning.llava.modules import answer_position_mask
 
     labels = torch.tensor([[-100, -100, -100, 7, 2], [-100, -100, 5, 2, -100]])
     expected = torch.tensor([[False, False, True, True, False], [False, True, True, False, False]])

@@ -1,4 +1,4 @@
-"""Unit tests of system C's modules and config (pruning/llava_pruning.py, pruning/llava_config.py)."""
+"""Unit tests of system C's modules and config (pruning/llava/modules.py, pruning/llava/config.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruning.llava_config import (
+from pruning.llava.config import (
     ConfigError,
     LossConfig,
     MergerConfig,
@@ -22,7 +22,7 @@ from pruning.llava_config import (
     temperature_at,
     vision_token_trajectory,
 )
-from pruning.llava_pruning import (
+from pruning.llava.modules import (
     Discriminator,
     LayerPruner,
     TokenMerger,

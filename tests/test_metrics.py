@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pruning.metrics import psnr, ssim
+from evaluation.metrics import psnr, ssim
 
 
 def test_psnr_matches_the_definition():

@@ -2,7 +2,7 @@
 
 Pure tensor functions on small synthetic inputs with fixed seeds; the model wiring is tested
 elsewhere. DPC-KNN is checked against a brute-force pure-python reference written from the
-definitions in ``pruning/dpc_knn.py``; attention importance against a naive full-softmax
+definitions in ``pruning/video/dpc_knn.py``; attention importance against a naive full-softmax
 (eager) computation.
 """
 
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from pruning.dpc_knn import (
+from pruning.video.dpc_knn import (
     cluster,
     dpc_knn_assign,
     dpc_knn_centers,
@@ -21,7 +21,7 @@ from pruning.dpc_knn import (
     dpc_knn_distance_to_denser,
     pairwise_distances,
 )
-from pruning.prunevid import (
+from pruning.video.prunevid import (
     PRESET_NAMES,
     PRESETS,
     PruneVidConfig,

@@ -17,12 +17,12 @@ from transformers import AutoProcessor, DynamicCache, LogitsProcessorList
 from transformers import Qwen2_5_VLForConditionalGeneration as UpstreamQwen
 from transformers.video_utils import VideoMetadata
 
-import pruning.prunevid_cache as prunevid_cache
+import pruning.video.prunevid_cache as prunevid_cache
 from models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as ForkQwen
-from models.tiny.demo_video import make_demo_frames, object_cells, static_cells
+from data.demo_video import make_demo_frames, object_cells, static_cells
 from models.tiny.qwen2_5_vl import tiny_qwen2_5_vl_dir
-from pruning.prunevid import PruneVidConfig, preset, select_keep_indices
-from pruning.prunevid_cache import PruneVidDynamicCache
+from pruning.video.prunevid import PruneVidConfig, preset, select_keep_indices
+from pruning.video.prunevid_cache import PruneVidDynamicCache
 
 K = 2  # pruning layer of the 6-layer model (the presets' 10 of 28, same relative depth)
 NUM_FRAMES = 8

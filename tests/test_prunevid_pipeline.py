@@ -6,7 +6,6 @@ tokens); one model load shared by the module (``with_config`` reuses it).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import subprocess
@@ -15,16 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.script_loader import load_script
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration as UpstreamQwen
 
 from models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as ForkQwen
-from models.tiny.demo_video import demo_video_path, make_demo_frames, write_demo_video
+from data.demo_video import demo_video_path, make_demo_frames, write_demo_video
 from models.tiny.qwen2_5_vl import tiny_qwen2_5_vl_dir
 from pipelines.prunevid import PRESETS, Qwen25VLPruneVid, scaled_pruning_layer
 from pipelines.video_io import load_video, uniform_frame_indices
-from pruning import prunevid
-from pruning.prunevid import preset
+from pruning.video import prunevid
+from pruning.video.prunevid import preset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "run_video.py"
@@ -56,11 +57,7 @@ def pipe() -> Qwen25VLPruneVid:
 
 @pytest.fixture(scope="module")
 def run_video():
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location("run_video_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("run_video")
 
 
 # ============================================================================= demo video and video input

@@ -1,5 +1,5 @@
 """The PruneVid experiment scripts: ``scripts/sweep_stage1.py``, ``scripts/eval_egoschema.py``, and the
-EgoSchema format of ``pruning/egoschema.py`` (reader and generated set).
+EgoSchema format of ``data/egoschema.py`` (reader and generated set).
 
 Everything runs on the embedded tiny Qwen2.5-VL with 8-frame videos, few settings and few questions;
 the scripts are called in process (``main(argv)`` through ``run_cli``, as from the command line) and
@@ -8,18 +8,19 @@ once each as a real subprocess for the exit code.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.script_loader import load_script
 import torch
 
-from models.tiny.demo_video import CELL, FRAMES_PER_STEP, write_demo_video
+from data.demo_video import CELL, FRAMES_PER_STEP, write_demo_video
 from pipelines.video_io import load_video
-from pruning.egoschema import (
+from data.egoschema import (
     COLOURS,
     DIRECTION_OPTIONS,
     OPTION_FIELDS,
@@ -47,12 +48,7 @@ def single_thread():
 
 
 def _load_script(name: str):
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location(f"{name}_under_test", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name)
 
 
 @pytest.fixture(scope="module")

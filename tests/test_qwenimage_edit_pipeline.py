@@ -12,10 +12,10 @@ import pytest
 import torch
 from diffusers import QwenImageEditPipeline
 
-from models.tiny.media import make_sample_image
+from data.media import make_sample_image
 from models.tiny.qwenimage_edit import tiny_qwenimage_edit_dir
 from pipelines.qwenimage_edit import TokenPruningQwenImageEditPipeline
-from pruning.reference_reuse import ATTENTION_KWARG
+from pruning.edit.reference_reuse import ATTENTION_KWARG
 
 SIZE = 64  # output; the stock pipeline still encodes the reference at ~1 MP (4096 tokens)
 

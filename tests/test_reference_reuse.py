@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers import QwenImageTransformer2DModel as UpstreamTransformer
 
 from models.qwenimage.transformer_qwenimage import QwenImageTransformer2DModel as ForkTransformer
-from pruning.reference_reuse import ATTENTION_KWARG, ReferenceTokenReuse, resolve_refresh_steps
+from pruning.edit.reference_reuse import ATTENTION_KWARG, ReferenceTokenReuse, resolve_refresh_steps
 
 BATCH, TEXT_LEN = 2, 7
 DENOISE_HW, REFERENCE_HW = (4, 4), (6, 4)  # reference image of another size than the output

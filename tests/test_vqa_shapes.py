@@ -1,4 +1,4 @@
-"""The generated shapes-VQA task (pruning/vqa_shapes.py) and the training-free baselines' budgets/selectors."""
+"""The generated shapes-VQA task (data/vqa_shapes.py) and the training-free baselines' budgets/selectors."""
 
 from __future__ import annotations
 
@@ -7,17 +7,10 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
+from evaluation.flops import LlavaShape, llm_layer_flops, prefill_flops
 from models.tiny.llava import tiny_llava_dir
-from pruning.llava_baselines import (
-    DivPruneSelector,
-    LlavaShape,
-    baseline_schedule,
-    learned_schedule,
-    llm_layer_flops,
-    prefill_flops,
-    topk_keep,
-)
-from pruning.vqa_shapes import (
+from pruning.llava.baselines import DivPruneSelector, baseline_schedule, learned_schedule, topk_keep
+from data.vqa_shapes import (
     ANSWERS,
     COLOURS,
     QUESTION_TYPES,

@@ -373,7 +373,7 @@ class LlamaModel(LlamaPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
-        # >>> pruning: system C's per-call state (pruning.llava_runtime.LlavaPruningPass), handed down by the forked
+        # >>> pruning: system C's per-call state (pruning.llava.runtime.LlavaPruningPass), handed down by the forked
         # LLaVA as the keyword `vision_token_pruning` and popped here, so the decoder layers never see it. Any other
         # caller (a plain LlamaForCausalLM, LLaVA without pruning attached) passes none and every fence is skipped.
         vision_token_pruning = kwargs.pop("vision_token_pruning", None)

@@ -40,7 +40,7 @@ from transformers.utils.output_capturing import select_hidden_states
 from transformers.models.auto import AutoModel
 from transformers.models.llava.configuration_llava import LlavaConfig
 # >>> pruning: system C (two-stage learned vision-token pruning). `attach_pruning(model, config)` or
-# `with llava_pruning(model, config):` (pruning/llava_runtime.py) sets the optional submodule
+# `with llava_pruning(model, config):` (pruning/llava/runtime.py) sets the optional submodule
 # `LlavaModel.vision_pruning`; each forward then opens one per-call state (a LlavaPruningPass) and hands it down in
 # kwargs["vision_token_pruning"], to the fences below and to the decoder loop of the forked Llama, which drops tokens.
 # A fork without the submodule runs the upstream statements in every fence.
@@ -312,7 +312,7 @@ class LlavaModel(LlavaPreTrainedModel):
             image_features = torch.cat(image_features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
             # >>> pruning: stage 1. image_features holds the selected CLIP features [n_img*N, Dv] (see
             # get_image_features); the merger picks M centres by Gumbel-top-k on an importance head and softly assigns
-            # every token to them (pruning/llava_pruning.py TokenMerger): [n_img, M, Dv], 576 -> 288 on LLaVA-1.5-7B.
+            # every token to them (pruning/llava/modules.py TokenMerger): [n_img, M, Dv], 576 -> 288 on LLaVA-1.5-7B.
             # Safe: merged tokens live in the CLIP feature space the projector expects. The projector then runs on M
             # tokens, and merged token m goes to the placeholder of its centre (centres ascending, so token order and
             # the prompt's position numbering are kept); the other N - M placeholders get zero rows, which the decoder

@@ -60,13 +60,13 @@ from transformers.utils.generic import (
 from transformers.utils.output_capturing import capture_outputs
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
-# >>> pruning: PruneVid (SPEC section 5). The state and the KV cache that carries it live in pruning/prunevid_cache.py, the
-# algorithms (stage-1 merging, stage-2 importance and selection) in pruning/prunevid.py; this file only holds the hooks.
+# >>> pruning: PruneVid (SPEC section 5). The state and the KV cache that carries it live in pruning/video/prunevid_cache.py, the
+# algorithms (stage-1 merging, stage-2 importance and selection) in pruning/video/prunevid.py; this file only holds the hooks.
 # The configuration reaches this file through the cache handed to generate():
 #     past_key_values=PruneVidDynamicCache(config=model.config, prunevid=PruneVidConfig(...))
 # Every hook below is guarded by `isinstance(past_key_values, PruneVidDynamicCache)` with a stage switched on; with a
 # plain DynamicCache, no cache, or every stage off, the upstream statements run unchanged.
-from pruning.prunevid_cache import PruneVidDynamicCache
+from pruning.video.prunevid_cache import PruneVidDynamicCache
 # <<< pruning
 
 
@@ -884,7 +884,7 @@ class Qwen2_5_VLTextModel(Qwen2_5_VLPreTrainedModel):
             )
             # >>> pruning: PruneVid stage 2 (+ stage 3) once layer K == pruning_layer has run on the full sequence.
             # PREFILL: importance of each visual token = max over heads of max over question queries of the softmax
-            # attention probability layer K gave it (pruning.prunevid.visual_token_importance). Computed from layer
+            # attention probability layer K gave it (pruning.video.prunevid.visual_token_importance). Computed from layer
             # K's own projections for the needed rows only: queries = q_proj(input_layernorm(question rows kept
             # above)) + RoPE at their positions, [1, H, Q, d]; keys = the [1, Hkv, L1, d] keys layer K just wrote to
             # the cache (after k_proj and RoPE). Per head and query chunk: no [L1, L1] matrix, no
@@ -1290,7 +1290,7 @@ class Qwen2_5_VLModel(Qwen2_5_VLPreTrainedModel):
         # >>> pruning: PruneVid stage 1, spatial-temporal token merging, right after the video features were computed
         # (prefill only: the cache is still empty). Each video's features [T_grid*N, D] are viewed as [T_grid, N, D]
         # (T_grid = video_grid_thw t, N = (h/spatial_merge_size) * (w/spatial_merge_size), Qwen's token order is
-        # t-major raster) and merged by pruning.prunevid.merge_video_tokens: DPC-KNN temporal segments, static
+        # t-major raster) and merged by pruning.video.prunevid.merge_video_tokens: DPC-KNN temporal segments, static
         # tokens (mean pairwise cosine across the segment > tau) averaged over time then clustered once per segment,
         # dynamic tokens clustered per grid step, each cluster -> its mean. One Qwen temporal grid step covers
         # temporal_patch_size = 2 frames, so "frames" in PruneVid are grid steps here: segments are runs of grid

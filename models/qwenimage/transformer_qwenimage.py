@@ -45,7 +45,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous, RMSNorm
 # >>> pruning: cross-step reuse of reference-image token states (algorithm and cache live in pruning/)
-from pruning import reference_reuse as _reference_reuse
+from pruning.edit import reference_reuse as _reference_reuse
 # <<< pruning
 
 

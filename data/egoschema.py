@@ -41,9 +41,9 @@ The generated set
 
 :func:`make_synthetic_egoschema` writes a small set in exactly that format (``questions.json`` without
 answers, ``subset_answers.json`` with them, ``videos/<q_uid>.avi``) for the embedded tiny model: each
-video is the demo video's kind of scene (:mod:`models.tiny.demo_video`: a static background on the
+video is the demo video's kind of scene (:mod:`data.demo_video`: a static background on the
 28 px token grid, objects one cell large that jump one cell per Qwen temporal grid step, written as
-lossless AVI by :func:`~models.tiny.demo_video.write_avi`), with 1-3 moving objects of known colour,
+lossless AVI by :func:`~data.demo_video.write_avi`), with 1-3 moving objects of known colour,
 shape and direction drawn from a seeded generator. Questions ask for an object's direction ("Which
 direction does the red square move?"), the colour of the object moving in a direction, or the number
 of moving objects; five options, one correct. Everything is a function of ``(num_questions, seed,
@@ -321,7 +321,7 @@ def _scene_frames(objects: list[MovingObject], num_frames: int, rng: random.Rand
     """``uint8 [T, H, W, 3]``: a seeded static gradient background with grey decorations, objects on top."""
     from PIL import Image, ImageDraw
 
-    from models.tiny.demo_video import CELL, FRAMES_PER_STEP
+    from data.demo_video import CELL, FRAMES_PER_STEP
 
     width, height = SIZE
     cols, rows = width // CELL, height // CELL
@@ -360,7 +360,7 @@ def _scene_frames(objects: list[MovingObject], num_frames: int, rng: random.Rand
 
 def _random_objects(rng: random.Random) -> list[MovingObject]:
     """1-3 objects with distinct colours and distinct directions; left/right movers on distinct rows, up/down on distinct columns."""
-    from models.tiny.demo_video import CELL
+    from data.demo_video import CELL
 
     cols, rows = SIZE[0] // CELL, SIZE[1] // CELL
     count = rng.randint(1, 3)
@@ -413,7 +413,7 @@ def make_synthetic_egoschema(
     (``{q_uid: index}``), ``out_dir/videos/<q_uid>.avi`` (one 112x112 video of ``num_frames`` frames per
     question) and ``out_dir/scenes.json`` (the ground truth: each video's objects).
     """
-    from models.tiny.demo_video import write_avi
+    from data.demo_video import write_avi
 
     _check_generator_args(num_questions, seed, num_frames)
     out_dir = Path(out_dir)

@@ -6,7 +6,7 @@
     -> Discriminator: unpruned (real) vs pruned (fake) LLM hidden states of the text tokens.
 
 The modules here are algorithm only; the hooks that call them sit in fenced branches of
-``models/llava/modeling_llava.py``. Hyper-parameters come from ``pruning.llava_config``.
+``models/llava/modeling_llava.py``. Hyper-parameters come from ``pruning.llava.config``.
 
 Differentiable selection (``gumbel_topk``)
 ------------------------------------------
@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning.llava_config import (
+from pruning.llava.config import (
     DiscriminatorConfig,
     LossConfig,
     MergerConfig,
@@ -537,7 +537,22 @@ def total_generator_loss(parts: Mapping[str, torch.Tensor], cfg: LossConfig) -> 
     return sum(getattr(cfg, _LOSS_WEIGHTS[name]) * value for name, value in parts.items())
 
 
+def answer_position_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T]: the rows whose hidden state predicts a supervised (answer or EOS) token, ``labels[:, t + 1] != -100``.
+
+    What the discriminator compares. These are the states the answer is read from; on every
+    other text row (the question, the template) the pruned model's states differ from the
+    unpruned ones mostly in how much background they averaged over, and a discriminator fed
+    those rows rewards keeping look-alike background tokens (measured: held-out accuracy of the
+    tiny model fell from 0.66 to 0.44 in 200 steps with ``task_loss_weight=0`` and all text rows).
+    """
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
 __all__ = [
+    "answer_position_mask",
     "CrossAttention",
     "Discriminator",
     "LayerPruner",

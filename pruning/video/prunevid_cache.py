@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import DynamicCache
 
-from pruning.prunevid import (
+from pruning.video.prunevid import (
     MergeResult,
     PruneVidConfig,
     merge_video_tokens,
@@ -50,7 +50,7 @@ from pruning.prunevid import (
 
 __all__ = ["PruneVidDynamicCache", "PruneVidState", "logger"]
 
-logger = logging.getLogger("pruning.prunevid")
+logger = logging.getLogger("pruning.video.prunevid")
 
 
 def _log(verbose: bool, message: str, *args) -> None:
@@ -162,7 +162,7 @@ class PruneVidState:
 
         Called once, by the fork, right after the video features were scattered into
         ``inputs_embeds``. Finds the video tokens, merges each video's tokens with
-        :func:`pruning.prunevid.merge_video_tokens` (identity when stage 1 is off), and records
+        :func:`pruning.video.prunevid.merge_video_tokens` (identity when stage 1 is off), and records
         the stage-1 layout, the visual positions and group ids for stage 2, and the question
         rows (every token after the last visual token; never the system prompt).
         """

@@ -13,13 +13,17 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
-# Nothing on the default path may wait on an unreachable hub (export HF_HUB_OFFLINE=0 to allow downloads).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+def offline_defaults() -> None:
+    """Nothing on the default path may wait on an unreachable hub: ``HF_HUB_OFFLINE=1`` unless the caller set it.
+
+    Called by :func:`run_cli` before a command's ``main`` (and so before it imports the hub
+    libraries); ``export HF_HUB_OFFLINE=0`` allows downloads.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class UserError(Exception):
@@ -35,6 +39,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run ``main`` and turn bad input into ``error: <what is wrong and what to do>`` + exit 2."""
+    offline_defaults()
     try:
         code = main()
     except UserError as error:
@@ -125,10 +130,79 @@ def load_video_or_explain(video: str | None, num_frames: int):
     from pipelines.video_io import load_video
 
     if video is None:
-        from models.tiny.demo_video import demo_video_path
+        from data.demo_video import demo_video_path
 
         video = demo_video_path()
     try:
         return video, load_video(video, num_frames)
     except (OSError, ValueError) as error:
         raise UserError(str(error)) from None
+
+
+def load_reference_image(path: Path | None):
+    """The RGB reference image at ``path`` (None: the generated sample image); unreadable -> one line."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path is None:
+        from data.media import make_sample_image
+
+        return make_sample_image()
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise UserError(f"cannot read image {str(path)!r} ({type(error).__name__}): pass a PNG/JPEG file") from None
+
+
+def load_edit_pipeline(args):
+    """``(pipeline, model path, device)`` for edit-script ``args``: ``--model-path`` (default: the embedded tiny
+    model), ``--lora`` / ``--lora-weight-name``, ``--device``, ``--cpu-offload``, ``--vae-tiling``."""
+    import torch
+
+    from pipelines.qwenimage_edit import TokenPruningQwenImageEditPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if args.model_path is None:
+        from models.tiny.qwenimage_edit import tiny_qwenimage_edit_dir
+
+        model_path = str(tiny_qwenimage_edit_dir())
+    else:
+        model_path = args.model_path
+    pipe = load_or_explain(
+        "the Qwen-Image-Edit pipeline",
+        model_path,
+        lambda: TokenPruningQwenImageEditPipeline.from_pretrained(
+            model_path, lora=args.lora, lora_weight_name=args.lora_weight_name, dtype=dtype
+        ),
+    )
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(device)
+    if args.vae_tiling:
+        pipe.vae.enable_tiling()
+    return pipe, model_path, device
+
+
+def machine_info(torch_module, device) -> dict:
+    """The machine a run's numbers come from (written into every stats JSON)."""
+    import os
+    import platform
+
+    import transformers
+
+    info = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch_module.__version__,
+        "transformers": transformers.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch_module.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch_module.cuda.get_device_name(device)
+    return info

@@ -7,7 +7,7 @@ Three stages; this module holds the algorithms, the forked model file wires them
   temporal segments (:func:`temporal_segments`), each segment's spatial positions are split
   into static and dynamic ones (:func:`static_dynamic_split`), static tokens are averaged over
   the segment and clustered spatially, dynamic tokens are clustered within each frame, every
-  cluster is replaced by its mean (DPC-KNN, :mod:`pruning.dpc_knn`).
+  cluster is replaced by its mean (DPC-KNN, :mod:`pruning.video.dpc_knn`).
 * **Stage 2, attention-based pruning** at ``pruning_layer``:
   :func:`visual_token_importance` (text-to-visual attention probabilities, max over the
   question queries, then max over heads; computed per head and per query chunk, never the
@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from pruning.dpc_knn import cluster
+from pruning.video.dpc_knn import cluster
 
 __all__ = [
     "PruneVidConfig",

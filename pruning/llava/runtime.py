@@ -28,8 +28,8 @@ and hands it down in ``kwargs["vision_token_pruning"]``; the fences call its met
 Selection and the two modes
 ---------------------------
 A *selector* runs at the **input** of each pruning layer ``p``: the learned
-:class:`~pruning.llava_pruning.LayerPruner` (vision hidden states attend to the question tokens,
-the text after the image) or a training-free baseline (``pruning/llava_baselines.py``). Tokens it
+:class:`~pruning.llava.modules.LayerPruner` (vision hidden states attend to the question tokens,
+the text after the image) or a training-free baseline (``pruning/llava/baselines.py``). Tokens it
 drops take no part in layer ``p`` and any later layer.
 
 * ``mode="drop"`` (inference; the default in eval mode): tokens are **physically removed**. The
@@ -67,11 +67,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from pruning.llava_config import (
+from pruning.llava.config import (
     VisionTokenPruningConfig,
     scale_pruning_layers,
 )
-from pruning.llava_pruning import LayerPruner, MergerOutput, TokenMerger, keep_mask
+from pruning.llava.modules import LayerPruner, MergerOutput, TokenMerger, keep_mask
 
 MASK_EPS = 1e-20
 """Keep-policy floor of the training-time attention bias ``log(keep + MASK_EPS)`` (-46 for a dropped key)."""
@@ -181,7 +181,7 @@ class VisionTokenPruning(nn.Module):
     """Pruning state attached to a forked ``LlavaModel`` as ``vision_pruning`` (see the module docstring).
 
     Args:
-        config: the system-C config (``pruning.llava_config``).
+        config: the system-C config (``pruning.llava.config``).
         vision_dim: CLIP hidden size (the merger sits before the projector).
         text_dim: LLM hidden size (pruner heads; question width of a question-aware merger).
         num_layers: LLM layer count; ``config.pruner.pruning_layers`` (given for a
@@ -784,7 +784,7 @@ def pruning_checkpoint(pruning: VisionTokenPruning) -> dict[str, Any]:
 
 def load_pruning(model: nn.Module, checkpoint: dict[str, Any], dtype: torch.dtype | None = None) -> VisionTokenPruning:
     """Attach the learned stages saved by :func:`pruning_checkpoint` to ``model``."""
-    from pruning.llava_config import config_from_dict
+    from pruning.llava.config import config_from_dict
 
     config = config_from_dict(checkpoint["config"], source="checkpoint")
     pruning = attach_pruning(model, config, use_merger=checkpoint["use_merger"], use_pruners=checkpoint["use_pruners"],

@@ -8,9 +8,10 @@ unpruned baseline. Shapes follow the real models' configs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pruning.reference_reuse import validate_mode
+from pruning.edit.reference_reuse import validate_mode
 
 
 @dataclass(frozen=True)
@@ -107,3 +108,52 @@ def qwen2_5_vl_prefill_flops(shape: Qwen2_5_VLTextShape, visual_after_stage1: in
     if visual_after_stage2 < visual_after_stage1:  # scoring: q_proj of the question rows + their scores over l1 keys
         flops += 2 * shape.text_tokens * shape.hidden * shape.hidden + 2 * shape.text_tokens * l1 * shape.hidden
     return float(flops)
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.5 (system C)
+
+
+@dataclass(frozen=True)
+class LlavaShape:
+    """LLaVA-1.5-7B: Vicuna-7B (32 layers, 4096 hidden, MLP 11008, MHA), CLIP ViT-L/14-336 (576 tokens)."""
+
+    num_layers: int = 32
+    hidden: int = 4096
+    mlp: int = 11008
+    kv_hidden: int = 4096  # num_key_value_heads * head_dim (MHA in Vicuna-7B)
+    num_vision: int = 576
+    text_len: int = 60
+    vision_dim: int = 1024  # CLIP ViT-L hidden (the merger's input)
+    merger_internal: int = 512
+    pruner_internal: int = 512
+
+
+def llm_layer_flops(shape: LlavaShape, n_q: int, n_kv: int | None = None) -> float:
+    """FLOPs (2 per MAC) of one decoder layer over ``n_q`` tokens attending to ``n_kv`` keys (prefill: n_kv = n_q).
+
+    q/o projections ``2 n d^2``, k/v ``2 n d d_kv``, scores and weighted values ``2 n_q n_kv d``
+    (full square, as the kernels compute it), gated MLP ``3 n d f``. Norms, RoPE, softmax: lower order.
+    """
+    n_kv = n_q if n_kv is None else n_kv
+    d = shape.hidden
+    macs = n_q * (2 * d * d + 2 * d * shape.kv_hidden + 3 * d * shape.mlp) + 2 * n_q * n_kv * d
+    return 2.0 * macs
+
+
+def prefill_flops(shape: LlavaShape, layer_vision_tokens: Sequence[int], merged: int | None = None,
+                  pruner_layers: Sequence[int] = (), pruner_vision: Sequence[int] = ()) -> dict[str, float]:
+    """Prefill FLOPs of the LLM (+ projector, merger and pruner-head overheads) for a per-layer vision schedule."""
+    llm = sum(llm_layer_flops(shape, v + shape.text_len) for v in layer_vision_tokens)
+    projected = shape.num_vision if merged is None else merged
+    dv, d = shape.vision_dim, shape.hidden
+    projector = 2.0 * projected * (dv * d + d * d)
+    merger = 0.0
+    if merged is not None:
+        n, m, di = shape.num_vision, merged, shape.merger_internal
+        merger = 2.0 * (n * dv * di * 3 + n * di * di + n * m * di + n * m * dv)  # in/q/k proj, importance, QK^T, merge
+    heads = 0.0
+    for v in pruner_vision:
+        di = shape.pruner_internal
+        heads += 2.0 * (v * d * di + shape.text_len * d * 2 * di + 2 * v * shape.text_len * di + v * di * di * 2)
+    return {"llm": llm, "projector": projector, "merger": merger, "pruner_heads": heads,
+            "total": llm + projector + merger + heads}

@@ -1,0 +1,1 @@
+"""Metrics (``metrics``: PSNR, SSIM) and analytic FLOP models at the real model sizes (``flops``)."""
