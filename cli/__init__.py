@@ -51,6 +51,13 @@ def run_cli(main: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
+def hub_status() -> str:
+    """Why a hub id could not be fetched: offline by setting, or (presumably) unreachable."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on"):
+        return "the hub is offline by setting (HF_HUB_OFFLINE=1; export HF_HUB_OFFLINE=0 to download)"
+    return "the hub could not be reached or has no such repository (HF_HUB_OFFLINE=0)"
+
+
 def load_or_explain(what: str, path_or_id: str, loader: Callable[[], Any]) -> Any:
     """Call ``loader``; a missing directory or an unreachable hub id becomes one clear line."""
     try:
@@ -60,17 +67,119 @@ def load_or_explain(what: str, path_or_id: str, loader: Callable[[], Any]) -> An
         hint = (
             "the directory exists but is not a complete diffusers/transformers model directory"
             if local
-            else "no such local directory, and the hub is offline here (HF_HUB_OFFLINE=1); pass a local path"
+            else f"no such local directory, and {hub_status()}; pass a local path"
         )
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot load {what} from {path_or_id!r}: {hint} ({first_line[:200]})") from None
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+# ----------------------------------------------------------------------------- fail fast: inputs and outputs
+
+
+def _first_existing_parent(path: Path) -> Path:
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
+
+
+def check_output_file(path: Path | None, flag: str) -> None:
+    """``path`` can be written as a file (before any work; nothing is created): one-line UserError otherwise."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {str(path)!r} is a directory: pass a file path")
+    parent = _first_existing_parent(path)
+    if not parent.is_dir():
+        raise UserError(f"{flag} {str(path)!r} lies under {str(parent)!r}, which is a file: pass a path in a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {str(path)!r} is not writable: pass a path you can write to")
+
+
+def check_output_dir(path: Path | None, flag: str) -> None:
+    """``path`` is (or can become) a writable directory (nothing is created): one-line UserError otherwise."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {str(path)!r} is a file: pass a directory")
+    existing = path if path.exists() else _first_existing_parent(path)
+    if not existing.is_dir():
+        raise UserError(f"{flag} {str(path)!r} lies under {str(existing)!r}, which is a file: pass a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {str(path)!r} is not writable: pass a directory you can write to")
+
+
+def check_device(device: str | None, flag: str = "--device") -> str | None:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps`` that exists here (None: keep the caller's default)."""
+    if device is None:
+        return None
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (kind in ("cpu", "mps") and index) or (index and not index.isdigit()):
+        raise UserError(f"{flag} {device!r} is not a device: use cpu, cuda, cuda:N or mps")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{flag} mps: Apple's Metal backend is not available on this machine; use {flag} cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag} {device}: no CUDA GPU is available on this machine; use {flag} cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise UserError(f"{flag} {device}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0.."
+                            f"cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+# ----------------------------------------------------------------------------- write atomically
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` (never a half-written file).
+
+    A directory works too (``save_pretrained(tmp)``): the old one is replaced only once the new one is complete.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            import shutil
+
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+
+
+def save_image(image, path: Path) -> None:
+    """``image.save(path)`` through a temporary file (format from ``path``'s suffix)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` through a temporary file: a kill during the save leaves the previous file intact."""
+    import torch
+
+    with atomic_path(Path(path)) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """``data`` as indented JSON at ``path``, written through a temporary file."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 class ModuleTimer:
@@ -206,3 +315,48 @@ def machine_info(torch_module, device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch_module.cuda.get_device_name(device)
     return info
+
+
+def write_outputs(writers: dict[Path, Callable[[Path], None]]) -> None:
+    """All of a run's output files, or none: ``writers[path](tmp)`` writes each to a temporary name beside its
+    path, and only when every one has been written are they all renamed into place.
+
+    An exception or Ctrl-C while writing removes the temporary files and any directory this call created, so an
+    interrupted run leaves neither half-written files nor images without their stats. (Image writers must name
+    the format, e.g. ``image.save(tmp, format="PNG")``: the temporary name has no image suffix.)
+    """
+    from contextlib import ExitStack
+
+    created: list[Path] = []
+    for path in writers:
+        missing = Path(path).absolute().parent
+        while not missing.exists() and missing not in created:
+            created.append(missing)
+            missing = missing.parent
+    try:
+        with ExitStack() as stack:
+            for path, write in writers.items():
+                write(stack.enter_context(atomic_path(Path(path))))
+    except BaseException:
+        for directory in sorted(created, key=lambda p: len(p.parts), reverse=True):
+            try:
+                directory.rmdir()  # only if empty: never removes what someone else put there
+            except OSError:
+                pass
+        raise
+
+
+def check_model_path(model_path: str | None, flag: str = "--model-path") -> None:
+    """``model_path`` is a local directory, or a hub id while the hub is online (before any load): one line otherwise."""
+    if model_path is None:
+        return
+    path = Path(model_path)
+    if path.is_dir():
+        return
+    if path.exists():
+        raise UserError(f"{flag} {model_path!r} is a file: pass a model directory")
+    looks_like_hub_id = model_path.count("/") == 1 and not model_path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise UserError(f"{flag} {model_path!r}: no such directory")
+    if os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"{flag} {model_path!r}: no such local directory, and {hub_status()}")

@@ -55,6 +55,7 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -71,6 +72,12 @@ __all__ = [
     "REFERENCE_NUM_LAYERS",
     "scaled_pruning_layer",
     "load_model_and_processor",
+    "load_config_and_processor",
+    "check_device",
+    "context_length",
+    "check_prompt_fits",
+    "build_inputs",
+    "prompt_text_tokens",
     "build_prompt",
     "build_multiple_choice_question",
 ]
@@ -81,6 +88,10 @@ REFERENCE_NUM_LAYERS = 28
 """Depth of Qwen2.5-VL-7B, for which the presets' ``pruning_layer = 10`` is tuned."""
 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+STAGE1_KNOBS = ("tau", "cluster_ratio", "temporal_segment_ratio", "k_neighbors")
+"""Knobs only stage 1 (spatial-temporal merging) reads: ignored when ``enable_stage1`` is off."""
+STAGE2_KNOBS = ("keep_ratio", "pruning_layer", "selection")
+"""Knobs only stage 2 (attention pruning) reads: ignored when ``enable_pruning`` is off."""
 _KNOBS = (
     "enable_stage1", "tau", "cluster_ratio", "temporal_segment_ratio", "enable_pruning", "keep_ratio",
     "pruning_layer", "enable_cache_compression", "selection", "k_neighbors",
@@ -94,40 +105,120 @@ def scaled_pruning_layer(preset_layer: int, num_layers: int) -> int:
     return min(num_layers - 1, max(0, int(preset_layer * num_layers / REFERENCE_NUM_LAYERS + 0.5)))
 
 
-def load_model_and_processor(model_path: str | Path | None, device=None, dtype=None, attn_implementation=None):
-    """``(fork model in eval mode, AutoProcessor)`` from a Qwen2.5-VL directory or hub id (``None``: the embedded tiny one).
-
-    A path or hub id that cannot be loaded raises one-line ``ValueError`` saying why and what to do.
-    """
-    from transformers import AutoProcessor
-
-    from models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-
+def _resolve_model_path(model_path: str | Path | None) -> str:
     if model_path is None:
         from models.tiny.qwen2_5_vl import tiny_qwen2_5_vl_dir
 
-        model_path = tiny_qwen2_5_vl_dir()
-    model_path = str(model_path)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        return str(tiny_qwen2_5_vl_dir())
+    return str(model_path)
+
+
+def _explain_load_error(model_path: str, error: Exception) -> ValueError:
+    """One line: what could not be loaded and why (incomplete directory; offline by setting or hub unreachable)."""
+    from cli import hub_status
+
+    local = Path(model_path).exists()
+    hint = (
+        "the directory exists but is not a complete Qwen2.5-VL model directory (config, weights, processor)"
+        if local
+        else f"no such local directory, and {hub_status()}: pass a local path"
+    )
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return ValueError(f"cannot load Qwen2.5-VL from {model_path!r}: {hint} ({first})")
+
+
+def load_config_and_processor(model_path: str | Path | None):
+    """``(model config, AutoProcessor)`` of a Qwen2.5-VL directory or hub id, WITHOUT the weights (cheap).
+
+    Enough to check everything that depends on the model before loading it: the layer count
+    (``pruning_layer``), the context length (:func:`context_length`) and the prompt's token count
+    (:func:`build_inputs`). A path that cannot be loaded raises a one-line ``ValueError``.
+    """
+    from transformers import AutoConfig, AutoProcessor
+
+    model_path = _resolve_model_path(model_path)
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+        processor = AutoProcessor.from_pretrained(model_path)
+    except (OSError, ValueError, KeyError) as error:
+        raise _explain_load_error(model_path, error) from None
+    if getattr(config, "model_type", None) != "qwen2_5_vl":
+        raise ValueError(f"{model_path!r} is a {config.model_type!r} model, not Qwen2.5-VL")
+    return config, processor
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` that exists on this machine (``None``: keep the default); one-line ``ValueError``."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {str(device)!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is available on this machine; use device='cpu'")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s) "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif parsed.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"device {str(device)!r}: MPS is not available on this machine; use device='cpu'")
+    elif parsed.type != "cpu":
+        raise ValueError(f"device {str(device)!r} is not supported here: use 'cpu', 'cuda' or 'cuda:N'")
+    return parsed
+
+
+def context_length(model_config) -> int:
+    """The language model's context in tokens (``max_position_embeddings``): prompt + new tokens must fit in it."""
+    return int(model_config.get_text_config().max_position_embeddings)
+
+
+def check_prompt_fits(prompt_tokens: int, video_tokens: int | None, max_new_tokens: int, context: int) -> None:
+    """One-line ``ValueError`` when ``prompt_tokens + max_new_tokens`` exceeds the model's ``context``.
+
+    Nothing is truncated silently: a question (or list of options) too long for the model is an error
+    that says how long the prompt is, what it is made of, and what to shorten.
+    """
+    if prompt_tokens + max_new_tokens <= context:
+        return
+    parts = (
+        f" ({prompt_tokens - video_tokens} of question and chat template + {video_tokens} video tokens)"
+        if video_tokens is not None
+        else " (question and chat template, before the video tokens)"
+    )
+    fixes = "shorten the question, sample fewer frames" if video_tokens is not None else "shorten the question or options"
+    raise ValueError(
+        f"the prompt is {prompt_tokens} tokens{parts}; with max_new_tokens={max_new_tokens} it exceeds the "
+        f"model's context of {context} tokens (max_position_embeddings): {fixes} or generate fewer tokens"
+    )
+
+
+def load_model_and_processor(model_path: str | Path | None, device=None, dtype=None, attn_implementation=None, processor=None):
+    """``(fork model in eval mode, AutoProcessor)`` from a Qwen2.5-VL directory or hub id (``None``: the embedded tiny one).
+
+    A path or hub id that cannot be loaded raises one-line ``ValueError`` saying why and what to do
+    (including whether the hub is offline by setting or could not be reached). ``processor``: one
+    already loaded from the same path (by :func:`load_config_and_processor`), reused.
+    """
+    from models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+    model_path = _resolve_model_path(model_path)
+    checked = check_device(device)
+    device = checked if checked is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kwargs = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if processor is None:
+        _, processor = load_config_and_processor(model_path)
     try:
-        processor = AutoProcessor.from_pretrained(model_path)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError, KeyError) as error:
-        local = Path(model_path).exists()
-        hint = (
-            "the directory exists but is not a complete Qwen2.5-VL model directory (config, weights, processor)"
-            if local
-            else "no such local directory, and the hub is offline here (HF_HUB_OFFLINE=1): pass a local path"
-            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-            else "no such local directory or hub id"
-        )
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot load Qwen2.5-VL from {model_path!r}: {hint} ({first})") from None
+        raise _explain_load_error(model_path, error) from None
     if getattr(model.config, "model_type", None) != "qwen2_5_vl":
         raise ValueError(f"{model_path!r} is a {model.config.model_type!r} model, not Qwen2.5-VL")
     return model.to(device).eval(), processor
@@ -137,6 +228,34 @@ def build_prompt(processor, question: str) -> str:
     """The Qwen2.5-VL-Instruct chat prompt for one video and one question (default system prompt)."""
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+@contextmanager
+def _no_tokenizer_length_warning():
+    """The tokenizer's own "longer than the maximum sequence length" warning is replaced by :func:`check_prompt_fits`'s
+    one-line error (which also counts the video tokens and the new tokens)."""
+    log = logging.getLogger("transformers.tokenization_utils_base")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def build_inputs(processor, video: LoadedVideo, question: str) -> dict[str, torch.Tensor]:
+    """Processor inputs (CPU tensors) for one video and one question; needs no model weights."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question must be a non-empty string")
+    prompt = build_prompt(processor, question)
+    with _no_tokenizer_length_warning():
+        return dict(processor(videos=[video.frames], video_metadata=[video.metadata], text=prompt, return_tensors="pt"))
+
+
+def prompt_text_tokens(processor, question: str) -> int:
+    """Tokens of the chat prompt for ``question`` with the video placeholder unexpanded (no video needed)."""
+    with _no_tokenizer_length_warning():
+        return len(processor.tokenizer(build_prompt(processor, question), add_special_tokens=False).input_ids)
 
 
 def build_multiple_choice_question(question: str, options: Sequence[str]) -> str:
@@ -210,6 +329,21 @@ class _PeakMemory:
         return False
 
 
+def _reject_ignored_knobs(config: PruneVidConfig, overrides: dict, preset_name: str) -> None:
+    """A knob passed explicitly for a stage that ``config`` leaves off would be silently ignored: one-line ``ValueError``."""
+    for stage, switch, knobs, presets in (
+        ("stage 1 (token merging)", "enable_stage1", STAGE1_KNOBS, "stage1_only, default, conservative, aggressive"),
+        ("stage 2 (attention pruning)", "enable_pruning", STAGE2_KNOBS, "stage2_only, default, conservative, aggressive"),
+    ):
+        ignored = [name for name in knobs if name in overrides]
+        if ignored and not getattr(config, switch):
+            given = ", ".join(f"{name}={overrides[name]!r}" for name in ignored)
+            raise ValueError(
+                f"{given} would be ignored: {preset_name} has {stage} off; use preset='custom' or a preset with it on "
+                f"({presets}), or pass {switch}=True"
+            )
+
+
 def _enable_verbose_logging() -> None:
     for name in ("pruning.video.prunevid", "pipelines.prunevid"):
         log = logging.getLogger(name)
@@ -233,7 +367,12 @@ class Qwen25VLPruneVid:
 
     Configuration: start from ``preset`` (a name in :data:`PRESET_NAMES` or a
     :class:`~pruning.video.prunevid.PruneVidConfig`; ``None`` = ``"default"``), then every knob passed
-    explicitly (not ``None``) overrides it. Invalid values raise a one-line ``ValueError``.
+    explicitly (not ``None``) overrides it. Invalid values raise a one-line ``ValueError``, before any
+    weights are loaded: an unknown or unavailable ``device``, a knob out of range, a ``pruning_layer``
+    past the model's last layer (read from its config), and a knob that the configuration would ignore
+    (a stage-1 knob with stage 1 off, a stage-2 knob with stage 2 off: pick a preset with that stage on,
+    ``"custom"``, or switch the stage on explicitly). A prompt longer than the model's context is a
+    ``ValueError`` from :meth:`prepare_inputs` / :meth:`generate_from_inputs` (never truncated).
     """
 
     def __init__(
@@ -261,6 +400,8 @@ class Qwen25VLPruneVid:
     ):
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+        if _model is None:
+            check_device(device)
         overrides = {
             name: value
             for name, value in dict(
@@ -283,20 +424,31 @@ class Qwen25VLPruneVid:
                 raise ValueError(f"unknown PruneVid preset {base!r}; valid presets: {', '.join(PRESET_NAMES)}")
             self.preset_name = base
             config = make_preset(base, **overrides)
+        _reject_ignored_knobs(
+            config, overrides, "the given PruneVidConfig" if isinstance(base, PruneVidConfig) else f"preset {base!r}"
+        )
         self.verbose = bool(verbose)
         if self.verbose:
             _enable_verbose_logging()
         self.num_frames = num_frames
         if _model is not None:
-            self.model, self.processor = _model, _processor
-        else:
-            self.model, self.processor = load_model_and_processor(model_path, device, dtype, attn_implementation)
-        self.model_path = str(model_path) if model_path is not None else "embedded tiny Qwen2.5-VL"
-        num_layers = self.model.config.get_text_config().num_hidden_layers
+            model_config, processor = _model.config, _processor
+        else:  # config and processor first (cheap): the layer check fails before the weights are read
+            model_config, processor = load_config_and_processor(model_path)
+            if _processor is not None:
+                processor = _processor
+        num_layers = model_config.get_text_config().num_hidden_layers
         if "pruning_layer" not in overrides:
             config = replace(config, pruning_layer=scaled_pruning_layer(config.pruning_layer, num_layers))
         self.config = config.validate_for_model(num_layers)
         self.num_layers = num_layers
+        if _model is not None:
+            self.model, self.processor = _model, _processor
+        else:
+            self.model, self.processor = load_model_and_processor(
+                model_path, device, dtype, attn_implementation, processor=processor
+            )
+        self.model_path = str(model_path) if model_path is not None else "embedded tiny Qwen2.5-VL"
 
     # ------------------------------------------------------------------------------ construction helpers
 
@@ -326,16 +478,27 @@ class Qwen25VLPruneVid:
             )
         return load_video(video_path, self.num_frames)
 
+    @property
+    def context_length(self) -> int:
+        """The language model's context in tokens (``max_position_embeddings``)."""
+        return context_length(self.model.config)
+
     def prepare_inputs(self, video: LoadedVideo | str | Path, question: str) -> dict[str, torch.Tensor]:
-        """Processor inputs (``input_ids``, ``pixel_values_videos``, ``video_grid_thw``, ...) for one video and question."""
+        """Processor inputs (``input_ids``, ``pixel_values_videos``, ``video_grid_thw``, ...) for one video and question.
+
+        A prompt that leaves no room for one new token in the model's context raises a one-line ``ValueError``.
+        """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
         if not isinstance(video, LoadedVideo):
             video = self.load_video(video)
-        prompt = build_prompt(self.processor, question)
-        inputs = self.processor(
-            videos=[video.frames], video_metadata=[video.metadata], text=prompt, return_tensors="pt"
-        )
+        inputs = build_inputs(self.processor, video, question)
+        input_ids = inputs["input_ids"]
+        video_tokens = int((input_ids == self.model.config.video_token_id).sum())
+        check_prompt_fits(int(input_ids.shape[-1]), video_tokens, 1, self.context_length)
+        return self._to_device(inputs)
+
+    def _to_device(self, inputs: dict) -> dict:
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
     # ------------------------------------------------------------------------------ generation
@@ -372,6 +535,8 @@ class Qwen25VLPruneVid:
         video_tokens = int((input_ids == model_config.video_token_id).sum())
         if video_tokens == 0:
             raise ValueError("the inputs hold no video token: build them with prepare_inputs(video, question)")
+        check_prompt_fits(int(input_ids.shape[1]), video_tokens, max_new_tokens, self.context_length)
+        inputs = self._to_device(inputs)  # inputs built on CPU (build_inputs) move to the model's device
         cache = self.make_cache()
         timer = _StepTimer(cache)
         generation_config = copy.deepcopy(self.model.generation_config)

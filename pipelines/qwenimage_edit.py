@@ -6,19 +6,46 @@ Everything the stock ``QwenImageEditPipeline`` takes still works; ``__call__`` a
 output, tested). Otherwise a ``ReferenceTokenReuse`` controller rides along in
 ``attention_kwargs`` into the fork's fenced branches, and its cache is freed when the call
 ends, also on an exception. Statistics of the last call: ``pipe.last_reuse_stats``.
+
+Inputs are checked before any work, each failure one ``ValueError`` line that names the argument and
+the rule (``pipelines/qwenimage_edit_limits.py`` says where every limit comes from): ``image`` must be
+a PIL image; ``height``/``width`` ``None`` or a positive multiple of 16 (the stock call rounds 17 down
+to 16 and turns 0 into ~1024 px); at most the scheduler's ``max_image_seq_len`` output tokens; the
+prompt and the image grids within the transformer's 4096 RoPE positions. A prompt longer than
+``max_sequence_length`` tokens (default 512, at most 1024) is truncated to it with a warning, where
+the stock edit pipeline ignores ``max_sequence_length``. The denoising progress bar reads ``denoise``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import logging
 import math
 import os
+import signal
+import threading
 from typing import Any
 
+import PIL.Image
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
 
 from models.qwenimage.transformer_qwenimage import QwenImageTransformer2DModel
+from pipelines.qwenimage_edit_limits import (
+    DEFAULT_MAX_SEQUENCE_LENGTH,
+    EditInputError,
+    LoRALoadError,
+    check_lora_source,
+    check_max_sequence_length,
+    explain_lora_failure,
+    output_size,
+    reference_dims,
+    rope_image_extent,
+)
 from pruning.edit.reference_reuse import ATTENTION_KWARG, MODES, ReferenceTokenReuse, validate_mode
+
+logger = logging.getLogger(__name__)
 
 # Scheduler settings published with Qwen-Image-Lightning (4/8-step LoRAs): flow matching with a
 # dynamic, exponential time shift whose base and max shift are both log(3).
@@ -40,6 +67,25 @@ LIGHTNING_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 STOCK_DEFAULT_STEPS = 50  # QwenImageEditPipeline.__call__'s default num_inference_steps
+_STOCK_CALL = inspect.signature(QwenImageEditPipeline.__call__)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Hold Ctrl-C for the block; yields a list that is non-empty if it was pressed (the caller re-raises it).
+
+    A KeyboardInterrupt inside ``tqdm.__init__`` (right after the bar first prints) leaves a half-built bar whose
+    ``__del__`` prints a traceback at exit; held, the interrupt is delivered a moment later, to a whole bar.
+    """
+    pending: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield pending
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class TokenPruningQwenImageEditPipeline(QwenImageEditPipeline):
@@ -61,8 +107,10 @@ class TokenPruningQwenImageEditPipeline(QwenImageEditPipeline):
         ``lora``: a Lightning LoRA (a .safetensors file, a directory or a hub id; ``lora_weight_name``
         picks the file inside a repo, e.g. ``Qwen-Image-Edit-Lightning-4steps-V1.0.safetensors``)
         applied with ``load_lora_weights``; the scheduler is then switched to the Lightning
-        settings (``LIGHTNING_SCHEDULER_CONFIG``).
+        settings (``LIGHTNING_SCHEDULER_CONFIG``). A LoRA that cannot be found or loaded raises
+        ``LoRALoadError`` naming the LoRA (a missing local one before the model is loaded).
         """
+        check_lora_source(lora, lora_weight_name)
         transformer = kwargs.pop("transformer", None)
         if transformer is None:
             transformer_kwargs = {k: kwargs[k] for k in ("dtype", "torch_dtype", "local_files_only", "revision") if k in kwargs}
@@ -74,9 +122,89 @@ class TokenPruningQwenImageEditPipeline(QwenImageEditPipeline):
         pipe.register_modules(transformer=transformer)
         if lora is not None:
             lora_kwargs = {"weight_name": lora_weight_name} if lora_weight_name else {}
-            pipe.load_lora_weights(lora, **lora_kwargs)
+            try:
+                pipe.load_lora_weights(lora, **lora_kwargs)
+            except Exception as error:  # noqa: BLE001 - any failure here is the LoRA's, not the model's
+                raise explain_lora_failure(lora, lora_weight_name, error) from error
             pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG)
         return pipe
+
+    def progress_bar(self, iterable=None, total=None):
+        """The stock bar, labelled with what it counts (``denoise`` steps) unless ``set_progress_bar_config`` says."""
+        config = getattr(self, "_progress_bar_config", {})
+        if not isinstance(config, dict):
+            return super().progress_bar(iterable=iterable, total=total)
+        self._progress_bar_config = {"desc": "denoise", "unit": "step", **config}
+        try:
+            with _ctrl_c_held() as pressed:
+                bar = super().progress_bar(iterable=iterable, total=total)
+        finally:
+            self._progress_bar_config = config
+        if pressed:
+            bar.close()
+            signal.raise_signal(signal.SIGINT)  # now to the usual handler: KeyboardInterrupt
+        return bar
+
+    def _check_call(self, call: dict[str, Any]) -> None:
+        """Every argument rule of an edit, before any work (``EditInputError``, a ``ValueError``, one line)."""
+        image = call.get("image")
+        if isinstance(image, (list, tuple)) and len(image) > 1:
+            raise EditInputError(
+                f"QwenImageEditPipeline edits one reference image, got {len(image)}; "
+                "pass a single image (multi-image editing is QwenImageEditPlusPipeline)"
+            )
+        if isinstance(image, tuple):
+            call["image"] = image = list(image)
+        first = image[0] if isinstance(image, list) and image else image
+        if not isinstance(first, PIL.Image.Image):
+            got = "None" if image is None else ("an empty list" if isinstance(image, list) and not image
+                                                else type(first).__name__)
+            raise EditInputError(
+                f"image must be the reference image as a PIL.Image.Image (or a list of one), got {got}"
+            )
+        steps = call.get("num_inference_steps", STOCK_DEFAULT_STEPS)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise EditInputError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+        per_prompt = call.get("num_images_per_prompt", 1)
+        if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
+            raise EditInputError(f"num_images_per_prompt must be an integer >= 1, got {per_prompt!r}")
+        check_max_sequence_length(call.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
+        max_tokens = int(self.scheduler.config.get("max_image_seq_len", 4096))  # the stock calculate_shift default
+        height, width = output_size(call.get("height"), call.get("width"), first.size, max_tokens)
+        pos_embed = getattr(self.transformer, "pos_embed", None)
+        if hasattr(pos_embed, "pos_freqs") and hasattr(pos_embed, "scale_rope"):
+            extent = rope_image_extent([(height, width), reference_dims(first.size)[::-1]], pos_embed.scale_rope)
+            self._rope_check = (extent, int(pos_embed.pos_freqs.shape[0]))
+
+    def _truncate_prompt(self, prompt, max_length: int, name: str):
+        """``prompt`` cut to its first ``max_length`` tokens, with a warning (only when it is longer)."""
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))):
+            return prompt  # None, or a wrong type that the stock check_inputs reports
+        tokenizer = getattr(self.processor, "tokenizer", None) or self.tokenizer
+        out = []
+        for text in [prompt] if isinstance(prompt, str) else prompt:
+            ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length + 1)["input_ids"]
+            if len(ids) > max_length:
+                logger.warning(
+                    f"{name} is longer than max_sequence_length={max_length} tokens: truncated to its first "
+                    f"{max_length} tokens (pass max_sequence_length, at most 1024, to keep more)"
+                )
+                text = tokenizer.decode(ids[:max_length])
+            out.append(text)
+        return out[0] if isinstance(prompt, str) else out
+
+    def encode_prompt(self, *args, **kwargs):
+        """The stock ``encode_prompt``; then text and image must fit the transformer's RoPE table (one line if not)."""
+        prompt_embeds, prompt_embeds_mask = super().encode_prompt(*args, **kwargs)
+        check = getattr(self, "_rope_check", None)
+        if check is not None and check[0] + prompt_embeds.shape[1] > check[1]:
+            extent, positions = check
+            raise EditInputError(
+                f"prompt: the text takes {prompt_embeds.shape[1]} RoPE positions (prompt, template and the reference "
+                f"image's vision tokens) after the image grids' {extent}, more than the transformer's {positions}: "
+                f"shorten the prompt (max_sequence_length) or use a smaller or less elongated size"
+            )
+        return prompt_embeds, prompt_embeds_mask
 
     def __call__(
         self,
@@ -92,31 +220,36 @@ class TokenPruningQwenImageEditPipeline(QwenImageEditPipeline):
                 "TokenPruningQwenImageEditPipeline needs the forked transformer "
                 "(models.qwenimage.transformer_qwenimage.QwenImageTransformer2DModel); load it with from_pretrained"
             )
-        image = kwargs.get("image", args[0] if args else None)
-        if isinstance(image, (list, tuple)) and len(image) > 1:
-            raise ValueError(
-                f"QwenImageEditPipeline edits one reference image, got {len(image)}; "
-                "pass a single image (multi-image editing is QwenImageEditPlusPipeline)"
-            )
-        num_steps = kwargs.get("num_inference_steps", STOCK_DEFAULT_STEPS)
-        if pruning_mode == "none":
-            self.last_reuse_stats = {"mode": "none", "refresh_steps": list(range(1, num_steps + 1)), "cache_bytes": 0}
-            return super().__call__(*args, **kwargs)
-
-        controller = ReferenceTokenReuse(pruning_mode, num_steps=num_steps, refresh_steps=refresh_steps)
-        kwargs["attention_kwargs"] = {**(kwargs.get("attention_kwargs") or {}), ATTENTION_KWARG: controller}
+        call = dict(_STOCK_CALL.bind(self, *args, **kwargs).arguments)  # every argument by name
+        del call["self"]
+        self._rope_check = None
+        self._check_call(call)
+        max_length = call.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
+        for name in ("prompt", "negative_prompt"):
+            if name in call:
+                call[name] = self._truncate_prompt(call[name], max_length, name)
+        num_steps = call.get("num_inference_steps", STOCK_DEFAULT_STEPS)
         try:
-            return super().__call__(*args, **kwargs)
+            if pruning_mode == "none":
+                self.last_reuse_stats = {"mode": "none", "refresh_steps": list(range(1, num_steps + 1)), "cache_bytes": 0}
+                return super().__call__(**call)
+
+            controller = ReferenceTokenReuse(pruning_mode, num_steps=num_steps, refresh_steps=refresh_steps)
+            call["attention_kwargs"] = {**(call.get("attention_kwargs") or {}), ATTENTION_KWARG: controller}
+            try:
+                return super().__call__(**call)
+            finally:
+                self.last_reuse_stats = {
+                    "mode": pruning_mode,
+                    "refresh_steps": list(controller.refresh_steps),
+                    "reuse_steps": controller.reuse_steps(),
+                    "cache_bytes": controller.peak_cache_bytes,
+                    "tokens": dict(controller.token_counts),
+                    "calls": [vars(record) for record in controller.history],
+                }
+                controller.clear()
         finally:
-            self.last_reuse_stats = {
-                "mode": pruning_mode,
-                "refresh_steps": list(controller.refresh_steps),
-                "reuse_steps": controller.reuse_steps(),
-                "cache_bytes": controller.peak_cache_bytes,
-                "tokens": dict(controller.token_counts),
-                "calls": [vars(record) for record in controller.history],
-            }
-            controller.clear()
+            self._rope_check = None
 
 
-__all__ = ["TokenPruningQwenImageEditPipeline", "LIGHTNING_SCHEDULER_CONFIG", "MODES"]
+__all__ = ["TokenPruningQwenImageEditPipeline", "LIGHTNING_SCHEDULER_CONFIG", "MODES", "EditInputError", "LoRALoadError"]

@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from cli import ArgumentParser, UserError, run_cli, write_json
+from cli import ArgumentParser, UserError, check_output_file, run_cli, write_json
 
 SCHEDULES = {"alternate": "alternate", "once": "once"}
 
@@ -44,10 +44,15 @@ def main(argv=None) -> int:
         raise UserError(f"--scale must divide 24 heads and 4096 tokens (1, 2, 4, 8), got {args.scale}")
     if args.steps < 1 or args.repeats < 1:
         raise UserError("--steps and --repeats must be >= 1")
+    if args.text_len < 1:
+        raise UserError(f"--text-len must be >= 1, got {args.text_len}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
         if m not in ("mlp", "full", "kv"):
             raise UserError(f"unknown mode {m!r} in --modes; choose from mlp, full, kv")
+    check_output_file(args.stats_json, "--stats-json")
 
     import torch
     from tqdm import tqdm
@@ -55,6 +60,13 @@ def main(argv=None) -> int:
     from models.qwenimage.transformer_qwenimage import QwenImageTransformer2DModel
     from evaluation.flops import QwenImageShape, qwenimage_edit_flops_ratio
     from pruning.edit.reference_reuse import ATTENTION_KWARG, ReferenceTokenReuse, resolve_refresh_steps
+
+    for sch in args.schedules.split(","):  # before the model is built
+        if sch:
+            try:
+                resolve_refresh_steps(sch, args.steps)
+            except ValueError as error:
+                raise UserError(f"--schedules: {error}") from None
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,9 +117,9 @@ def main(argv=None) -> int:
             except ValueError as error:
                 raise UserError(f"--schedules: {error}") from None
     times: dict[tuple[str, str | None], list[float]] = {c: [] for c in configs}
-    for c in configs:  # warm-up
+    for c in tqdm(configs, desc="warm-up (mode x schedule)"):
         edit(*c)
-    for _ in tqdm(range(args.repeats), desc="repeats"):
+    for _ in tqdm(range(args.repeats), desc="timed repeats (all modes)"):
         for c in configs:  # interleaved, so drift in machine speed hits every mode alike
             times[c].append(edit(*c))
 

@@ -98,7 +98,7 @@ def main() -> int:
     import torch
 
     from evaluation.flops import LlavaShape, prefill_flops
-    from pruning.llava.baselines import baseline_schedule, learned_schedule, make_selector
+    from pruning.llava.baselines import baseline_schedule, learned_schedule, schedule_selectors
     from pruning.llava.config import VisionTokenPruningConfig, config_from_dict
     from pruning.llava.runtime import attach_pruning, detach_pruning
 
@@ -154,7 +154,7 @@ def main() -> int:
         real_sched = baseline_schedule(method, budget, 32, real.num_vision)
         return {"method": method, "budget": budget, "tokens": list(sched.layer_tokens),
                 "attach": lambda: attach_pruning(model, use_merger=False, use_pruners=False,
-                                                 selectors=make_selector(sched)).eval(),
+                                                 selectors=schedule_selectors(sched)).eval(),
                 "flops": (prefill_flops(shape, sched.layer_tokens), prefill_flops(real, real_sched.layer_tokens))}
 
     runs.append(learned(None))

@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from cli import ArgumentParser, UserError, run_cli, write_json
+from cli import ArgumentParser, UserError, check_output_file, run_cli, write_json
 
 # 16 frames of (width, height) px -> 8 grid steps x (h/28 x w/28) = 2048 / scale visual tokens
 FRAME_SIZE = {8: (224, 112), 4: (224, 224)}
@@ -75,8 +75,13 @@ def main(argv=None) -> int:
         raise UserError(f"unknown preset(s) {unknown}; choose from {', '.join(PRESETS)}")
     if "baseline" not in presets:
         presets.insert(0, "baseline")
-    if args.repeats < 1 or args.max_new_tokens < 2:
-        raise UserError("--repeats must be >= 1 and --max-new-tokens >= 2")
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.max_new_tokens < 2:
+        raise UserError(f"--max-new-tokens must be >= 2 (decode speed needs a second token), got {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    check_output_file(args.stats_json, "--stats-json")  # before the model is built: a bad path writes nothing
 
     import torch
     from tqdm import tqdm
@@ -117,7 +122,7 @@ def main(argv=None) -> int:
     for name in presets:  # warm-up
         run(name)
     results: dict[str, list[dict]] = {name: [] for name in presets}
-    for _ in tqdm(range(args.repeats), desc="repeats"):
+    for _ in tqdm(range(args.repeats), desc="repeat (every preset once)", unit="repeat"):
         for name in presets:
             results[name].append(run(name))
     for handle in handles:

@@ -24,7 +24,11 @@ before stage 1``), ``mean_ttft_s`` and ``ttft_speedup`` over the baseline, ``mea
 (the whole call: video decoding, preprocessing, generation) and ``agreement_with_baseline`` (fraction
 of questions where the prediction equals the ``baseline`` preset's; ``null`` when ``baseline`` is not
 in ``--presets``). ``questions`` holds every prediction. Bad input: one line on stderr, exit code 2,
-nothing written (every video is opened before the model is loaded).
+nothing written. Checked before the model is loaded: every flag, ``--output``, ``--device``, every
+video (opened), and each question's text (question, options, chat template) plus ``--max-new-tokens``
+against the model's context; the exact prompt with its video tokens is checked again per question
+(still one line, nothing written). The JSON is written once, at the end, through a temporary file
+renamed into place; Ctrl-C exits 130 and leaves no file.
 """
 
 from __future__ import annotations
@@ -36,7 +40,16 @@ import sys
 import time
 from pathlib import Path
 
-from cli import ArgumentParser, UserError, configure_torch_threads, machine_info, run_cli, write_json
+from cli import (
+    ArgumentParser,
+    UserError,
+    check_device,
+    check_output_file,
+    configure_torch_threads,
+    machine_info,
+    run_cli,
+    write_json,
+)
 
 DEFAULT_PRESETS = ("baseline", "stage2_only", "stage1_only", "default", "conservative", "aggressive")
 CHANCE_LEVEL = 0.2
@@ -96,8 +109,8 @@ def validate(args) -> None:
         raise UserError("--video-dir / --answers describe your own set: pass its questions file with --questions too")
     if args.questions is not None and args.video_dir is None:
         raise UserError("--questions needs --video-dir (the folder holding <q_uid>.mp4)")
-    if args.output.exists() and args.output.is_dir():
-        raise UserError(f"--output {str(args.output)!r} is a directory: pass a file path")
+    check_output_file(args.output, "--output")
+    check_device(args.device)
 
 
 def load_questions(args):
@@ -132,6 +145,31 @@ def check_videos(questions, num_frames: int) -> None:
                 f"q_uid {q.q_uid!r}: video {str(q.video_path)!r} has {video.total_frames} frames, fewer than "
                 f"--num-frames {num_frames}: lower --num-frames"
             )
+
+
+def check_against_model(args, questions):
+    """Read the model's config and processor (not its weights) and check each question's text (question,
+    lettered options, chat template) plus ``--max-new-tokens`` against the model's context. Returns the processor."""
+    from pipelines.prunevid import (
+        build_multiple_choice_question,
+        check_prompt_fits,
+        context_length,
+        load_config_and_processor,
+        prompt_text_tokens,
+    )
+
+    try:
+        model_config, processor = load_config_and_processor(args.model_path)
+    except ValueError as error:
+        raise UserError(str(error).splitlines()[0]) from None
+    context = context_length(model_config)
+    for q in questions:
+        tokens = prompt_text_tokens(processor, build_multiple_choice_question(q.question, list(q.options)))
+        try:
+            check_prompt_fits(tokens, None, args.max_new_tokens, context)
+        except ValueError as error:
+            raise UserError(f"q_uid {q.q_uid!r}: {error}") from None
+    return processor
 
 
 def _mean(values):
@@ -189,6 +227,7 @@ def main(argv=None) -> int:
     validate(args)
     questions, files = load_questions(args)
     check_videos(questions, args.num_frames)
+    processor = check_against_model(args, questions)
 
     import torch
     from tqdm.auto import tqdm
@@ -201,7 +240,7 @@ def main(argv=None) -> int:
     try:
         base = Qwen25VLPruneVid(
             args.model_path, preset="baseline", num_frames=args.num_frames,
-            device=args.device, attn_implementation=args.attn_implementation,
+            device=args.device, attn_implementation=args.attn_implementation, _processor=processor,
         )  # fmt: skip
         pipes = {name: base.with_config(name) for name in args.presets}
     except (OSError, ValueError) as error:
@@ -219,7 +258,8 @@ def main(argv=None) -> int:
 
     answer(pipes[args.presets[0]], questions[0])  # warm-up (first-call allocations), not reported
     records = []
-    progress = tqdm(total=len(questions) * len(args.presets), desc="EgoSchema", unit="answer",
+    # counts answers: every question once per preset
+    progress = tqdm(total=len(questions) * len(args.presets), desc="answer (question x preset)", unit="answer",
                     disable=args.no_progress, file=sys.stderr)  # fmt: skip
     for q in questions:
         record = {"q_uid": q.q_uid, "question": q.question, "answer": q.answer, "video": str(q.video_path), "presets": {}}

@@ -20,7 +20,12 @@ prefill FLOPs at the real size (32 layers, hidden 4096, MLP 11008, 576 image + ~
 and the measured prefill time ratio against the unpruned model in the same run.
 
 A budget is the mean fraction of the image's vision tokens present per LLM layer (compute
-matched; see ``pruning/llava/baselines.py``). Writes a JSON (``--output``) and prints a table.
+matched; see ``pruning/llava/baselines.py``). Writes a JSON (``--output``, atomically) and prints a table.
+
+Every input is checked before the model is loaded: the stage file must come from
+``train_llava_pruner.py`` and have been trained on the evaluated base (``--model-path``; the
+base's fingerprint recorded in the file decides, so a copied base directory passes), FastV's
+layer must lie inside the model, ``--output`` must be a writable file path.
 
     python scripts/eval_llava_pruning.py
     python scripts/eval_llava_pruning.py --budgets 0.25,0.5 --methods random,divprune --eval-size 200
@@ -33,7 +38,17 @@ import math
 import time
 from pathlib import Path
 
-from cli import REPO_ROOT, ArgumentParser, UserError, load_or_explain, run_cli, write_json
+from cli import (
+    REPO_ROOT,
+    ArgumentParser,
+    UserError,
+    check_model_path,
+    check_output_file,
+    configure_torch_threads,
+    load_or_explain,
+    run_cli,
+    write_json,
+)
 
 import torch
 
@@ -74,27 +89,104 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timing-batches", type=int, default=2, help="prompt batches timed per method")
     parser.add_argument("--output", type=Path, default=DEFAULT_RUN / "eval_llava_pruning.json")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU intra-op threads (default: 1 for the embedded tiny model on CPU; torch's default otherwise)")
     args = parser.parse_args()
     budgets, methods = parse_budgets(args.budgets), parse_methods(args.methods)
-    for key in ("eval_size", "batch_size", "timing_batches"):
-        if getattr(args, key) < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be >= 1")
-    if args.fastv_layer < 1:
-        raise UserError("--fastv-layer must be >= 1 (FastV ranks with the attention of the layer before)")
-    if "untrained" in methods and "learned" not in methods and not args.config.is_file():
-        raise UserError(f"--config: no config file at {args.config}")
+    for key in ("eval_size", "batch_size", "timing_batches", "threads"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    check_output_file(args.output, "--output")
+    check_model_path(args.model_path)
+    base_path = args.model_path
+    if base_path is None:
+        from models.tiny.llava_vqa import default_base_path
+
+        base_path = str(default_base_path())
+    check_fastv_layer(args, methods, base_path)
     checkpoint = None
     if "learned" in methods:
-        if not args.checkpoint.is_file():
-            raise UserError(f"no trained pruner at {args.checkpoint}: run `make train-llava` first, pass --checkpoint, "
-                            "or leave 'learned' out of --methods")
-        try:
-            checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-            checkpoint["state_dict"], checkpoint["config"]  # noqa: B018 - shape check
-        except Exception as error:  # noqa: BLE001 - any unreadable file is bad input here
-            raise UserError(f"{args.checkpoint} is not a pruning checkpoint from train_llava_pruner.py "
-                            f"({type(error).__name__}: {str(error)[:120]})") from None
+        checkpoint = read_stages(args.checkpoint)
+        check_base(checkpoint, args.checkpoint, base_path)
+    elif "untrained" in methods:
+        read_config(args.config)
     return evaluate(args, budgets, methods, checkpoint)
+
+
+def read_config(path: Path):
+    """The config of the 'untrained' stages (``--config``), or a one-line error."""
+    from pruning.llava.config import ConfigError, load_config
+
+    if path.is_dir():
+        raise UserError(f"--config {str(path)!r} is a directory: pass a YAML file")
+    try:
+        return load_config(path)
+    except FileNotFoundError as error:
+        raise UserError(f"--config: {error}") from None
+    except (ConfigError, UnicodeDecodeError) as error:
+        raise UserError(f"--config: {' '.join(str(error).split())}") from None
+
+
+def read_stages(path: Path) -> dict:
+    """The stage file at ``path`` (``--checkpoint``), loaded with ``weights_only`` and checked; else one line."""
+    if path.is_dir():
+        raise UserError(f"--checkpoint {str(path)!r} is a directory: pass a stage file such as pruning_final.pt")
+    if not path.is_file():
+        raise UserError(f"--checkpoint: no trained pruner at {path}: run `make train-llava` first, pass --checkpoint, "
+                        "or leave 'learned' out of --methods")
+    from models.tiny.llava_vqa import load_torch_file
+
+    try:
+        checkpoint = load_torch_file(path)
+    except ValueError as error:
+        raise UserError(f"--checkpoint {str(path)!r} is {error}") from None
+    keys = ("config", "state_dict", "temperature", "pruning_layers", "use_merger", "use_pruners")
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in keys):
+        hint = " (that is a training checkpoint: pass pruning_final.pt)" if isinstance(checkpoint, dict) and \
+            "pruning" in checkpoint else ""
+        raise UserError(f"--checkpoint {str(path)!r} is not a stage file from train_llava_pruner.py{hint}")
+    from pruning.llava.config import ConfigError, config_from_dict
+
+    try:
+        config_from_dict(checkpoint["config"], "checkpoint")
+    except ConfigError as error:
+        raise UserError(f"--checkpoint {str(path)!r}: {' '.join(str(error).split())}") from None
+    return checkpoint
+
+
+def check_base(checkpoint: dict, path: Path, base_path: str) -> None:
+    """The stages were trained on the base that is evaluated (recorded fingerprint, else path); else one line."""
+    from models.tiny.llava_vqa import base_identity, base_mismatch
+
+    if checkpoint.get("base_model") is None:
+        print(f"warning: {path} records no base model; cannot check that it was trained on {base_path}")
+        return
+    problem = base_mismatch(checkpoint, base_identity(base_path))
+    if problem:
+        raise UserError(f"--checkpoint {str(path)!r} was {problem} (--model-path): evaluate it on its base, "
+                        "or pass stages trained on this one")
+
+
+def check_fastv_layer(args, methods: list[str], base_path: str) -> None:
+    """FastV's layer K lies inside the LLM (1 .. layers - 1), read from the model's config (no weights loaded)."""
+    if args.fastv_layer < 1:
+        raise UserError(f"--fastv-layer must be >= 1 (FastV ranks with the attention of the layer before), "
+                        f"got {args.fastv_layer}")
+    if "fastv" not in methods:
+        return
+    from transformers import AutoConfig
+
+    if not Path(base_path).exists() and args.model_path is None:  # the default base, not trained yet
+        from models.tiny.llava import tiny_llava_dir  # its architecture: the base is trained from it
+
+        base_path = str(tiny_llava_dir())
+    config = load_or_explain("the LLaVA config", base_path, lambda: AutoConfig.from_pretrained(base_path))
+    num_layers = config.text_config.num_hidden_layers
+    if args.fastv_layer >= num_layers:
+        raise UserError(f"--fastv-layer {args.fastv_layer} is past the model: its LLM has {num_layers} layers, "
+                        f"so FastV can select at layers 1..{num_layers - 1}")
 
 
 def evaluate(args, budgets, methods, checkpoint) -> int:
@@ -102,7 +194,7 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
 
     from models.llava.modeling_llava import LlavaForConditionalGeneration
     from evaluation.flops import LlavaShape, prefill_flops
-    from pruning.llava.baselines import baseline_schedule, learned_schedule, make_selector
+    from pruning.llava.baselines import baseline_schedule, learned_schedule, schedule_selectors
     from pruning.llava.config import config_from_dict, vision_token_trajectory
     from pruning.llava.runtime import attach_pruning, detach_pruning, load_pruning, num_image_tokens
     from data.vqa_shapes import (
@@ -120,18 +212,19 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
         from models.tiny.llava_vqa import trained_base_dir
 
         model_path = str(trained_base_dir())
+    configure_torch_threads(args.threads, args.model_path, None)
     processor = load_or_explain("the LLaVA processor", model_path, lambda: AutoProcessor.from_pretrained(model_path))
     model = load_or_explain("the LLaVA model", model_path, lambda: LlavaForConditionalGeneration.from_pretrained(model_path))
     model.eval().requires_grad_(False)
     if checkpoint:
         cfg = config_from_dict(checkpoint["config"], "checkpoint")
+        try:  # the stages fit this model (before any answer is generated)
+            load_pruning(model, checkpoint)
+        except ValueError as error:
+            raise UserError(f"--checkpoint {str(args.checkpoint)!r}: {error}") from None
+        detach_pruning(model)
     else:
-        from pruning.llava.config import load_config
-
-        try:
-            cfg = load_config(args.config)
-        except (FileNotFoundError, ValueError) as error:
-            raise UserError(str(error)) from None
+        cfg = read_config(args.config)
     num_layers = model.config.text_config.num_hidden_layers
     v = num_image_tokens(model.config)
     samples = make_split("heldout", args.eval_size, seed=args.seed)
@@ -228,7 +321,7 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
             else:
                 tiny = baseline_schedule(method, budget, num_layers, v, args.fastv_layer)
                 real_sched = baseline_schedule(method, budget, real.num_layers, real.num_vision, args.fastv_layer)
-                attach_pruning(model, use_merger=False, use_pruners=False, selectors=make_selector(tiny, args.seed)).eval()
+                attach_pruning(model, use_merger=False, use_pruners=False, selectors=schedule_selectors(tiny, args.seed)).eval()
                 answers, trajectory, layer_tokens = run_answers()
                 seconds = prefill_seconds()
                 detach_pruning(model)

@@ -19,7 +19,27 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cli import ArgumentParser, UserError, load_edit_pipeline, load_reference_image, run_cli, write_json
+import json
+import math
+
+from cli import (
+    ArgumentParser,
+    UserError,
+    check_device,
+    check_output_dir,
+    load_edit_pipeline,
+    load_reference_image,
+    run_cli,
+    write_outputs,
+)
+from pipelines.qwenimage_edit_limits import (
+    EditInputError,
+    LoRALoadError,
+    check_lora_source,
+    check_side,
+    max_image_seq_len_of,
+    output_size,
+)
 
 # label -> refresh steps (4 steps); other step counts get "alternate" and "once"
 ABLATION_4_STEPS = {"reuse 2": "1,3,4", "reuse 4": "1,2,3", "reuse 2+4": "1,3", "reuse 2,3,4 (once)": "once"}
@@ -35,8 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--model-path", default=None)
     p.add_argument("--lora-weight-name", default=None, help="file inside a LoRA repo, e.g. Qwen-Image-Edit-Lightning-4steps-V1.0.safetensors")
     p.add_argument("--lora", default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None, help="a multiple of 16 px (default: the reference image's ~1 MP)")
+    p.add_argument("--width", type=int, default=None, help="a multiple of 16 px; height x width <= 8192 tokens of 16x16 px")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--cpu-offload", action="store_true")
@@ -47,15 +67,31 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # every input and output path before any work: one line, nothing written
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if not math.isfinite(args.cfg) or args.cfg < 1.0:
+        raise UserError(f"--cfg must be a number >= 1.0 (1.0 disables true CFG), got {args.cfg}")
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in ("mlp", "full", "kv")]
-    if bad:
+    if bad or not modes:
         raise UserError(f"unknown mode(s) {bad} in --modes; choose from mlp, full, kv")
     if args.input is not None and not args.input.is_file():
         raise UserError(f"input image {str(args.input)!r} does not exist")
+    check_output_dir(args.output_dir, "-o/--output_dir")
+    check_device(args.device, "--device")
+    try:
+        check_side(args.height, "--height", unset="unset")
+        check_side(args.width, "--width", unset="unset")
+        check_lora_source(args.lora, args.lora_weight_name, names=("--lora", "--lora-weight-name"))
+    except (EditInputError, LoRALoadError) as error:
+        raise UserError(str(error)) from None
     image = load_reference_image(args.input)
+    try:
+        output_size(args.height, args.width, image.size, max_image_seq_len_of(args.model_path, args.lora),
+                    names=("--height", "--width"), unset="unset")
+    except EditInputError as error:
+        raise UserError(str(error)) from None
 
     import torch
     from tqdm import tqdm
@@ -64,14 +100,21 @@ def main(argv=None) -> int:
     from evaluation.metrics import psnr, ssim
     from pruning.edit.reference_reuse import resolve_refresh_steps
 
-    pipe, model_path, device = load_edit_pipeline(args)
+    try:
+        pipe, model_path, device = load_edit_pipeline(args)
+    except LoRALoadError as error:
+        raise UserError(str(error)) from None
     pipe.set_progress_bar_config(disable=True)
     schedules = ABLATION_4_STEPS if args.steps == 4 else {"alternate": "alternate", "once": "once"}
 
     def edit(mode: str, refresh):
-        result = pipe(image=image, prompt=args.prompt, num_inference_steps=args.steps, true_cfg_scale=args.cfg,
-                      negative_prompt=" " if args.cfg > 1 else None, height=args.height, width=args.width,
-                      generator=torch.Generator().manual_seed(args.seed), pruning_mode=mode, refresh_steps=refresh).images[0]
+        try:
+            result = pipe(image=image, prompt=args.prompt, num_inference_steps=args.steps, true_cfg_scale=args.cfg,
+                          negative_prompt=" " if args.cfg > 1 else None, height=args.height, width=args.width,
+                          generator=torch.Generator().manual_seed(args.seed), pruning_mode=mode,
+                          refresh_steps=refresh).images[0]
+        except EditInputError as error:  # a limit only the loaded pipeline knows (its scheduler, the prompt's length)
+            raise UserError(str(error)) from None
         return result, dict(pipe.last_reuse_stats)
 
     baseline = edit("none", None)[0]
@@ -88,19 +131,20 @@ def main(argv=None) -> int:
                          flops_ratio=qwenimage_edit_flops_ratio(shape, mode, refresh, args.steps)))
         images[f"{mode}_{sched.replace(',', '-')}.png"] = out
 
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    baseline.save(args.output_dir / "baseline.png")
-    for name, out in images.items():
-        out.save(args.output_dir / name)
+    # every run finished: all files or none (temporary names, renamed together)
+    stats_path = args.output_dir / f"fidelity_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    stats = dict(model_path=model_path, lora=args.lora, steps=args.steps, cfg=args.cfg, prompt=args.prompt,
+                 seed=args.seed, device=device, tokens=tokens, rows=rows)
+    writers = {args.output_dir / name: (lambda tmp, out=out: out.save(tmp, format="PNG"))
+               for name, out in {"baseline.png": baseline, **images}.items()}
+    writers[stats_path] = lambda tmp: tmp.write_text(json.dumps(stats, indent=2, default=str) + "\n")
+    write_outputs(writers)
     print(f"\nmodel {model_path}, steps {args.steps}, tokens {tokens}, device {device}")
     print(f"{'mode':<5} {'schedule':<20} {'refresh':<8} {'PSNR dB':>8} {'SSIM':>7} {'FLOP bound':>10}")
     for r in rows:
         print(f"{r['mode']:<5} {r['schedule']:<20} {','.join(map(str, r['refresh_steps'])):<8} {r['psnr_db']:>8.2f} "
               f"{r['ssim']:>7.4f} {1 / r['flops_ratio']:>9.2f}x")
-    stats_path = args.output_dir / f"fidelity_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    write_json(stats_path, dict(model_path=model_path, lora=args.lora, steps=args.steps, cfg=args.cfg,
-                                prompt=args.prompt, seed=args.seed, device=device, tokens=tokens, rows=rows))
-    print(f"stats in {stats_path}")
+    print(f"images in {args.output_dir}/, stats in {stats_path}")
     return 0
 
 

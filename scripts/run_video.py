@@ -11,16 +11,51 @@ Qwen2.5-VL, on CPU, in seconds. Real weights on a GPU::
 same process on the same inputs and reports the agreement of the generated tokens and the ratios of
 time to first token, decode speed, peak memory and KV-cache size, next to the analytic prefill FLOP
 ratio of the language model. ``--stats-json PATH`` writes everything as JSON (only after every run
-succeeded: bad input writes nothing).
+succeeded, through a temporary file renamed into place: bad input or Ctrl-C writes nothing).
+
+Fail fast: every flag, the output path, the device, the video, the model's layer count (for
+``--pruning-layer``) and the prompt's length against the model's context are checked before the
+weights are loaded; a knob that the chosen preset ignores (``--keep-ratio`` with ``--preset
+baseline``, ``--tau`` with ``--preset stage2_only``, ...) is an error, not a silent no-op. Each
+problem is one line ``error: ...`` on stderr and exit code 2; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from cli import ArgumentParser, UserError, configure_torch_threads, load_video_or_explain, run_cli, write_json
+from cli import (
+    ArgumentParser,
+    UserError,
+    check_device,
+    check_output_file,
+    configure_torch_threads,
+    load_video_or_explain,
+    run_cli,
+    write_json,
+)
 
 DEFAULT_QUESTION = "What is moving in the video, and in which direction?"
+KNOB_FLAGS = {
+    "tau": "--tau", "cluster_ratio": "--cluster-ratio", "temporal_segment_ratio": "--temporal-segment-ratio",
+    "keep_ratio": "--keep-ratio", "pruning_layer": "--pruning-layer", "selection": "--selection",
+    "enable_cache_compression": "--no-cache-compression",
+}  # fmt: skip
+STAGE1_FLAGS = ("tau", "cluster_ratio", "temporal_segment_ratio")
+STAGE2_FLAGS = ("keep_ratio", "pruning_layer", "selection", "enable_cache_compression")
+
+
+def short(text: str, limit: int = 160) -> str:
+    """``text`` for a one-line echo: at most ``limit`` characters (the JSON keeps the whole text)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def flag_error(error: ValueError) -> UserError:
+    """A PruneVidConfig ``ValueError`` ("keep_ratio must be ...") as a UserError that names the flag."""
+    message = str(error).splitlines()[0]
+    field = message.split(" ", 1)[0].split("=", 1)[0]
+    return UserError(f"{KNOB_FLAGS[field]}: {message}" if field in KNOB_FLAGS else message)
 
 
 def parse_args(argv=None):
@@ -73,10 +108,19 @@ def validate(args) -> dict:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.question.strip():
         raise UserError("the question is empty: pass a question after the video path")
-    if args.video is not None and not args.video.exists():
-        raise UserError(f"video {str(args.video)!r} does not exist: pass an existing video file (or none for the demo video)")
-    if args.stats_json is not None and args.stats_json.exists() and args.stats_json.is_dir():
-        raise UserError(f"--stats-json {str(args.stats_json)!r} is a directory: pass a file path")
+    if args.video is not None:
+        shown = str(args.video) if len(str(args.video)) <= 160 else f"{str(args.video)[:160]}..."
+        try:
+            exists = args.video.exists()
+        except OSError as error:  # e.g. a long question passed where the video path goes
+            raise UserError(
+                f"video {shown!r} is not a usable path ({error.strerror}): pass the video path first, then the question "
+                f"(or -q QUESTION for the demo video)"
+            ) from None
+        if not exists:
+            raise UserError(f"video {shown!r} does not exist: pass an existing video file (or none for the demo video)")
+    check_output_file(args.stats_json, "--stats-json")
+    check_device(args.device)
     overrides = {
         name: getattr(args, name)
         for name in ("tau", "cluster_ratio", "temporal_segment_ratio", "keep_ratio", "pruning_layer", "selection")
@@ -85,12 +129,49 @@ def validate(args) -> dict:
     if args.no_cache_compression:
         overrides["enable_cache_compression"] = False
     try:
-        preset(args.preset, **{k: v for k, v in overrides.items() if k != "pruning_layer"})
+        config = preset(args.preset, **{k: v for k, v in overrides.items() if k != "pruning_layer"})
         if "pruning_layer" in overrides:
             PruneVidConfig(pruning_layer=overrides["pruning_layer"])
     except ValueError as error:
-        raise UserError(str(error)) from None
+        raise flag_error(error) from None
+    # a knob for a stage the preset leaves off would be silently ignored: say so instead
+    for stage, on, names, presets in (
+        ("stage 1 (token merging)", config.enable_stage1, STAGE1_FLAGS, "stage1_only, default, conservative, aggressive"),
+        ("stage 2 (attention pruning)", config.enable_pruning, STAGE2_FLAGS, "stage2_only, default, conservative, aggressive"),
+    ):
+        ignored = [KNOB_FLAGS[name] for name in names if name in overrides]
+        if ignored and not on:
+            raise UserError(
+                f"{' / '.join(ignored)} would be ignored: --preset {args.preset} has {stage} off; use --preset custom "
+                f"(default + your overrides) or a preset with {stage.split(' (')[0]} on ({presets})"
+            )
     return overrides
+
+
+def check_against_model(args, overrides: dict, video):
+    """Read the model's config and processor (not its weights): ``--pruning-layer`` against its layer count,
+    the prompt against its context. Returns ``(processor, CPU inputs)``."""
+    from pipelines.prunevid import build_inputs, check_prompt_fits, context_length, load_config_and_processor
+
+    try:
+        model_config, processor = load_config_and_processor(args.model_path)
+    except ValueError as error:
+        raise UserError(str(error).splitlines()[0]) from None
+    num_layers = model_config.get_text_config().num_hidden_layers
+    layer = overrides.get("pruning_layer")
+    if layer is not None and layer >= num_layers:
+        raise UserError(
+            f"--pruning-layer: pruning_layer={layer} is out of range for a model with {num_layers} layers "
+            f"(allowed 0..{num_layers - 1})"
+        )
+    inputs = build_inputs(processor, video, args.question)
+    input_ids = inputs["input_ids"]
+    video_tokens = int((input_ids == model_config.video_token_id).sum())
+    try:
+        check_prompt_fits(int(input_ids.shape[-1]), video_tokens, args.max_new_tokens, context_length(model_config))
+    except ValueError as error:
+        raise UserError(f"question / --num-frames / --max-new-tokens: {error}") from None
+    return processor, inputs
 
 
 def llm_prefill_flops(text_config, lengths: list[int]) -> float:
@@ -135,8 +216,11 @@ def main(argv=None) -> int:
 
     hf_logging.disable_progress_bar()  # no weight-loading bars: stdout/stderr carry the results and one-line errors
     configure_torch_threads(args.threads, args.model_path, args.device)
-    # a bad video or too many frames: fail before loading the model
+    # a bad video or too many frames, a layer past the model, a prompt beyond its context: fail before loading the weights
     video_path, video = load_video_or_explain(args.video, args.num_frames)
+    processor, inputs = check_against_model(args, overrides, video)
+    if args.compare and args.preset == "baseline":
+        print("note: --compare with --preset baseline: the baseline is the run itself, nothing to compare", file=sys.stderr)
     try:
         pipe = Qwen25VLPruneVid(
             args.model_path,
@@ -146,8 +230,8 @@ def main(argv=None) -> int:
             device=args.device,
             attn_implementation=args.attn_implementation,
             **overrides,
+            _processor=processor,
         )
-        inputs = pipe.prepare_inputs(video, args.question)
     except (OSError, ValueError) as error:
         raise UserError(str(error).splitlines()[0]) from None
 
@@ -175,7 +259,7 @@ def main(argv=None) -> int:
     if args.model_path is None:
         print("embedded tiny Qwen2.5-VL with random weights: its answers are meaningless text by design; read the "
               "token counts, timings and the agreement with the baseline (--model-path for real weights)")
-    print(f"video {video_path} ({video.total_frames} frames, {args.num_frames} sampled), question: {args.question!r}")
+    print(f"video {video_path} ({video.total_frames} frames, {args.num_frames} sampled), question: {short(args.question)!r}")
     if "baseline" in runs:
         base = runs["baseline"]
         a, b = base["generated_ids"], result["generated_ids"]

@@ -10,14 +10,46 @@ machine. Real weights::
 
 Writes into ``--output_dir``: ``output_pruning_<timestamp>.png``, ``latest_pruning.png``,
 ``latest_baseline.png`` (with ``--compare`` or ``--no-pruning``) and the stats JSON.
+
+Every input and output path is checked before the model is loaded (a bad one: one ``error:`` line,
+exit 2, nothing written). The files are written only after every run succeeded, all through
+temporary names renamed into place together: Ctrl-C (exit 130) never leaves a half-written file or
+images without their stats. Sizes: multiples of 16 px, at most the scheduler's ``max_image_seq_len``
+(8192 tokens of 16x16 px for Qwen-Image-Edit, e.g. 1024x2048); a prompt beyond
+``--max-sequence-length`` tokens is truncated with a warning.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from cli import ArgumentParser, ModuleTimer, UserError, load_edit_pipeline, load_reference_image, run_cli, stopwatch, write_json
+from cli import (
+    ArgumentParser,
+    ModuleTimer,
+    UserError,
+    check_device,
+    check_output_dir,
+    check_output_file,
+    load_edit_pipeline,
+    load_reference_image,
+    run_cli,
+    stopwatch,
+    write_outputs,
+)
+from pipelines.qwenimage_edit_limits import (
+    DEFAULT_MAX_SEQUENCE_LENGTH,
+    EditInputError,
+    LoRALoadError,
+    check_lora_source,
+    check_max_sequence_length,
+    check_side,
+    max_image_seq_len_of,
+    output_size,
+)
 
 MODES = ("none", "mlp", "full", "kv")
 
@@ -36,29 +68,38 @@ def parse_args(argv=None):
     p.add_argument("--model-path", default=None, help="diffusers-format Qwen-Image-Edit dir or hub id (default: embedded tiny)")
     p.add_argument("--lora-weight-name", default=None, help="file inside a LoRA repo, e.g. Qwen-Image-Edit-Lightning-4steps-V1.0.safetensors")
     p.add_argument("--lora", default=None, help="Lightning LoRA path or hub id (switches to the Lightning scheduler)")
-    p.add_argument("--height", type=int, default=None, help="output height (default: the stock pipeline's ~1 MP)")
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None,
+                   help="output height, a multiple of 16 px (default: the reference image's aspect ratio at ~1 MP); "
+                        "height x width at most the scheduler's max_image_seq_len tokens of 16x16 px (8192)")
+    p.add_argument("--width", type=int, default=None, help="output width, a multiple of 16 px (see --height)")
+    p.add_argument("--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH,
+                   help="prompt tokens kept (1..1024); a longer prompt is truncated with a warning")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", action="store_true", help="also run the baseline from the same seed: time, PSNR, SSIM")
     p.add_argument("--stats-json", type=Path, default=None, help="default: <output_dir>/stats_<timestamp>.json")
     p.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload (small GPUs)")
     p.add_argument("--vae-tiling", action="store_true", help="enable VAE tiling (small GPUs)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     return p.parse_args(argv)
 
 
 def validate(args) -> tuple[str, tuple[int, ...]]:
-    """Check every argument before any work is done; nothing is written on bad input."""
+    """Check every argument and output path before any work; nothing is written on bad input.
+
+    What needs the reference image (the output size it implies) is checked in :func:`check_size`.
+    """
     from pruning.edit.reference_reuse import resolve_refresh_steps
 
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    if args.cfg < 1.0:
-        raise UserError(f"--cfg must be >= 1.0 (1.0 disables true CFG), got {args.cfg}")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and value < 32:
-            raise UserError(f"--{name} must be >= 32 pixels, got {value}")
+    if not math.isfinite(args.cfg) or args.cfg < 1.0:
+        raise UserError(f"--cfg must be a number >= 1.0 (1.0 disables true CFG), got {args.cfg}")
+    try:
+        check_side(args.height, "--height", unset="unset")
+        check_side(args.width, "--width", unset="unset")
+        check_max_sequence_length(args.max_sequence_length, "--max-sequence-length")
+    except EditInputError as error:
+        raise UserError(str(error)) from None
     mode = "none" if args.no_pruning else args.pruning_mode
     try:
         refresh = resolve_refresh_steps(args.refresh_steps, args.steps)
@@ -67,26 +108,47 @@ def validate(args) -> tuple[str, tuple[int, ...]]:
     if args.input is not None:
         if not args.input.is_file():
             raise UserError(f"input image {str(args.input)!r} does not exist: pass an existing image file with -i")
+    check_output_dir(args.output_dir, "-o/--output_dir")
+    check_output_file(args.stats_json, "--stats-json")
+    check_device(args.device, "--device")
+    try:
+        check_lora_source(args.lora, args.lora_weight_name, names=("--lora", "--lora-weight-name"))
+    except LoRALoadError as error:
+        raise UserError(str(error)) from None
     return mode, refresh
+
+
+def check_size(args, image) -> None:
+    """``--height``/``--width`` (or the size the reference image implies) within the pipeline's limits."""
+    try:
+        output_size(args.height, args.width, image.size, max_image_seq_len_of(args.model_path, args.lora),
+                    names=("--height", "--width"), unset="unset")
+    except EditInputError as error:
+        raise UserError(str(error)) from None
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     mode, refresh = validate(args)
     image = load_reference_image(args.input)
+    check_size(args, image)
 
     import torch
 
     from evaluation.flops import QwenImageShape, qwenimage_edit_flops_ratio
     from evaluation.metrics import psnr, ssim
 
-    pipe, model_path, device = load_edit_pipeline(args)
+    try:
+        pipe, model_path, device = load_edit_pipeline(args)
+    except LoRALoadError as error:  # the model loaded; the LoRA did not (load_edit_pipeline explains only the model)
+        raise UserError(str(error)) from None
     timer = ModuleTimer(pipe.transformer)
 
     def edit(pruning_mode: str):
         timer.reset()
+        pipe.set_progress_bar_config(desc=f"denoise ({'baseline' if pruning_mode == 'none' else pruning_mode})", unit="step")
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        with stopwatch() as total:
+        with stopwatch() as total, explained_limits():
             result = pipe(
                 image=image,
                 prompt=args.prompt,
@@ -98,6 +160,7 @@ def main(argv=None) -> int:
                 generator=generator,
                 pruning_mode=pruning_mode,
                 refresh_steps=list(refresh),
+                max_sequence_length=args.max_sequence_length,
             ).images[0]
         return result, timer.seconds, total["seconds"], dict(pipe.last_reuse_stats)
 
@@ -144,16 +207,17 @@ def main(argv=None) -> int:
         stats["psnr_db"] = psnr(runs["baseline"][0], runs["pruning"][0])
         stats["ssim"] = ssim(runs["baseline"][0], runs["pruning"][0])
 
-    # every run finished: only now write anything
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    # every run finished: only now write anything, all files or none (temporary names, renamed together)
     stamp = time.strftime("%Y%m%d_%H%M%S")
-    if "baseline" in runs:
-        runs["baseline"][0].save(args.output_dir / "latest_baseline.png")
-    if "pruning" in runs:
-        runs["pruning"][0].save(args.output_dir / f"output_pruning_{stamp}.png")
-        runs["pruning"][0].save(args.output_dir / "latest_pruning.png")
     stats_path = args.stats_json or args.output_dir / f"stats_{stamp}.json"
-    write_json(stats_path, stats)
+    writers = {}
+    if "baseline" in runs:
+        writers[args.output_dir / "latest_baseline.png"] = png_writer(runs["baseline"][0])
+    if "pruning" in runs:
+        writers[args.output_dir / f"output_pruning_{stamp}.png"] = png_writer(runs["pruning"][0])
+        writers[args.output_dir / "latest_pruning.png"] = png_writer(runs["pruning"][0])
+    writers[stats_path] = lambda tmp: tmp.write_text(json.dumps(stats, indent=2, default=str) + "\n")
+    write_outputs(writers)
 
     for label, key in (("baseline", "time_baseline_s"), (f"pruning ({mode})", "time_pruned_s")):
         if stats[key] is not None:
@@ -168,6 +232,19 @@ def main(argv=None) -> int:
               "read the times, PSNR/SSIM against the baseline and the FLOP ratio (--model-path for real weights)")
     print(f"images in {args.output_dir}/, stats in {stats_path}")
     return 0
+
+
+def png_writer(image):
+    return lambda tmp: image.save(tmp, format="PNG")
+
+
+@contextmanager
+def explained_limits():
+    """A limit that only the loaded pipeline can check (its own scheduler, the prompt's RoPE length): one line."""
+    try:
+        yield
+    except EditInputError as error:
+        raise UserError(str(error)) from None
 
 
 if __name__ == "__main__":

@@ -23,7 +23,10 @@ Per setting the JSON holds: ``tokens_before_stage1``, ``tokens_after_stage1``, `
 the two) and ``exact_match`` against the baseline's greedy tokens, the generated text. ``baseline``
 holds the same numbers for the unpruned model; its ``token_agreement`` / ``exact_match`` compare it
 with the warm-up baseline run (a determinism check: 1.0 / true). ``command`` and ``machine`` say how
-and where it ran. Bad input: one line on stderr, exit code 2, nothing written.
+and where it ran. Bad input: one line on stderr, exit code 2, nothing written: every flag, the output
+path, the device, the video, ``--pruning-layer`` against the model's layer count and the prompt against
+its context are checked before the weights are loaded. The JSON is written once, at the end, through a
+temporary file renamed into place; Ctrl-C exits 130 and leaves no file.
 """
 
 from __future__ import annotations
@@ -36,7 +39,17 @@ import statistics
 import sys
 from pathlib import Path
 
-from cli import ArgumentParser, UserError, configure_torch_threads, load_video_or_explain, machine_info, run_cli, write_json
+from cli import (
+    ArgumentParser,
+    UserError,
+    check_device,
+    check_output_file,
+    configure_torch_threads,
+    load_video_or_explain,
+    machine_info,
+    run_cli,
+    write_json,
+)
 
 DEFAULT_QUESTION = "What is moving in the video, and in which direction?"
 DEFAULT_TAUS = (0.7, 0.8, 0.9)
@@ -105,19 +118,52 @@ def validate(args) -> None:
             raise UserError(f"{flag} must be >= {minimum}, got {value}")
     if not args.question.strip():
         raise UserError("the question is empty: pass a non-empty question")
-    if args.video is not None and not args.video.exists():
-        raise UserError(f"video {str(args.video)!r} does not exist: pass an existing video file (or none for the demo video)")
-    if args.output.exists() and args.output.is_dir():
-        raise UserError(f"--output {str(args.output)!r} is a directory: pass a file path")
+    if args.video is not None:
+        shown = str(args.video) if len(str(args.video)) <= 160 else f"{str(args.video)[:160]}..."
+        try:
+            exists = args.video.exists()
+        except OSError as error:  # e.g. a long question passed where the video path goes
+            raise UserError(
+                f"video {shown!r} is not a usable path ({error.strerror}): pass the video path first, then the question "
+                f"(or -q QUESTION for the demo video)"
+            ) from None
+        if not exists:
+            raise UserError(f"video {shown!r} does not exist: pass an existing video file (or none for the demo video)")
+    check_output_file(args.output, "--output")
+    check_device(args.device)
     if not args.with_stage2 and (args.keep_ratio is not None or args.pruning_layer is not None):
         raise UserError("--keep-ratio / --pruning-layer configure stage 2: add --with-stage2 (the sweep is stage 1 only by default)")
+    for flag, knob, value in (("--keep-ratio", "keep_ratio", args.keep_ratio), ("--pruning-layer", "pruning_layer", args.pruning_layer)):
+        try:
+            if value is not None:
+                PruneVidConfig(**{knob: value})
+        except ValueError as error:
+            raise UserError(f"{flag}: {error}") from None
+
+
+def check_against_model(args, video):
+    """Read the model's config and processor (not its weights): ``--pruning-layer`` against its layer count,
+    the prompt against its context. Returns ``(processor, CPU inputs)``."""
+    from pipelines.prunevid import build_inputs, check_prompt_fits, context_length, load_config_and_processor
+
     try:
-        if args.keep_ratio is not None:
-            PruneVidConfig(keep_ratio=args.keep_ratio)
-        if args.pruning_layer is not None:
-            PruneVidConfig(pruning_layer=args.pruning_layer)
+        model_config, processor = load_config_and_processor(args.model_path)
     except ValueError as error:
-        raise UserError(str(error)) from None
+        raise UserError(str(error).splitlines()[0]) from None
+    num_layers = model_config.get_text_config().num_hidden_layers
+    if args.pruning_layer is not None and args.pruning_layer >= num_layers:
+        raise UserError(
+            f"--pruning-layer: pruning_layer={args.pruning_layer} is out of range for a model with {num_layers} layers "
+            f"(allowed 0..{num_layers - 1})"
+        )
+    inputs = build_inputs(processor, video, args.question)
+    input_ids = inputs["input_ids"]
+    video_tokens = int((input_ids == model_config.video_token_id).sum())
+    try:
+        check_prompt_fits(int(input_ids.shape[-1]), video_tokens, args.max_new_tokens, context_length(model_config))
+    except ValueError as error:
+        raise UserError(f"question / --num-frames / --max-new-tokens: {error}") from None
+    return processor, inputs
 
 
 def agreement(reference: list[int], ids: list[int]) -> tuple[float, bool]:
@@ -174,15 +220,15 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     configure_torch_threads(args.threads, args.model_path, args.device)
     video_path, video = load_video_or_explain(args.video, args.num_frames)  # bad video: fail before loading the model
+    processor, inputs = check_against_model(args, video)  # layer past the model, prompt beyond its context: likewise
 
     base_preset = "default" if args.with_stage2 else "stage1_only"
     stage2_knobs = {k: v for k, v in (("keep_ratio", args.keep_ratio), ("pruning_layer", args.pruning_layer)) if v is not None}
     try:
         pipe = Qwen25VLPruneVid(
             args.model_path, preset="baseline", num_frames=args.num_frames,
-            device=args.device, attn_implementation=args.attn_implementation,
+            device=args.device, attn_implementation=args.attn_implementation, _processor=processor,
         )  # fmt: skip
-        inputs = pipe.prepare_inputs(video, args.question)
         grid = [
             (tau, ratio, segment)
             for tau in args.taus
@@ -204,7 +250,9 @@ def main(argv=None) -> int:
         if outside:
             print(f"note: {knob} {', '.join(f'{v:g}' for v in outside)} outside the recommended {low:g}-{high:g}", file=sys.stderr)
 
-    progress = tqdm(total=len(grid) + 2, desc="stage-1 sweep", unit="run", disable=args.no_progress, file=sys.stderr)
+    # counts settings: the warm-up, the baseline, then each grid point (each run --repeats times)
+    progress = tqdm(total=len(grid) + 2, desc="setting (warm-up, baseline, grid)", unit="setting",
+                    disable=args.no_progress, file=sys.stderr)  # fmt: skip
     warmup = pipe.generate_from_inputs(inputs, max_new_tokens=args.max_new_tokens)  # first-call allocations; not reported
     progress.update()
     baseline = run_setting(pipe, inputs, args, reference_ids=warmup["generated_ids"])
@@ -245,7 +293,8 @@ def main(argv=None) -> int:
             "the generated text is not; pass --model-path for real weights"
         )
 
-    print(f"video {video_path} ({video.total_frames} frames, {args.num_frames} sampled), question: {args.question!r}")
+    question = args.question if len(args.question) <= 160 else f"{args.question[:160]}... ({len(args.question)} characters)"
+    print(f"video {video_path} ({video.total_frames} frames, {args.num_frames} sampled), question: {question!r}")
     print(f"{'tau':>5} {'cluster':>7} {'segment':>7} {'tokens: in -> stage 1 -> out':>28} {'segs':>4} {'static/dyn':>10} "
           f"{'compr':>6} {'TTFT s':>8} {'speedup':>7} {'agree':>6}")  # fmt: skip
     tokens = lambda e: f"{e['tokens_before_stage1']} -> {e['tokens_after_stage1']} -> {e['tokens_after']}"  # noqa: E731

@@ -37,11 +37,50 @@ Reproducible from ``--seed`` on one machine (CPU kernels may round differently e
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
 from pathlib import Path
 
-from cli import ArgumentParser, UserError, run_cli
-from models.tiny.llava_vqa import BASE_VERSION, DEFAULTS, METRICS_FILE, format_metrics, train_base, trained_base_dir
+from cli import ArgumentParser, UserError, atomic_path, check_model_path, check_output_dir, configure_torch_threads, run_cli
+from models.tiny.llava_vqa import (
+    BASE_VERSION,
+    DEFAULTS,
+    METRICS_FILE,
+    default_base_path,
+    format_metrics,
+    train_base,
+    trained_base_dir,
+)
+
+MINIMUMS = {"steps": 1, "batch_size": 1, "eval_size": 1, "turns": 1, "warmup": 0, "weight_decay": 0.0,
+            "aux_weight": 0.0, "embed_std": 0.0, "qk_std": 0.0, "clip": 0.0, "seed": 0}
+"""Smallest allowed value of each training setting (``lr`` must be > 0, ``text_loss`` 0 or 1)."""
+
+
+def validate(args) -> None:
+    """Every setting and path, before any model is loaded or anything is written."""
+    for key, low in MINIMUMS.items():
+        value = getattr(args, key)
+        if not value >= low:  # also catches nan
+            raise UserError(f"--{key.replace('_', '-')} must be >= {low}, got {value}")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if args.text_loss not in (0, 1):
+        raise UserError(f"--text-loss must be 0 or 1, got {args.text_loss}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    check_model_path(args.model_path)
+    check_output_dir(args.output_dir, "--output-dir")
+    if args.model_path is not None and args.aux_weight > 0:  # the dense probe needs a square patch grid
+        from transformers import AutoConfig
+
+        from cli import load_or_explain
+
+        config = load_or_explain("the LLaVA config", args.model_path, lambda: AutoConfig.from_pretrained(args.model_path))
+        tokens = getattr(config, "image_seq_length", None)
+        if tokens is not None and round(tokens ** 0.5) ** 2 != tokens:
+            raise UserError(f"--aux-weight needs a square patch grid, {args.model_path} has {tokens} image tokens: "
+                            "pass --aux-weight 0")
+
 
 def main() -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,37 +88,36 @@ def main() -> int:
                         help="LLaVA directory to start from (default: the embedded tiny LLaVA-1.5)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help=f"where to save (default: the embedded-model cache, llava-vqa-v{BASE_VERSION})")
-    parser.add_argument("--force", action="store_true", help="retrain even if the output already exists")
+    parser.add_argument("--force", action="store_true",
+                        help="retrain even if the output already exists (replaced only once the new model is saved)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU intra-op threads (default: 1 for the embedded tiny model on CPU; torch's default otherwise)")
     for key, value in DEFAULTS.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args()
-    for key in ("steps", "batch_size", "eval_size"):
-        if getattr(args, key) < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if args.warmup < 0 or not args.lr > 0:
-        raise UserError("--warmup must be >= 0 and --lr > 0")
+    validate(args)
     settings = {k: getattr(args, k) for k in DEFAULTS}
     custom = args.model_path is not None or settings != DEFAULTS
-    if args.output_dir is None and not custom:
-        from models.tiny import cache_root
+    if args.output_dir is None and custom:
+        raise UserError("non-default settings need --output-dir (the cache holds only the default base)")
+    if args.output_dir is not None and args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.force:
+        raise UserError(f"--output-dir {str(args.output_dir)!r} is not empty; pass --force to overwrite")
+    configure_torch_threads(args.threads, args.model_path, None)
+    from models.tiny.llava import tiny_llava_dir
 
-        target = cache_root() / f"llava-vqa-v{BASE_VERSION}"
-        if args.force and target.exists():
-            shutil.rmtree(target)
+    if args.output_dir is None:
+        if args.force:  # retrain the cached default; the old one stays until the new one is complete
+            from models.tiny import COMPLETE_MARKER
+
+            with atomic_path(default_base_path()) as tmp:
+                train_base(tiny_llava_dir(), tmp, **DEFAULTS)
+                (tmp / COMPLETE_MARKER).write_text("ok\n")
         directory = trained_base_dir()
         metrics_path = directory / METRICS_FILE
         if metrics_path.exists():
-            import json
-
             print(f"base model: {directory}")
             print(format_metrics(json.loads(metrics_path.read_text())))
         return 0
-    if args.output_dir is None:
-        raise UserError("non-default settings need --output-dir (the cache holds only the default base)")
-    if args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.force:
-        raise UserError(f"{args.output_dir} is not empty; pass --force to overwrite")
-    from models.tiny.llava import tiny_llava_dir
-
     model_path = args.model_path or tiny_llava_dir()
     train_base(model_path, args.output_dir, **settings)
     print(f"saved to {args.output_dir}")

@@ -1,4 +1,4 @@
-"""The LLaVA fork with pruning disabled is bit-identical to upstream transformers (SPEC section 2).
+"""The LLaVA fork with pruning disabled is bit-identical to upstream transformers.
 
 Both classes are loaded with ``from_pretrained`` from the same embedded tiny LLaVA-1.5
 directory; every comparison is ``torch.equal``, never a tolerance. Also checks that the

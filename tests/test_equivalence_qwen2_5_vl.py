@@ -1,4 +1,4 @@
-"""The Qwen2.5-VL fork with pruning disabled is bit-identical to upstream transformers (SPEC section 2).
+"""The Qwen2.5-VL fork with pruning disabled is bit-identical to upstream transformers.
 
 Both classes are loaded with ``from_pretrained`` from the same embedded tiny Qwen2.5-VL directory
 and fed inputs made by the real ``Qwen2_5_VLProcessor`` and chat template: one image, and one

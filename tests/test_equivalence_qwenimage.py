@@ -1,4 +1,4 @@
-"""The Qwen-Image transformer fork with pruning disabled is bit-identical to upstream diffusers (SPEC section 2).
+"""The Qwen-Image transformer fork with pruning disabled is bit-identical to upstream diffusers.
 
 Fork and upstream ``QwenImageTransformer2DModel`` are loaded with ``from_pretrained`` from the
 transformer folder of the embedded tiny Qwen-Image-Edit pipeline and compared with ``torch.equal``:

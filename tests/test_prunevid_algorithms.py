@@ -1,4 +1,4 @@
-"""PruneVid algorithms (SPEC section 5): DPC-KNN, stage-1 merging, stage-2 importance/selection.
+"""PruneVid algorithms: DPC-KNN, stage-1 merging, stage-2 importance/selection.
 
 Pure tensor functions on small synthetic inputs with fixed seeds; the model wiring is tested
 elsewhere. DPC-KNN is checked against a brute-force pure-python reference written from the

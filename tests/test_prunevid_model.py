@@ -1,4 +1,4 @@
-"""PruneVid inside the Qwen2.5-VL fork (SPEC section 5): stages 1-3 through ``PruneVidDynamicCache``.
+"""PruneVid inside the Qwen2.5-VL fork: stages 1-3 through ``PruneVidDynamicCache``.
 
 All on the embedded tiny Qwen2.5-VL (6 layers, pruning after layer K = 2) and the demo video (8 frames
 of 112x112 px: 4 grid steps x 16 tokens = 64 video tokens, a static textured background with two

@@ -1,4 +1,4 @@
-"""Reference-token reuse in the forked Qwen-Image transformer (SPEC section 4).
+"""Reference-token reuse in the forked Qwen-Image transformer.
 
 A tiny transformer with random weights stands in for the real one; the properties proven:
 refresh steps are the baseline bit for bit; a reuse step's denoise output equals an

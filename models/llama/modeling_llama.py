@@ -257,6 +257,19 @@ class LlamaAttention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
+        # >>> pruning: system C's FastV-style selectors rank vision tokens by the attention they receive from the last
+        # row in the layer before the pruning layer. Here that row's scores over this layer's keys are handed to the
+        # probe: its post-RoPE query [B, H, 1, d] and the keys [B, H, T, d] (KV heads repeated), one query row, so no
+        # attention matrix is built and SDPA stays on. Popped, so the attention function never sees it; none: skipped.
+        attention_probe = kwargs.pop("vision_attention_probe", None)
+        if attention_probe is not None and attention_probe.wants_last_row_attention(self.layer_idx):
+            attention_probe.record_last_row_attention(
+                self.layer_idx,
+                query_states[:, :, -1:],
+                repeat_kv(key_states, self.num_key_value_groups),
+                self.scaling,
+            )
+        # <<< pruning
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
@@ -392,10 +405,14 @@ class LlamaModel(LlamaPreTrainedModel):
         # pruned prefill continues that numbering (prompt length T0 + tokens since): layer 0's cache can hold fewer
         # rows than the prompt had (the merger drops placeholders before layer 0), so the upstream default below
         # (past_key_values.get_seq_length()) would be too small. generate passes position_ids itself; prefill: None.
+        # A FastV-style selector needs the last row's attention in the layer before its pruning layer: the pass then
+        # goes to the attention modules as the keyword `vision_attention_probe` (see LlamaAttention.forward).
         if vision_token_pruning is not None:
             position_ids = vision_token_pruning.begin_language_model(
                 inputs_embeds, attention_mask, position_ids, past_key_values
             )
+            if vision_token_pruning.probes_attention:
+                kwargs["vision_attention_probe"] = vision_token_pruning
         # <<< pruning
         if position_ids is None:
             past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0

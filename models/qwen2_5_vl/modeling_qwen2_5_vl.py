@@ -60,7 +60,7 @@ from transformers.utils.generic import (
 from transformers.utils.output_capturing import capture_outputs
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
-# >>> pruning: PruneVid (SPEC section 5). The state and the KV cache that carries it live in pruning/video/prunevid_cache.py, the
+# >>> pruning: PruneVid. The state and the KV cache that carries it live in pruning/video/prunevid_cache.py, the
 # algorithms (stage-1 merging, stage-2 importance and selection) in pruning/video/prunevid.py; this file only holds the hooks.
 # The configuration reaches this file through the cache handed to generate():
 #     past_key_values=PruneVidDynamicCache(config=model.config, prunevid=PruneVidConfig(...))

@@ -6,13 +6,14 @@ How it is trained and why is the docstring of ``scripts/train_llava_base.py`` (`
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from cli import UserError, load_or_explain, write_json
+from cli import UserError, atomic_path, load_or_explain, write_json
 
 BASE_VERSION = 1
 """Bump whenever the defaults below or the task change the trained directory."""
@@ -95,7 +96,7 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     losses = []
     probe_hits = {"colour": [], "shape": [], "pair": []}
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc="train base", dynamic_ncols=True)
+    bar = tqdm(range(steps), desc="train step", unit="step", dynamic_ncols=True)
     for step in bar:
         if turns > 1:
             samples = [make_conversation(seed, "train", step * batch_size + i, turns) for i in range(batch_size)]
@@ -144,10 +145,11 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                     for step in range(0, len(losses), 25)},
     )
     model.to("cpu")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    write_json(output_dir / METRICS_FILE, metrics)
+    with atomic_path(Path(output_dir)) as tmp:  # a kill during the save leaves no half-written model directory
+        tmp.mkdir()
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_json(tmp / METRICS_FILE, metrics)
     log(format_metrics(metrics))
     return metrics
 
@@ -162,6 +164,13 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def default_base_path() -> Path:
+    """Where :func:`trained_base_dir` keeps the default base (it may not be built yet)."""
+    from models.tiny import cache_root
+
+    return cache_root() / f"llava-vqa-v{BASE_VERSION}"
+
+
 def trained_base_dir(log=print) -> Path:
     """The cached default base (trained with ``DEFAULTS`` on first use)."""
     from models.tiny import cached_model_dir
@@ -172,3 +181,76 @@ def trained_base_dir(log=print) -> Path:
         train_base(tiny_llava_dir(), tmp, log=log, **DEFAULTS)
 
     return cached_model_dir("llava-vqa", BASE_VERSION, build)
+
+
+# ----------------------------------------------------------------------------- which base a pruning run used
+
+_SAMPLE = 1 << 20  # bytes read at the start, middle and end of each weight file
+
+
+def base_identity(model_path: str | Path) -> dict:
+    """``{"base_model", "base_fingerprint"}`` of a base model, stored in every checkpoint and stage file.
+
+    ``base_model``: the absolute path of a local directory (else the hub id as given).
+    ``base_fingerprint``: sha256 of ``config.json`` and, per weight file, its name, size and three 1 MiB
+    samples (start, middle, end): a copy of the directory matches, a retrained or different model does
+    not, and a 7B checkpoint is fingerprinted without reading it whole. None when not a local directory.
+    """
+    path = Path(model_path)
+    if not path.is_dir():
+        return {"base_model": str(model_path), "base_fingerprint": None}
+    digest = hashlib.sha256()
+    config = path / "config.json"
+    digest.update(config.read_bytes() if config.is_file() else b"")
+    weights = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    for file in weights:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as fh:
+            for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+                fh.seek(offset)
+                digest.update(fh.read(_SAMPLE))
+    return {"base_model": str(path.resolve()), "base_fingerprint": digest.hexdigest()}
+
+
+def base_mismatch(stored: dict, current: dict) -> str | None:
+    """Why the base recorded in a checkpoint (``stored``) is not ``current`` (:func:`base_identity`); None if it is.
+
+    Fingerprints decide when both are known (a copied directory is the same base); else the paths.
+    """
+    old_fp, new_fp = stored.get("base_fingerprint"), current.get("base_fingerprint")
+    if old_fp and new_fp:
+        same = old_fp == new_fp
+    else:
+        old, new = stored.get("base_model"), current.get("base_model")
+        if old is None:
+            return None  # nothing recorded: cannot tell
+        old_path, new_path = Path(str(old)), Path(str(new))
+        same = str(old) == str(new) or (old_path.exists() and new_path.exists() and old_path.resolve() == new_path.resolve())
+    if same:
+        return None
+    where = "" if str(stored.get("base_model")) != str(current.get("base_model")) else " (same path, different weights)"
+    return f"trained on base {stored.get('base_model')!r}, not on {current.get('base_model')!r}{where}"
+
+
+def load_torch_file(path: Path):
+    """``torch.load(path, weights_only=True)`` on CPU; an unusable file is a ``ValueError`` whose text says why in one line.
+
+    Used for checkpoints and stage files: ``weights_only`` unpickles tensors and plain data only, so a
+    foreign file cannot run code.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError("empty (0 bytes: its save was interrupted)")
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise ValueError(f"not a torch.save file (no zip header; {size} bytes of something else)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - every unreadable file is one line
+        first = (str(error).strip().splitlines() or [""])[0]
+        if "weights_only" in first or "Weights only" in first:
+            raise ValueError("holds objects other than tensors and plain data (refused by weights_only loading)") from None
+        raise ValueError(f"truncated or corrupt ({type(error).__name__}: {first.split('. ')[0][:100]})") from None

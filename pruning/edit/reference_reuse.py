@@ -1,4 +1,4 @@
-"""Cross-step reuse of reference-image token states in Qwen-Image-Edit (SPEC section 4).
+"""Cross-step reuse of reference-image token states in Qwen-Image-Edit.
 
 The edit transformer runs its image stream over ``[B, L_denoise + L_image, D]``: the noisy
 latents being denoised (``denoise_len`` = L1 tokens) followed by the latents of the reference
@@ -52,7 +52,7 @@ def resolve_refresh_steps(refresh_steps: str | Sequence[int] | None, num_steps: 
     """1-based steps on which every token is computed and the cache refreshed.
 
     * ``None`` / ``"alternate"`` (default): steps 1, 3, 5, ... (for 4 steps: 1 and 3, the
-      specification's schedule: step 2 reuses step 1, step 4 reuses step 3);
+      default 4-step schedule: step 2 reuses step 1, step 4 reuses step 3);
     * ``"once"``: only step 1; every later step reuses it;
     * ``"all"``: every step (no reuse; equals the baseline);
     * a sequence of step numbers, which must contain 1 (nothing is cached before step 1).

@@ -1,16 +1,17 @@
 """Training-free baselines for system C, token budgets, and the analytic FLOP model of the comparison.
 
-Baselines are *selectors* (``pruning.llava.runtime.Selector``): the fork's decoder loop calls
-them at the input of a layer with a :class:`~pruning.llava.runtime.SelectionContext` and drops
+Baselines are *selectors* (``pruning.selection.Selector``, registered in ``pruning.selection.SELECTORS``):
+the fork's decoder loop calls them at the input of a layer with a
+:class:`~pruning.selection.SelectionContext` and drops
 what they do not keep, exactly as it does for the learned pruner heads (so every method is run
 by the same code, at the same places).
 
 * :class:`RandomSelector` (layer 0): ``k`` vision tokens uniformly at random (seeded).
 * :class:`FastVSelector` (layer ``K >= 1``; FastV, Chen et al. 2024): rank the vision tokens by
-  the attention they receive from the last prompt token in layer ``K - 1`` (mean over heads,
-  recomputed from that layer's input with its own q/k projections and RoPE: no
-  ``output_attentions``, no attention matrix over all queries), keep the top ``k`` for layers
-  ``K`` onwards.
+  the attention they receive from the last prompt token in layer ``K - 1`` (mean over heads;
+  recorded by a fence in the forked ``LlamaAttention`` from that layer's own post-RoPE queries and
+  keys, for the last row only: no ``output_attentions``, no attention matrix over all queries),
+  keep the top ``k`` for layers ``K`` onwards.
 * :class:`DivPruneSelector` (layer 0; DivPrune, Alvar et al. 2025): max-min diversity on the
   vision features entering the LLM (projector outputs), cosine distance, the greedy solution of
   the paper: first the token whose nearest neighbour is farthest, then repeatedly the token
@@ -36,16 +37,9 @@ from typing import Sequence
 import torch
 
 from pruning.llava.config import keep_count
-from pruning.llava.runtime import SelectionContext
+from pruning.selection import SELECTORS, SelectionContext, Selector, make_selector, register_selector, topk_keep
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def topk_keep(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
-    """0/1 ``[B, V]``: the ``k`` highest ``scores`` among ``alive`` (ties: lower index first)."""
-    masked = scores.float().masked_fill(alive <= 0.5, float("-inf"))
-    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[:, :k]
-    return torch.zeros_like(alive).scatter(1, order, 1.0)
 
 
 def _k_for(ctx: SelectionContext, k: int) -> int:
@@ -56,6 +50,7 @@ def _k_for(ctx: SelectionContext, k: int) -> int:
 # ----------------------------------------------------------------------------- selectors
 
 
+@register_selector("random")
 class RandomSelector:
     """Keep ``keep`` vision tokens uniformly at random (``torch.Generator`` seeded once)."""
 
@@ -69,6 +64,7 @@ class RandomSelector:
         return topk_keep(scores, ctx.alive, _k_for(ctx, self.keep))
 
 
+@register_selector("fastv")
 class FastVSelector:
     """FastV: attention received from the last prompt token in the previous layer, top ``keep``."""
 
@@ -77,37 +73,17 @@ class FastVSelector:
     def __init__(self, keep: int) -> None:
         self.keep = keep
 
-    @staticmethod
-    def last_token_attention(ctx: SelectionContext) -> torch.Tensor:
-        """``[B, Tc]`` attention of the last row's query over all rows in layer ``ctx.layer_idx - 1``."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        if ctx.previous_layer_input is None or ctx.layer_idx < 1:
-            raise ValueError("FastV ranks with the previous layer's attention: select at a layer >= 1, "
-                             "with no other pruning at the layer before")
-        layer = ctx.language_model.layers[ctx.layer_idx - 1]
-        attn = layer.self_attn
-        x = layer.input_layernorm(ctx.previous_layer_input)  # [B, T, D]
-        b, t, _ = x.shape
-        hd = attn.head_dim
-        q = attn.q_proj(x[:, -1:]).view(b, 1, -1, hd).transpose(1, 2)  # [B, H, 1, hd]
-        k = attn.k_proj(x).view(b, t, -1, hd).transpose(1, 2)  # [B, Hkv, T, hd]
-        cos, sin = ctx.previous_position_embeddings
-        q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
-        _, k = apply_rotary_pos_emb(k, k, cos, sin)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scores = (q @ k.transpose(-1, -2)).squeeze(2).float() * attn.scaling  # [B, H, T]
-        if ctx.previous_attention_mask is not None:
-            scores = scores.masked_fill(~ctx.previous_attention_mask.bool()[:, None, :], float("-inf"))
-        return scores.softmax(-1).mean(1)  # [B, T]
+    needs_previous_layer_attention = True  # the runtime records it in layer K - 1 (pruning.selection)
 
     def __call__(self, ctx: SelectionContext) -> torch.Tensor:
-        if ctx.previous_layer_input.shape[1] != ctx.hidden_states.shape[1]:
-            raise ValueError("FastV needs the previous layer to have run on the same tokens")
-        received = self.last_token_attention(ctx).gather(1, ctx.vision_rows)
+        if ctx.previous_layer_attention is None or ctx.layer_idx < 1:
+            raise ValueError("FastV ranks with the previous layer's attention: select at a layer >= 1, "
+                             "with no other pruning at the layer before")
+        received = ctx.previous_layer_attention.gather(1, ctx.vision_rows)
         return topk_keep(received, ctx.alive, _k_for(ctx, self.keep))
 
 
+@register_selector("divprune")
 class DivPruneSelector:
     """DivPrune: greedy max-min diversity (cosine distance) over the vision features, ``keep`` tokens."""
 
@@ -224,15 +200,12 @@ def learned_schedule(budget: float | None, num_layers: int, num_vision: int, mer
     return Schedule("learned", budget, tokens_for(alpha), num_vision, keep_ratios=ratios, merged=merged)
 
 
-def make_selector(schedule: Schedule, seed: int = 0):
-    """``{layer: selector}`` for a baseline schedule."""
-    if schedule.method == "random":
-        return {schedule.selector_layer: RandomSelector(schedule.keep, seed)}
-    if schedule.method == "fastv":
-        return {schedule.selector_layer: FastVSelector(schedule.keep)}
-    if schedule.method == "divprune":
-        return {schedule.selector_layer: DivPruneSelector(schedule.keep)}
-    raise ValueError(f"no selector for method {schedule.method!r}")
+def schedule_selectors(schedule: Schedule, seed: int = 0) -> dict[int, "Selector"]:
+    """``{layer: selector}`` for a baseline schedule, from the selector registry (``pruning.selection``)."""
+    if schedule.method not in SELECTORS:
+        raise ValueError(f"no selector for method {schedule.method!r}; registered: {', '.join(sorted(SELECTORS))}")
+    options = {"seed": seed} if schedule.method == "random" else {}
+    return {schedule.selector_layer: make_selector(schedule.method, keep=schedule.keep, **options)}
 
 
 def baseline_schedule(method: str, budget: float, num_layers: int, num_vision: int, fastv_layer: int = 2) -> Schedule:
@@ -252,7 +225,7 @@ __all__ = [
     "fastv_schedule",
     "learned_layer_tokens",
     "learned_schedule",
-    "make_selector",
+    "schedule_selectors",
     "one_shot_schedule",
     "topk_keep",
 ]

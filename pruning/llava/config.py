@@ -1,11 +1,11 @@
-"""Configuration of system C (SPEC section 6): two-stage learned pruning for LLaVA-1.5.
+"""Configuration of system C: two-stage learned pruning for LLaVA-1.5.
 
 Dataclasses with validated ranges, one per concern, grouped by ``VisionTokenPruningConfig``;
 ``load_config`` reads ``configs/vision_token_pruning.yaml``.
 
 YAML layout
 -----------
-Every key carries the SPEC's flat name (``merger_type``, ``merge_ratio``, ..., ``lr_merger``).
+Every key carries the method's flat name (``merger_type``, ``merge_ratio``, ..., ``lr_merger``).
 A file may either list the keys flat at the top level, or group them in sections named after
 the fields of ``VisionTokenPruningConfig`` (``merger``, ``pruner``, ``anneal``, ``discriminator``,
 ``loss``, ``optim``, ``train``); both forms may be mixed. Key names are unique across sections,
@@ -20,15 +20,15 @@ Token budget (documented choice for ``keep_ratios``)
 ``keep_ratios[i]`` is the fraction of the vision tokens *entering* pruning layer
 ``pruning_layers[i]`` that survive it (relative to the tokens still alive, not to the merger
 output), so the count is the same whether dropped tokens are physically removed or only
-masked. Counts round half up and never drop the last token. The SPEC's claimed trajectory
+masked. Counts round half up and never drop the last token. The published description's claimed trajectory
 for text+vision tokens is 676 -> 388 -> ~300 -> ~250 -> ~200; with ~100 text tokens, that is
 576 -> 288 vision tokens at the merger, then ~200, ~150, ~100. The defaults
 ``[0.7, 0.75, 0.67]`` give 288 -> 202 -> 152 -> 102 vision tokens (302, 252, 202 with 100 text
 tokens); see ``vision_token_trajectory``.
 
-Additions beyond the SPEC (documented defaults): ``merger_d_internal``/``merger_num_heads``
+Additions beyond the published method (documented defaults): ``merger_d_internal``/``merger_num_heads``
 (the merger's internal width), ``keep_ratios``, ``discriminator_d_hidden``,
-``discriminator_hidden_layer``, ``budget_loss_weight`` (0.0: the SPEC's three-term objective
+``discriminator_hidden_layer``, ``budget_loss_weight`` (0.0: the published three-term objective
 is unchanged), the optimiser's ``weight_decay``/``grad_clip_norm`` and the ``train`` section.
 """
 
@@ -193,12 +193,12 @@ class DiscriminatorConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights of the generator objective (merger + pruners); the SPEC's 1.0 / 25.0 / 1e-4."""
+    """Weights of the generator objective (merger + pruners); the published 1.0 / 25.0 / 1e-4."""
 
     adv_loss_weight: float = 1.0
     task_loss_weight: float = 25.0
     merge_sparsity_weight: float = 1e-4
-    budget_loss_weight: float = 0.0  # not in the SPEC; 0 keeps its three-term objective
+    budget_loss_weight: float = 0.0  # an addition; 0 keeps the published three-term objective
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -1,4 +1,4 @@
-"""System C (SPEC section 6): two-stage learned visual-token pruning for LLaVA-1.5, adversarially trained.
+"""System C: two-stage learned visual-token pruning for LLaVA-1.5, adversarially trained.
 
     CLIP tower [B, 576, Dv] -> TokenMerger -> [B, 288, Dv] -> projector -> LLM
         with a LayerPruner at layers 10, 20, 31 (vision tokens attend to question tokens,

@@ -72,6 +72,7 @@ from pruning.llava.config import (
     scale_pruning_layers,
 )
 from pruning.llava.modules import LayerPruner, MergerOutput, TokenMerger, keep_mask
+from pruning.selection import SelectionContext, Selector
 
 MASK_EPS = 1e-20
 """Keep-policy floor of the training-time attention bias ``log(keep + MASK_EPS)`` (-46 for a dropped key)."""
@@ -81,36 +82,6 @@ MODES = ("auto", "drop", "mask")
 # ----------------------------------------------------------------------------- selection context
 
 
-@dataclass
-class SelectionContext:
-    """What a selector sees at the input of pruning layer ``layer_idx`` (``Vc`` vision tokens in play).
-
-    Drop mode: only the surviving vision tokens are in play (``alive`` is all ones); mask mode:
-    all V image positions, with ``alive`` the cumulative (differentiable) keep mask so far.
-    """
-
-    layer_idx: int
-    mode: str  # "drop" | "mask"
-    vision_hidden: torch.Tensor  # [B, Vc, D] hidden states entering the layer
-    alive: torch.Tensor  # [B, Vc] 1 = still alive (float; straight-through in mask mode)
-    vision_cols: torch.Tensor  # [B, Vc] index of each token among the prompt's V image tokens
-    vision_rows: torch.Tensor  # [B, Vc] row of each token in ``hidden_states``
-    question_hidden: torch.Tensor  # [B, Lq, D] hidden states of the question tokens
-    question_mask: torch.Tensor  # [B, Lq] 1 = a real question token
-    hidden_states: torch.Tensor  # [B, Tc, D] the whole current sequence
-    attention_mask: torch.Tensor | None  # [B, Tc] 2-D padding mask of the current rows (None: no padding)
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of the current rows
-    language_model: nn.Module
-    previous_layer_input: torch.Tensor | None  # [B, Tc', D] hidden states that entered layer_idx - 1
-    previous_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
-    previous_attention_mask: torch.Tensor | None
-    training: bool
-    temperature: float
-    generator: torch.Generator | None = None
-
-
-Selector = Callable[[SelectionContext], torch.Tensor]
-"""``selector(ctx) -> keep [B, Vc]`` (0/1, a subset of ``ctx.alive``, the same count in every row)."""
 
 
 class ForcedSelector:
@@ -237,18 +208,9 @@ class VisionTokenPruning(nn.Module):
         self.last_trace: PruningTrace | None = None
         # Decode state of each KV cache that a pruned prefill filled (kept rows per layer group, tokens seen),
         # keyed by the cache object and dropped with it: nothing is stored on the cache itself.
-        self.language_model_ref: Callable[[], nn.Module | None] = lambda: None  # set by attach_pruning (weakref)
         self.cache_states: weakref.WeakKeyDictionary[Any, PrunedCacheState] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ switches
-
-    @property
-    def language_model(self) -> nn.Module:
-        """The forked ``LlamaModel`` this module is attached to (selectors that score with its layers)."""
-        language_model = self.language_model_ref()
-        if language_model is None:
-            raise RuntimeError("vision-token pruning is not attached to a model: use attach_pruning / llava_pruning")
-        return language_model
 
     @property
     def merges(self) -> bool:
@@ -385,6 +347,7 @@ class LlavaPruningPass:
         self.trace: PruningTrace | None = None
         self.kept_rows: torch.Tensor | None = None  # [B, T_out] prompt rows of the returned sequence (drop mode)
         self.prefill = False  # set by begin_language_model: a prompt with images is being pruned
+        self.attention_layers: set[int] = set()  # layers whose last-row attention a selector needs
         self._rows: dict[str, Any] = {}  # per-row bookkeeping of this prefill (only this class reads it)
 
     # ------------------------------------------------------------------ stage 1 (LlavaModel.forward)
@@ -490,7 +453,9 @@ class LlavaPruningPass:
         self.trace = pruning.last_trace = trace
         self.prefill = True
         self.selection_layers = set(layers)
-        self.previous_layer = None  # (hidden, (cos, sin), 2-D mask) that entered the previous layer (FastV)
+        self.last_row_attention: dict[int, torch.Tensor] = {}  # layer -> [B, T_l] (recorded for FastV-style selectors)
+        self.attention_layers = {layer - 1 for layer in layers if layer >= 1 and getattr(
+            pruning.selectors.get(layer), "needs_previous_layer_attention", False)}
         self.groups: list[tuple[int, torch.Tensor]] = []
         rows = self._rows
         rows["v"], rows["t"] = v, t
@@ -557,7 +522,6 @@ class LlavaPruningPass:
                  position_embeddings) -> SelectionContext:
         q_idx, q_valid = _rows_of(question_rows)
         d = hidden.shape[-1]
-        prev = self.previous_layer
         return SelectionContext(
             layer_idx=layer_idx,
             mode=self.mode,
@@ -570,10 +534,7 @@ class LlavaPruningPass:
             hidden_states=hidden,
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
-            language_model=self.pruning.language_model,
-            previous_layer_input=prev[0] if prev else None,
-            previous_position_embeddings=prev[1] if prev else None,
-            previous_attention_mask=prev[2] if prev else None,
+            previous_layer_attention=self.last_row_attention.get(layer_idx - 1),
             training=self.pruning.training,
             temperature=self.pruning.temperature,
             generator=self.pruning.generator,
@@ -602,7 +563,7 @@ class LlavaPruningPass:
             cos, sin = state["cos_sin"]
             state["cos_sin"] = (_gather_rows(cos, sel), _gather_rows(sin, sel))
             r["attention_mask"] = state["am"]
-            self.previous_layer = None  # FastV needs the previous layer on the same rows
+            self.last_row_attention.clear()  # recorded on rows that no longer exist
 
         if i == 0 and self.merge_keep is not None:  # stage 1 leftovers: placeholders without a merged token
             drop(self.merge_keep.gather(1, r["alive_cols"]))
@@ -627,7 +588,6 @@ class LlavaPruningPass:
             self.groups.append((i, r["rows"]))
         self.kept_rows = trace.kept_rows = r["rows"]
         trace.layer_tokens.append(state["hidden"].shape[1])
-        self.previous_layer = (state["hidden"], state["cos_sin"], state["am"])
         if not changed:
             return None
         mask_2d = state["am"] if state["am"] is not None else torch.ones(r["rows"].shape, dtype=torch.bool, device=device)
@@ -650,7 +610,6 @@ class LlavaPruningPass:
             changed = True
         policy = r["policy"]
         trace.layer_tokens.append(t - v + int((policy[0].detach() > 0.5).sum()))
-        self.previous_layer = (hidden, position_embeddings, r["attention_mask"])
         if i == 0 and not changed:
             self.groups.append((0, torch.ones(b, t, dtype=torch.bool, device=device)))
         if not changed:
@@ -666,6 +625,29 @@ class LlavaPruningPass:
         self.groups.append((i, hard))
         bias = r["base"] + key_bias.to(dtype)[:, None, None, :]
         return LayerInputs(hidden, position_ids, position_embeddings, None, attention_bias=bias)
+
+    # ------------------------------------------------------------------ attention probe (forked LlamaAttention)
+
+    @property
+    def probes_attention(self) -> bool:
+        """Whether a selector of this prefill needs the last row's attention of the layer before it (FastV)."""
+        return self.prefill and bool(self.attention_layers)
+
+    def wants_last_row_attention(self, layer_idx: int) -> bool:
+        return self.prefill and layer_idx in self.attention_layers
+
+    def record_last_row_attention(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
+                                  scaling: float) -> None:
+        """``query [B, H, 1, d]`` of the last row, ``key [B, H, T_l, d]`` (post-RoPE, KV heads repeated).
+
+        Stores the last row's softmax attention over the layer's rows, mean over heads: ``[B, T_l]``.
+        Padding keys are masked with the current 2-D padding mask (the last row sees every earlier row).
+        """
+        scores = (query @ key.transpose(-1, -2)).squeeze(2).float() * scaling  # [B, H, T_l]
+        pad = self._rows.get("attention_mask")
+        if pad is not None:
+            scores = scores.masked_fill(~pad.bool().to(scores.device)[:, None, :], float("-inf"))
+        self.last_row_attention[layer_idx] = scores.softmax(-1).mean(1)
 
     # ------------------------------------------------------------------ labels (LlavaForConditionalGeneration)
 
@@ -737,7 +719,6 @@ def attach_pruning(
     param = next(inner.parameters())
     pruning.to(device=param.device, dtype=dtype or param.dtype)
     pruning.train(inner.training)
-    pruning.language_model_ref = weakref.ref(inner.language_model)  # a reference, not a submodule: no weights copied
     inner.vision_pruning = pruning
     return pruning
 
@@ -770,30 +751,73 @@ def get_pruning(model: nn.Module) -> VisionTokenPruning | None:
     return getattr(_llava_model(model), "vision_pruning", None)
 
 
-def pruning_checkpoint(pruning: VisionTokenPruning) -> dict[str, Any]:
-    """Everything needed to rebuild the learned stages: config, weights, temperature, layers."""
+def pruning_checkpoint(pruning: VisionTokenPruning, **provenance: Any) -> dict[str, Any]:
+    """Everything needed to rebuild the learned stages: config, weights, temperature, layers.
+
+    ``provenance`` (keyword arguments) is stored beside them, e.g. ``run_id``, ``base_model`` and
+    ``base_fingerprint`` (the base the stages were trained on, which the evaluation checks) and ``steps``.
+    ``format`` names the layout (files without it, from before provenance was stored, load too).
+    """
     return {
+        "format": "vision-token-pruning-stages/2",
         "config": pruning.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in pruning.state_dict().items()},
         "temperature": pruning.temperature,
         "pruning_layers": pruning.pruning_layers,
         "use_merger": pruning.merger is not None,
         "use_pruners": pruning.pruners is not None,
+        **provenance,
     }
 
 
 def load_pruning(model: nn.Module, checkpoint: dict[str, Any], dtype: torch.dtype | None = None) -> VisionTokenPruning:
-    """Attach the learned stages saved by :func:`pruning_checkpoint` to ``model``."""
-    from pruning.llava.config import config_from_dict
+    """Attach the learned stages saved by :func:`pruning_checkpoint` to ``model``.
 
-    config = config_from_dict(checkpoint["config"], source="checkpoint")
+    A checkpoint that is not a stage file, or whose stages do not fit ``model`` (another architecture),
+    is a one-line ``ValueError``; the model is left as it was.
+    """
+    from pruning.llava.config import ConfigError, config_from_dict
+
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"not a pruning stage file: a {type(checkpoint).__name__}, not a dict")
+    missing = [key for key in ("config", "state_dict", "temperature", "pruning_layers", "use_merger", "use_pruners")
+               if key not in checkpoint]
+    if missing:
+        raise ValueError(f"not a pruning stage file: no {', '.join(repr(k) for k in missing)}")
+    try:
+        config = config_from_dict(checkpoint["config"], source="checkpoint")
+    except ConfigError as error:
+        raise ValueError(" ".join(str(error).split())) from None
+    previous = get_pruning(model)
     pruning = attach_pruning(model, config, use_merger=checkpoint["use_merger"], use_pruners=checkpoint["use_pruners"],
                              dtype=dtype)
-    if pruning.pruning_layers != list(checkpoint["pruning_layers"]):
-        raise ValueError(f"checkpoint was trained with pruning layers {checkpoint['pruning_layers']}, "
-                         f"this model gives {pruning.pruning_layers}")
-    pruning.load_state_dict(checkpoint["state_dict"])
-    pruning.temperature = float(checkpoint["temperature"])
+    try:
+        if pruning.pruning_layers != list(checkpoint["pruning_layers"]):
+            raise ValueError(f"checkpoint was trained with pruning layers {checkpoint['pruning_layers']}, "
+                             f"this model gives {pruning.pruning_layers}")
+        expected = pruning.state_dict()
+        saved = checkpoint["state_dict"]
+        absent = sorted(set(expected) - set(saved))
+        extra = sorted(set(saved) - set(expected))
+        wrong = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
+        if absent or extra or wrong:
+            parts = []
+            if wrong:
+                k = wrong[0]
+                parts.append(f"{len(wrong)} tensor(s) of another shape, e.g. {k} {list(saved[k].shape)} in the "
+                             f"checkpoint, {list(expected[k].shape)} here")
+            if absent:
+                parts.append(f"{len(absent)} missing, e.g. {absent[0]}")
+            if extra:
+                parts.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
+            raise ValueError(f"the checkpoint's stages do not fit this model ({'; '.join(parts)})")
+        pruning.load_state_dict(saved)
+        pruning.temperature = float(checkpoint["temperature"])
+    except Exception:
+        detach_pruning(model)
+        if previous is not None:
+            _llava_model(model).vision_pruning = previous
+        raise
     return pruning
 
 

@@ -1,6 +1,6 @@
 """DPC-KNN: density-peaks clustering with k-nearest-neighbour densities (vectorized torch).
 
-Used by PruneVid (SPEC section 5) for temporal segmentation (frames) and spatial token
+Used by PruneVid for temporal segmentation (frames) and spatial token
 merging (tokens). The definitions follow TCFormer's ``cluster_dpc_knn`` (which PruneVid
 reuses), with the random jitter replaced by deterministic tie-breaking:
 

@@ -1,4 +1,4 @@
-"""PruneVid for Qwen2.5-VL (SPEC section 5): configuration and the pure tensor algorithms.
+"""PruneVid for Qwen2.5-VL: configuration and the pure tensor algorithms.
 
 Three stages; this module holds the algorithms, the forked model file wires them in.
 

@@ -1,4 +1,4 @@
-"""PruneVid wiring for the Qwen2.5-VL fork: the KV cache that carries the pruning state (SPEC section 5).
+"""PruneVid wiring for the Qwen2.5-VL fork: the KV cache that carries the pruning state.
 
 The pruning configuration reaches the forked ``models/qwen2_5_vl/modeling_qwen2_5_vl.py`` through the
 cache object handed to ``generate``::
