@@ -22,7 +22,7 @@ class QwenImageShape:
     dim: int = 3072  # 24 heads x 128
     mlp_ratio: int = 4
     denoise_len: int = 4096  # L1: 1024x1024 output -> 64x64 packed latents
-    image_len: int = 4096  # L2: reference image at ~1024x1024 area
+    reference_len: int = 4096  # L2: reference image at ~1024x1024 area
     text_len: int = 200  # Edit-2509/2511 prompts; ~1.4k for the original Edit template
     out_features: int = 64  # proj_out: patch 2 x 2 x 16 latent channels
 
@@ -33,7 +33,7 @@ class QwenImageShape:
             num_blocks=config.num_layers,
             dim=config.num_attention_heads * config.attention_head_dim,
             denoise_len=tokens["denoise"],
-            image_len=tokens["image"],
+            reference_len=tokens["reference"],
             text_len=tokens["text"],
             out_features=config.patch_size**2 * (config.out_channels or config.in_channels),
         )
@@ -43,7 +43,7 @@ def qwenimage_block_flops(shape: QwenImageShape, mode: str, reuse: bool) -> floa
     """FLOPs of one dual-stream block (batch 1) on a refresh (``reuse=False``) or reuse step."""
     validate_mode(mode)
     d, r = shape.dim, shape.mlp_ratio
-    l1, l2, lt = shape.denoise_len, shape.image_len, shape.text_len
+    l1, l2, lt = shape.denoise_len, shape.reference_len, shape.text_len
     if not reuse or mode == "none":
         q_rows, kv_proj_rows, key_rows, out_rows, mlp_rows = l1 + l2, l1 + l2, l1 + l2, l1 + l2, l1 + l2
     elif mode == "mlp":
@@ -60,7 +60,7 @@ def qwenimage_block_flops(shape: QwenImageShape, mode: str, reuse: bool) -> floa
 
 def qwenimage_call_flops(shape: QwenImageShape, mode: str, reuse: bool) -> float:
     """FLOPs of one transformer call: every block plus img_in/txt_in-free output projection."""
-    rows_out = shape.denoise_len if (reuse and mode in ("full", "kv")) else shape.denoise_len + shape.image_len
+    rows_out = shape.denoise_len if (reuse and mode in ("full", "kv")) else shape.denoise_len + shape.reference_len
     return shape.num_blocks * qwenimage_block_flops(shape, mode, reuse) + 2.0 * shape.dim * shape.out_features * rows_out
 
 

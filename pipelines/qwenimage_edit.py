@@ -3,9 +3,10 @@
 Everything the stock ``QwenImageEditPipeline`` takes still works; ``__call__`` adds
 ``pruning_mode`` (``"none" | "mlp" | "full" | "kv"``, see ``pruning/edit/reference_reuse.py``) and
 ``refresh_steps``. With ``pruning_mode="none"`` the call *is* the stock call (bit-identical
-output, tested). Otherwise a ``ReferenceTokenReuse`` controller rides along in
-``attention_kwargs`` into the fork's fenced branches, and its cache is freed when the call
-ends, also on an exception. Statistics of the last call: ``pipe.last_reuse_stats``.
+output, tested). Otherwise the call runs inside ``reference_reuse(self.transformer, ...)``: a diffusers
+hook on the forked transformer keeps one cache per true-CFG branch (the stock pipeline's
+``cache_context("cond")`` / ``("uncond")``) and is removed, caches freed, when the call ends, also on
+an exception. Statistics of the last call: ``pipe.last_reuse_stats``.
 
 Inputs are checked before any work, each failure one ``ValueError`` line that names the argument and
 the rule (``pipelines/qwenimage_edit_limits.py`` says where every limit comes from): ``image`` must be
@@ -43,7 +44,7 @@ from pipelines.qwenimage_edit_limits import (
     reference_dims,
     rope_image_extent,
 )
-from pruning.edit.reference_reuse import ATTENTION_KWARG, MODES, ReferenceTokenReuse, validate_mode
+from pruning.edit.reference_reuse import MODES, reference_reuse, validate_mode
 
 logger = logging.getLogger(__name__)
 
@@ -234,20 +235,18 @@ class TokenPruningQwenImageEditPipeline(QwenImageEditPipeline):
                 self.last_reuse_stats = {"mode": "none", "refresh_steps": list(range(1, num_steps + 1)), "cache_bytes": 0}
                 return super().__call__(**call)
 
-            controller = ReferenceTokenReuse(pruning_mode, num_steps=num_steps, refresh_steps=refresh_steps)
-            call["attention_kwargs"] = {**(call.get("attention_kwargs") or {}), ATTENTION_KWARG: controller}
-            try:
-                return super().__call__(**call)
-            finally:
-                self.last_reuse_stats = {
-                    "mode": pruning_mode,
-                    "refresh_steps": list(controller.refresh_steps),
-                    "reuse_steps": controller.reuse_steps(),
-                    "cache_bytes": controller.peak_cache_bytes,
-                    "tokens": dict(controller.token_counts),
-                    "calls": [vars(record) for record in controller.history],
-                }
-                controller.clear()
+            with reference_reuse(self.transformer, pruning_mode, num_steps, refresh_steps) as reuse:
+                try:
+                    return super().__call__(**call)
+                finally:
+                    self.last_reuse_stats = {
+                        "mode": pruning_mode,
+                        "refresh_steps": list(reuse.refresh_steps),
+                        "reuse_steps": reuse.reuse_steps(),
+                        "cache_bytes": reuse.peak_cache_bytes,
+                        "tokens": dict(reuse.token_counts),
+                        "calls": [vars(record) for record in reuse.history],
+                    }
         finally:
             self._rope_check = None
 

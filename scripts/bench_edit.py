@@ -15,6 +15,7 @@ and of the real shapes.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import time
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
 
     from models.qwenimage.transformer_qwenimage import QwenImageTransformer2DModel
     from evaluation.flops import QwenImageShape, qwenimage_edit_flops_ratio
-    from pruning.edit.reference_reuse import ATTENTION_KWARG, ReferenceTokenReuse, resolve_refresh_steps
+    from pruning.edit.reference_reuse import reference_reuse, resolve_refresh_steps
 
     for sch in args.schedules.split(","):  # before the model is built
         if sch:
@@ -91,22 +92,22 @@ def main(argv=None) -> int:
     @torch.no_grad()
     def edit(mode: str, schedule: str | None) -> float:
         """Transformer time (s) of one whole edit: ``args.steps`` calls, fresh noisy latents each step."""
-        controller = None if mode == "none" else ReferenceTokenReuse(mode, args.steps, schedule)
         generator = torch.Generator().manual_seed(1)
         total = 0.0
-        for step in range(args.steps):
-            noisy = torch.randn(1, l_img, 64, generator=generator)
-            kwargs = dict(
-                hidden_states=torch.cat([noisy, reference], dim=1), encoder_hidden_states=text,
-                encoder_hidden_states_mask=mask, timestep=torch.tensor([1.0 - step / args.steps]),
-                img_shapes=img_shapes, return_dict=False,
-                attention_kwargs=None if controller is None else {ATTENTION_KWARG: controller},
-            )
-            start = time.perf_counter()
-            model(**kwargs)
-            total += time.perf_counter() - start
-        if controller is not None:
-            controller.clear()
+        with contextlib.ExitStack() as stack:
+            if mode != "none":
+                stack.enter_context(reference_reuse(model, mode, args.steps, schedule))
+            for step in range(args.steps):
+                noisy = torch.randn(1, l_img, 64, generator=generator)
+                kwargs = dict(
+                    hidden_states=torch.cat([noisy, reference], dim=1), encoder_hidden_states=text,
+                    encoder_hidden_states_mask=mask, timestep=torch.tensor([1.0 - step / args.steps]),
+                    img_shapes=img_shapes, return_dict=False,
+                )
+                start = time.perf_counter()
+                with model.cache_context("cond"):  # as the pipelines call it: the branch the reuse state keys on
+                    model(**kwargs)
+                total += time.perf_counter() - start
         return total
 
     configs = [("none", None)] + [(m, sch) for sch in args.schedules.split(",") if sch for m in modes]
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
         for c in configs:  # interleaved, so drift in machine speed hits every mode alike
             times[c].append(edit(*c))
 
-    scaled = QwenImageShape(num_blocks=blocks, dim=dim, denoise_len=l_img, image_len=l_img, text_len=text_len)
+    scaled = QwenImageShape(num_blocks=blocks, dim=dim, denoise_len=l_img, reference_len=l_img, text_len=text_len)
     real = QwenImageShape(text_len=args.text_len)
     baseline = statistics.median(times[("none", None)])
     rows = []

@@ -38,6 +38,7 @@ Here (CPU, every shape shrunk; ~10 s):
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import importlib.util
@@ -265,7 +266,7 @@ def edit_flops(args, mode: str, schedule: str | None) -> float:
     s = edit_shape(args)
     length = s["grid"][0] * s["grid"][1]
     shape = QwenImageShape(num_blocks=s["blocks"], dim=s["heads"] * s["head_dim"], denoise_len=length,
-                           image_len=length, text_len=s["text_len"])
+                           reference_len=length, text_len=s["text_len"])
     refresh = resolve_refresh_steps(schedule, args.steps) if schedule else ()
     return sum(qwenimage_call_flops(shape, mode, mode != "none" and step not in refresh)
                for step in range(1, args.steps + 1))
@@ -274,7 +275,7 @@ def edit_flops(args, mode: str, schedule: str | None) -> float:
 def run_edit(args, run: Run) -> dict:
     torch = run.torch
     from models.qwenimage.transformer_qwenimage import QwenImageTransformer2DModel
-    from pruning.edit.reference_reuse import ATTENTION_KWARG, ReferenceTokenReuse, resolve_refresh_steps
+    from pruning.edit.reference_reuse import reference_reuse, resolve_refresh_steps
 
     s = edit_shape(args)
     h, w = s["grid"]
@@ -310,21 +311,21 @@ def run_edit(args, run: Run) -> dict:
 
     @torch.no_grad()
     def edit(mode: str, schedule: str | None) -> dict:
-        controller = None if mode == "none" else ReferenceTokenReuse(mode, args.steps, schedule)
         steps = []
-        for step in range(args.steps):
-            kwargs = dict(
-                hidden_states=torch.cat([noises[step], reference], dim=1), encoder_hidden_states=text,
-                encoder_hidden_states_mask=mask, timestep=torch.full((1,), 1.0 - step / args.steps, device=dev, dtype=dt),
-                img_shapes=img_shapes, return_dict=False,
-                attention_kwargs=None if controller is None else {ATTENTION_KWARG: controller},
-            )
-            start = run.now()
-            model(**kwargs)
-            steps.append(run.now() - start)
-        cache = controller.peak_cache_bytes if controller is not None else 0
-        if controller is not None:
-            controller.clear()
+        with contextlib.ExitStack() as stack:
+            reuse = None if mode == "none" else stack.enter_context(reference_reuse(model, mode, args.steps, schedule))
+            for step in range(args.steps):
+                kwargs = dict(
+                    hidden_states=torch.cat([noises[step], reference], dim=1), encoder_hidden_states=text,
+                    encoder_hidden_states_mask=mask,
+                    timestep=torch.full((1,), 1.0 - step / args.steps, device=dev, dtype=dt),
+                    img_shapes=img_shapes, return_dict=False,
+                )
+                start = run.now()
+                with model.cache_context("cond"):
+                    model(**kwargs)
+                steps.append(run.now() - start)
+            cache = reuse.peak_cache_bytes if reuse is not None else 0
         return {"steps": steps, "total": sum(steps), "cache_bytes": cache}
 
     configs = edit_configs(args)

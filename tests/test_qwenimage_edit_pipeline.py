@@ -14,8 +14,10 @@ from diffusers import QwenImageEditPipeline
 
 from data.media import make_sample_image
 from models.tiny.qwenimage_edit import tiny_qwenimage_edit_dir
+from diffusers.hooks.hooks import HookRegistry
+
 from pipelines.qwenimage_edit import TokenPruningQwenImageEditPipeline
-from pruning.edit.reference_reuse import ATTENTION_KWARG
+from pruning.edit.reference_reuse import HOOK_NAME, reference_reuse
 
 SIZE = 64  # output; the stock pipeline still encodes the reference at ~1 MP (4096 tokens)
 
@@ -57,7 +59,7 @@ def test_reuse_modes_run_end_to_end_and_report_stats(pipe, image, mode):
     assert stats["refresh_steps"] == [1] and stats["reuse_steps"] == [2, 3]
     assert stats["tokens"]["denoise"] == (SIZE // 16) ** 2
     dim = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
-    per_block = stats["tokens"]["image"] * dim * 4 * (2 if mode == "kv" else 1)
+    per_block = stats["tokens"]["reference"] * dim * 4 * (2 if mode == "kv" else 1)
     assert stats["cache_bytes"] == pipe.transformer.config.num_layers * per_block
 
 
@@ -66,21 +68,22 @@ def test_true_cfg_and_batch_two_keep_one_cache_per_branch(pipe, image):
                num_images_per_prompt=2, num_inference_steps=2)
     assert out.shape[0] == 2
     calls = [(c["step"], c["branch"], c["reuse"]) for c in pipe.last_reuse_stats["calls"]]
-    assert calls == [(1, 0, False), (1, 1, False), (2, 0, True), (2, 1, True)]
+    assert calls == [(1, "cond", False), (1, "uncond", False), (2, "cond", True), (2, "uncond", True)]
 
 
 def test_cache_is_freed_when_the_call_ends_and_on_an_exception(pipe, image):
     seen = {}
 
     def fail_after_first_step(pipeline, step, timestep, callback_kwargs):
-        controller = pipeline.attention_kwargs[ATTENTION_KWARG]
+        controller = HookRegistry.check_if_exists_or_initialize(pipeline.transformer).get_hook(HOOK_NAME).reuse
         seen["controller"], seen["bytes"] = controller, controller.cache_bytes()
         raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError, match="stop"):
         edit(pipe, image, pruning_mode="mlp", callback_on_step_end=fail_after_first_step)
     assert seen["bytes"] > 0
-    assert seen["controller"].cache_bytes() == 0 and not seen["controller"].caches
+    assert seen["controller"].cache_bytes() == 0 and not seen["controller"].branches
+    assert HookRegistry.check_if_exists_or_initialize(pipe.transformer).get_hook(HOOK_NAME) is None  # detached
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -124,3 +127,16 @@ def test_lightning_lora_loads_into_the_fork_and_switches_the_scheduler(tmp_path,
     assert not np.array_equal(edit(lora, image), edit(plain, image))
     # reuse still works on the LoRA-adapted transformer
     assert np.isfinite(edit(lora, image, pruning_mode="kv", refresh_steps="once")).all()
+
+
+def test_the_stock_pipeline_with_the_hook_attached_equals_the_pruning_pipeline(pipe, image):
+    """``with reference_reuse(transformer, ...)`` on a stock ``QwenImageEditPipeline`` (true CFG on): same image."""
+    stock = QwenImageEditPipeline(**pipe.components)
+    stock.set_progress_bar_config(disable=True)
+    settings = dict(true_cfg_scale=2.0, negative_prompt="blurry")
+    expected = edit(pipe, image, pruning_mode="full", refresh_steps="once", **settings)
+    with reference_reuse(stock.transformer, "full", num_steps=2, refresh_steps="once") as reuse:
+        got = edit(stock, image, **settings)
+    assert np.array_equal(got, expected)
+    assert [(r.step, r.branch, r.reuse) for r in reuse.history] == [
+        (1, "cond", False), (1, "uncond", False), (2, "cond", True), (2, "uncond", True)]

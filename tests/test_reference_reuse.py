@@ -4,7 +4,8 @@ A tiny transformer with random weights stands in for the real one; the propertie
 refresh steps are the baseline bit for bit; a reuse step's denoise output equals an
 independent plain-torch computation from the block weights and the cached states; `full` and
 `kv` do no query/MLP work for the reference tokens; the cache has the stated size; CFG
-branches keep separate caches; schedules are validated.
+branches (diffusers' cache_context names) keep separate caches; schedules are validated;
+the hook attaches and detaches cleanly.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ import torch.nn.functional as F
 from diffusers import QwenImageTransformer2DModel as UpstreamTransformer
 
 from models.qwenimage.transformer_qwenimage import QwenImageTransformer2DModel as ForkTransformer
-from pruning.edit.reference_reuse import ATTENTION_KWARG, ReferenceTokenReuse, resolve_refresh_steps
+from diffusers.hooks.hooks import HookRegistry
+
+from pruning.edit.reference_reuse import (
+    HOOK_NAME,
+    ReferenceReuseHook,
+    ReferenceTokenReuse,
+    reference_reuse,
+    resolve_refresh_steps,
+)
 
 BATCH, TEXT_LEN = 2, 7
 DENOISE_HW, REFERENCE_HW = (4, 4), (6, 4)  # reference image of another size than the output
@@ -54,12 +63,25 @@ def make_inputs(seed: int, timestep: float, text_seed: int = 100):
     )
 
 
+_HOOKS: dict[int, ReferenceReuseHook] = {}
+
+
 @torch.no_grad()
-def call(model, inputs, controller=None):
-    kwargs = dict(inputs)
-    if controller is not None:
-        kwargs["attention_kwargs"] = {ATTENTION_KWARG: controller}
-    return model(**kwargs)[0]
+def call(model, inputs, controller=None, branch="cond"):
+    """One transformer call as a pipeline makes it: inside ``cache_context(branch)``, with ``controller``'s hook attached.
+
+    Tests interleave several edits on one model, so the hook of each edit is kept (with its state) and swapped in.
+    """
+    if controller is None:
+        return model(**inputs)[0]
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    current = registry.get_hook(HOOK_NAME)
+    if current is None or current.reuse is not controller:
+        if current is not None:
+            registry.remove_hook(HOOK_NAME, recurse=False)
+        registry.register_hook(_HOOKS.setdefault(id(controller), ReferenceReuseHook(controller)), HOOK_NAME)
+    with model.cache_context(branch):
+        return model(**inputs)[0]
 
 
 # ------------------------------------------------------------------------ schedule
@@ -193,7 +215,7 @@ def test_reuse_step_denoise_output_matches_independent_reference(mode, zero_cond
     _, fork = build_pair(zero_cond_t)
     controller = ReferenceTokenReuse(mode, num_steps=4)
     call(fork, make_inputs(1, 0.9), controller)
-    cache = controller.caches[0]
+    cache = controller.branches["cond"].cache
 
     captured = {}
 
@@ -296,7 +318,10 @@ def test_cache_bytes_equal_blocks_times_image_tokens_times_width(mode, factor):
 
 
 def test_cfg_branches_keep_separate_caches():
-    """Two calls per step (cond, uncond) with different prompts: each reuse uses its own branch's cache."""
+    """Two calls per step (cond, uncond) with different prompts: each reuse uses its own branch's cache.
+
+    The branch is the diffusers cache context the pipeline opens around each call, not a timestep comparison.
+    """
     _, fork = build_pair(False)
     both = ReferenceTokenReuse("full", num_steps=2, refresh_steps="once")
     cond_only = ReferenceTokenReuse("full", num_steps=2, refresh_steps="once")
@@ -305,11 +330,12 @@ def test_cfg_branches_keep_separate_caches():
     for step, t in enumerate((0.9, 0.6), start=1):
         cond, uncond = make_inputs(step, t, text_seed=1), make_inputs(step, t, text_seed=2)
         outs[("both", "cond", step)] = call(fork, cond, both)
-        outs[("both", "uncond", step)] = call(fork, uncond, both)
+        outs[("both", "uncond", step)] = call(fork, uncond, both, branch="uncond")
         outs[("single", "cond", step)] = call(fork, cond, cond_only)
-        outs[("single", "uncond", step)] = call(fork, uncond, uncond_only)
-    assert len(both.caches) == 2
-    assert [(r.step, r.branch, r.reuse) for r in both.history] == [(1, 0, False), (1, 1, False), (2, 0, True), (2, 1, True)]
+        outs[("single", "uncond", step)] = call(fork, uncond, uncond_only, branch="uncond")
+    assert len(both.branches) == 2
+    assert [(r.step, r.branch, r.reuse) for r in both.history] == [
+        (1, "cond", False), (1, "uncond", False), (2, "cond", True), (2, "uncond", True)]
     for branch in ("cond", "uncond"):
         assert torch.equal(outs[("both", branch, 2)], outs[("single", branch, 2)])
 
@@ -342,3 +368,24 @@ def test_kv_equals_full_under_zero_cond_t_where_reference_modulation_never_chang
         call(plain, make_inputs(1, 0.9), controller)
         outputs[mode] = call(plain, make_inputs(2, 0.7), controller)
     assert not torch.allclose(outputs["kv"], outputs["full"], rtol=1e-4, atol=1e-5)
+
+
+def test_reuse_attaches_as_a_hook_and_detaches_to_the_upstream_forward():
+    """``with reference_reuse(...)`` attaches, always detaches (also on an error), and frees the caches."""
+    upstream, fork = build_pair(False)
+    inputs = make_inputs(1, 0.9)
+    with reference_reuse(fork, "kv", num_steps=2, refresh_steps="once") as reuse:
+        with fork.cache_context("cond"):
+            fork(**inputs)
+        assert reuse.cache_bytes() > 0
+    assert HookRegistry.check_if_exists_or_initialize(fork).get_hook(HOOK_NAME) is None and reuse.cache_bytes() == 0
+    with pytest.raises(RuntimeError, match="boom"), reference_reuse(fork, "kv", num_steps=2):
+        raise RuntimeError("boom")
+    assert HookRegistry.check_if_exists_or_initialize(fork).get_hook(HOOK_NAME) is None
+    assert torch.equal(call(fork, inputs), call(upstream, inputs))  # detached: the upstream forward
+
+
+def test_a_call_outside_a_cache_context_is_one_clear_error():
+    _, fork = build_pair(False)
+    with reference_reuse(fork, "full", num_steps=2), pytest.raises(ValueError, match="cache_context"):
+        fork(**make_inputs(1, 0.9))

@@ -30,7 +30,7 @@ def test_compare_run_writes_images_and_stats(tmp_path):
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert STATS_KEYS <= set(stats)
     assert stats["mode"] == "kv" and stats["refresh_steps"] == [1] and stats["steps"] == 2
-    assert stats["tokens"]["denoise"] == 16 and stats["tokens"]["image"] > 4000 and stats["tokens"]["text"] > 0
+    assert stats["tokens"]["denoise"] == 16 and stats["tokens"]["reference"] > 4000 and stats["tokens"]["text"] > 0
     assert 0 < stats["flops_ratio"] < 1 and stats["speedup"] > 0 and stats["cache_bytes"] > 0
     assert "denoising time" in proc.stdout
 

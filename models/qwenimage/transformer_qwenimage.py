@@ -522,7 +522,7 @@ class QwenDoubleStreamAttnProcessor2_0:
         if encoder_hidden_states_mask is not None:
             seq_img = hidden_states.shape[1]
             # >>> pruning: on a `full`/`kv` reuse step the image stream holds only the L_denoise rows, but the keys
-            # also hold the L_image reference rows appended below: the mask covers [text, denoise, reference] keys.
+            # also hold the L_reference reference rows appended below: the mask covers [text, denoise, reference] keys.
             if reference_reuse is not None:
                 seq_img = seq_img + reference_reuse.appended_key_len
             # <<< pruning
@@ -572,10 +572,10 @@ class QwenDoubleStreamAttnProcessor2_0:
             txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
             txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
 
-        # >>> pruning: reference-token keys/values, [B, L_image, H, d] after norm_k and RoPE.
+        # >>> pruning: reference-token keys/values, [B, L_reference, H, d] after norm_k and RoPE.
         # Refresh step, `kv` mode: store the reference rows of img_key/img_value (computed exactly as upstream).
         # Reuse step, `full`/`kv` mode: hidden_states held only the L_denoise rows, so the reference tokens issued
-        # no query and get no attention-output row and no to_out (saves 2 x L_image x D^2 MACs per block, plus
+        # no query and get no attention-output row and no to_out (saves 2 x L_reference x D^2 MACs per block, plus
         # their share of Q.K^T and P.V); their K/V are appended to the keys: `kv` takes the cached ones (no
         # projection at all), `full` projects them from the cached block input under this step's modulation.
         # Queries [text, denoise] attend to keys [text, denoise, reference]: fewer queries than keys is fine.
@@ -719,7 +719,7 @@ class QwenImageTransformerBlock(nn.Module):
         # <<< pruning
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # >>> pruning: refresh step, `full` mode: cache this block's input rows of the reference tokens,
-        # hidden_states[:, L_denoise:] [B, L_image, D]; reuse steps recompute the reference K/V from them.
+        # hidden_states[:, L_denoise:] [B, L_reference, D]; reuse steps recompute the reference K/V from them.
         if reference_reuse is not None:
             reference_reuse.record_block_input(hidden_states)
         # <<< pruning
@@ -749,11 +749,17 @@ class QwenImageTransformerBlock(nn.Module):
         # 3. Concatenates and runs joint attention
         # 4. Splits results back to separate streams
         joint_attention_kwargs = joint_attention_kwargs or {}
-        # >>> pruning: reuse step, `full` mode: the reference rows' attention input, [B, L_image, D] = the cached block
-        # input -> img_norm1 -> this step's shift/scale (the t=0 half under zero_cond_t). Other cases: no-op.
+        # >>> pruning: reuse step, `full` mode: the reference rows' attention input, [B, L_reference, D] = the cached
+        # block input -> img_norm1 -> this step's shift/scale (the t=0 half under zero_cond_t), as the upstream lines
+        # above do for the image stream; the processor projects their K/V from it. Other cases: only the cache view.
         reference_attention_kwargs = {}
         if reference_reuse is not None:
-            reference_attention_kwargs["reference_reuse"] = reference_reuse.prepare_attention(self, img_mod1)
+            if reference_reuse.needs_reference_states:
+                reference_normed = self.img_norm1(reference_reuse.cached_block_input())
+                reference_reuse.reference_states, _ = self._modulate(
+                    reference_normed, img_mod1, reference_reuse.reference_modulate_index
+                )
+            reference_attention_kwargs["reference_reuse"] = reference_reuse
         # <<< pruning
         attn_output = self.attn(
             hidden_states=img_modulated,  # Image stream (will be processed as "sample")
@@ -774,11 +780,18 @@ class QwenImageTransformerBlock(nn.Module):
         encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn_output
 
         # Process image stream - norm2 + MLP
-        # >>> pruning: reuse step, `mlp` mode: norm2 + MLP run on the L_denoise rows only, [B, L_denoise, D]; the
-        # reference rows [B, L_image, D] take this block's output cached on the last refresh step (saves the
-        # image MLP for L_image tokens: 2 x 4 x L_image x D^2 MACs per block). Otherwise: the upstream lines.
+        # >>> pruning: reuse step, `mlp` mode: the upstream norm2 + MLP lines run on the L_denoise rows only,
+        # [B, L_denoise, D]; the reference rows [B, L_reference, D] take this block's output cached on the last refresh
+        # step (saves the image MLP for L_reference tokens: 2 x 4 x L_reference x D^2 MACs per block). Otherwise: the
+        # upstream lines.
         if reference_reuse is not None and reference_reuse.skips_reference_mlp:
-            hidden_states = reference_reuse.mlp_on_denoise_rows(self, hidden_states, img_mod2, modulate_index)
+            denoise_len = reference_reuse.denoise_len
+            denoise_states = hidden_states[:, :denoise_len]
+            denoise_index = modulate_index[:, :denoise_len] if modulate_index is not None else None
+            img_normed2 = self.img_norm2(denoise_states)
+            img_modulated2, img_gate2 = self._modulate(img_normed2, img_mod2, denoise_index)
+            img_mlp_output = self.img_mlp(img_modulated2)
+            hidden_states = reference_reuse.with_cached_block_output(denoise_states + img_gate2 * img_mlp_output)
         else:
             img_normed2 = self.img_norm2(hidden_states)
             img_modulated2, img_gate2 = self._modulate(img_normed2, img_mod2, modulate_index)
@@ -799,7 +812,7 @@ class QwenImageTransformerBlock(nn.Module):
             hidden_states = hidden_states.clip(-65504, 65504)
 
         # >>> pruning: refresh step, `mlp` mode: cache this block's output rows of the reference tokens,
-        # hidden_states[:, L_denoise:] [B, L_image, D], which stand in for them on reuse steps.
+        # hidden_states[:, L_denoise:] [B, L_reference, D], which stand in for them on reuse steps.
         if reference_reuse is not None:
             reference_reuse.record_block_output(hidden_states)
         # <<< pruning
@@ -974,14 +987,16 @@ class QwenImageTransformer2DModel(
             If `return_dict` is True, an [`~models.transformer_2d.Transformer2DModelOutput`] is returned, otherwise a
             `tuple` where the first element is the sample tensor.
         """
-        # >>> pruning: a pipeline that wants reference-token reuse passes its controller as
-        # attention_kwargs["reference_token_reuse"]; it decides from the timestep whether this call is a refresh
-        # step (upstream computation, cache written) or a reuse step. Without it: the upstream forward.
+        # >>> pruning: reference-token reuse (system A). `apply_reference_reuse` (pruning/edit/reference_reuse.py)
+        # registers a diffusers hook on this model that hands in attention_kwargs["reference_token_reuse"] the reuse
+        # state of the current true-CFG branch, i.e. of the pipeline's `cache_context("cond")` / ("uncond"); it
+        # counts that branch's steps and decides whether this call is a refresh step (upstream computation, cache
+        # written) or a reuse step. No hook: the upstream forward.
         reference_reuse = None
         if attention_kwargs is not None and _reference_reuse.ATTENTION_KWARG in attention_kwargs:
             attention_kwargs = dict(attention_kwargs)
             reference_reuse = attention_kwargs.pop(_reference_reuse.ATTENTION_KWARG).begin_call(
-                timestep, img_shapes, hidden_states.shape[1], encoder_hidden_states.shape[1]
+                img_shapes, hidden_states.shape[1], encoder_hidden_states.shape[1]
             )
         # <<< pruning
         hidden_states = self.img_in(hidden_states)
@@ -1018,9 +1033,9 @@ class QwenImageTransformer2DModel(
         image_rotary_emb = self.pos_embed(img_shapes, max_txt_seq_len=text_seq_len, device=hidden_states.device)
 
         # >>> pruning: reuse step, `full`/`kv` mode: the reference rows leave the image stream for the whole call:
-        # hidden_states [B, L_denoise + L_image, D] -> [B, L_denoise, D] (RoPE rows and zero_cond_t index likewise).
+        # hidden_states [B, L_denoise + L_reference, D] -> [B, L_denoise, D] (RoPE rows and zero_cond_t index likewise).
         # Safe because the pipeline keeps only noise_pred[:, :L_denoise]; every block then reads the reference
-        # tokens' K/V from the cache, and norm_out/proj_out also skip L_image rows. Output: [B, L_denoise, C].
+        # tokens' K/V from the cache, and norm_out/proj_out also skip L_reference rows. Output: [B, L_denoise, C].
         if reference_reuse is not None and reference_reuse.drops_reference_rows:
             hidden_states, image_rotary_emb, modulate_index = reference_reuse.split_reference_rows(
                 hidden_states, image_rotary_emb, modulate_index

@@ -1,6 +1,6 @@
 """Cross-step reuse of reference-image token states in Qwen-Image-Edit.
 
-The edit transformer runs its image stream over ``[B, L_denoise + L_image, D]``: the noisy
+The edit transformer runs its image stream over ``[B, L_denoise + L_reference, D]``: the noisy
 latents being denoised (``denoise_len`` = L1 tokens) followed by the latents of the reference
 image (``reference_len`` = L2 tokens). The reference latents never change during an edit, so
 their per-block states change little between denoising steps. On a *refresh* step everything
@@ -11,31 +11,37 @@ is computed exactly as upstream and the reference tokens' per-block states are c
 mode     reuse step, reference tokens                                               cached per block (refresh step)
 =======  ==========================================================================  ==================================
 ``none`` the baseline: nothing cached, nothing skipped                              --
-``mlp``  attention over all tokens as usual; norm2 + MLP skipped, block output      block output  ``[B, L_image, D]``
+``mlp``  attention over all tokens as usual; norm2 + MLP skipped, block output      block output  ``[B, L_reference, D]``
          taken from the cache
-``full`` no queries: no Q, no attention output row, no to_out, no MLP; K/V          block input   ``[B, L_image, D]``
+``full`` no queries: no Q, no attention output row, no to_out, no MLP; K/V          block input   ``[B, L_reference, D]``
          projected from the cached block input under this step's modulation
-``kv``   no projection at all: the cached K/V (after norm_k and RoPE) are the keys   K and V       ``2 x [B, L_image, H, d]``
+``kv``   no projection at all: the cached K/V (after norm_k and RoPE) are the keys   K and V       ``2 x [B, L_reference, H, d]``
 =======  ==========================================================================  ==================================
 
 The final ``proj_out`` rows of the reference tokens are discarded by the pipeline
 (``noise_pred[:, :latents.size(1)]``), so in ``full``/``kv`` the reference rows leave the image
 stream entirely on reuse steps and the transformer returns ``[B, L_denoise, C]``.
 
-The hooks that call into this module sit in fenced branches of
-``models/qwenimage/transformer_qwenimage.py``; a controller is handed to the transformer as
-``attention_kwargs={"reference_token_reuse": controller}``. It tells steps apart by the
-``timestep`` of each transformer call (calls that share a timestep are the CFG branches of one
-step: branch 0 = cond, branch 1 = uncond), and keeps one cache per branch, never mixed.
+The fences that call into this module sit in ``models/qwenimage/transformer_qwenimage.py``.
+``with reference_reuse(transformer, mode, num_steps, refresh_steps):`` (or
+``apply_reference_reuse`` / ``remove_reference_reuse``) registers a diffusers hook
+(:class:`ReferenceReuseHook`) on the transformer. The pipelines open ``cache_context("cond")``
+(and ``cache_context("uncond")`` under true CFG) around every transformer call; the hook keeps
+one :class:`ReferenceReuseBranch` per context name (diffusers' ``StateManager``), each with its
+own step count and cache, never mixed, and hands the current one to the forward in
+``attention_kwargs["reference_token_reuse"]``. Detached, the transformer runs upstream's code.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from math import prod
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -94,8 +100,8 @@ def validate_mode(mode: str) -> str:
 class ReferenceTokenCache:
     """Per-block states of the reference tokens for one CFG branch.
 
-    ``states[b]``: ``[B, L_image, D]`` (block output in ``mlp``, block input in ``full``);
-    ``keys[b]``/``values[b]``: ``[B, L_image, H, d]`` in ``kv``.
+    ``states[b]``: ``[B, L_reference, D]`` (block output in ``mlp``, block input in ``full``);
+    ``keys[b]``/``values[b]``: ``[B, L_reference, H, d]`` in ``kv``.
     """
 
     states: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -124,8 +130,8 @@ class ReferenceReuseCall:
     denoise_len: int
     reference_len: int
     cache: ReferenceTokenCache
-    reference_freqs: torch.Tensor | None = None  # RoPE rows of the reference tokens, [L_image, d/2] complex
-    reference_modulate_index: torch.Tensor | None = None  # zero_cond_t index rows, [B, L_image]
+    reference_freqs: torch.Tensor | None = None  # RoPE rows of the reference tokens, [L_reference, d/2] complex
+    reference_modulate_index: torch.Tensor | None = None  # zero_cond_t index rows, [B, L_reference]
     controller: "ReferenceTokenReuse | None" = None
 
     def end(self) -> None:
@@ -163,7 +169,7 @@ class BlockReferenceReuse:
 
     call: ReferenceReuseCall
     index: int
-    reference_states: torch.Tensor | None = None  # full reuse: modulated reference rows [B, L2, D]
+    reference_states: torch.Tensor | None = None  # full reuse: modulated reference rows [B, L2, D] (set by the block)
 
     # -- refresh steps: record ------------------------------------------------------------
 
@@ -179,21 +185,23 @@ class BlockReferenceReuse:
 
     # -- reuse steps ----------------------------------------------------------------------
 
-    def prepare_attention(self, block: "nn.Module", img_mod1: torch.Tensor) -> "BlockReferenceReuse":
-        """``full`` reuse: the reference rows' attention input from the cached block input.
+    @property
+    def needs_reference_states(self) -> bool:
+        """``full`` reuse: the block must rebuild the reference rows' attention input from the cached block input."""
+        return self.call.mode == "full" and self.call.is_reuse
 
-        cached input ``[B, L2, D]`` -> ``img_norm1`` -> this step's shift/scale (the t=0 half
-        under ``zero_cond_t``) -> ``self.reference_states`` ``[B, L2, D]``.
-        """
-        if self.call.mode == "full" and self.call.is_reuse:
-            cached_input = self.call.cache.states[self.index]
-            modulate_index = self.call.reference_modulate_index
-            # Copied from diffusers.models.transformers.transformer_qwenimage.QwenImageTransformerBlock.forward with self->block, hidden_states->cached_input
-            img_normed = block.img_norm1(cached_input)
-            img_modulated, img_gate1 = block._modulate(img_normed, img_mod1, modulate_index)
-            # End copied
-            self.reference_states = img_modulated
-        return self
+    def cached_block_input(self) -> torch.Tensor:
+        """``full`` reuse: this block's input rows of the reference tokens on the last refresh step, ``[B, L2, D]``."""
+        return self.call.cache.states[self.index]
+
+    @property
+    def reference_modulate_index(self) -> torch.Tensor | None:
+        """``zero_cond_t`` modulation index of the reference rows ``[B, L2]`` (None without zero_cond_t)."""
+        return self.call.reference_modulate_index
+
+    @property
+    def denoise_len(self) -> int:
+        return self.call.denoise_len
 
     @property
     def appended_key_len(self) -> int:
@@ -223,21 +231,9 @@ class BlockReferenceReuse:
     def skips_reference_mlp(self) -> bool:
         return self.call.mode == "mlp" and self.call.is_reuse
 
-    def mlp_on_denoise_rows(self, block, hidden_states, img_mod2, modulate_index) -> torch.Tensor:
-        """``mlp`` reuse: norm2 + MLP on the denoise rows only; reference rows from the cache.
-
-        hidden_states ``[B, L1 + L2, D]`` (after the attention residual) -> ``[B, L1 + L2, D]``.
-        """
-        l1 = self.call.denoise_len
-        denoise = hidden_states[:, :l1]
-        index = modulate_index[:, :l1] if modulate_index is not None else None
-        # Copied from diffusers.models.transformers.transformer_qwenimage.QwenImageTransformerBlock.forward with self->block, hidden_states->denoise, modulate_index->index
-        img_normed2 = block.img_norm2(denoise)
-        img_modulated2, img_gate2 = block._modulate(img_normed2, img_mod2, index)
-        img_mlp_output = block.img_mlp(img_modulated2)
-        denoise = denoise + img_gate2 * img_mlp_output
-        # End copied
-        return torch.cat([denoise, self.call.cache.states[self.index]], dim=1)
+    def with_cached_block_output(self, denoise_states: torch.Tensor) -> torch.Tensor:
+        """``mlp`` reuse: the block's output ``[B, L1, D]`` of the denoise rows + the cached reference rows -> ``[B, L1 + L2, D]``."""
+        return torch.cat([denoise_states, self.call.cache.states[self.index]], dim=1)
 
 
 def project_reference_key_value(attn, reference_states: torch.Tensor, reference_freqs: torch.Tensor):
@@ -267,53 +263,69 @@ def project_reference_key_value(attn, reference_states: torch.Tensor, reference_
     return key, value
 
 
-# ----------------------------------------------------------------------------- controller
+# ----------------------------------------------------------------------------- per-edit state, per-branch state, hook
 
 
 @dataclass
 class StepRecord:
-    step: int  # 1-based
-    branch: int
+    step: int  # 1-based step of this branch
+    branch: str  # the pipeline's cache_context name: "cond" or "uncond"
     reuse: bool
 
 
 class ReferenceTokenReuse:
-    """Owns the schedule and the per-branch caches for one edit (one pipeline call).
+    """The reuse plan and statistics of one edit (one pipeline call); the branches hold the caches.
 
-    >>> controller = ReferenceTokenReuse("full", num_steps=4)            # refresh on 1 and 3
-    >>> transformer(..., attention_kwargs={"reference_token_reuse": controller})
+    >>> with reference_reuse(pipe.transformer, "full", num_steps=4) as reuse:   # refresh on 1 and 3
+    ...     pipe(...)                               # cache_context("cond") / ("uncond") pick the branch
+    >>> reuse.peak_cache_bytes, reuse.history
     """
 
     def __init__(self, mode: str, num_steps: int, refresh_steps: str | Sequence[int] | None = None):
         self.mode = validate_mode(mode)
         self.num_steps = num_steps
         self.refresh_steps = resolve_refresh_steps(refresh_steps, num_steps)
-        self.caches: list[ReferenceTokenCache] = []
+        self.branches: dict[str, ReferenceReuseBranch] = {}
         self.history: list[StepRecord] = []
         self.peak_cache_bytes = 0
         self.token_counts: dict[str, int] = {}
-        self._last_timestep: float | None = None
-        self._step = 0  # 1-based index of the current step (0: none yet)
-        self._branch = -1
 
-    def begin_call(
-        self, timestep: torch.Tensor, img_shapes, hidden_states_len: int, text_len: int = 0
-    ) -> ReferenceReuseCall:
-        """Start one transformer call: work out step/branch, refresh or reuse, L1 and L2."""
-        t = float(timestep.reshape(-1)[0])
-        if t != self._last_timestep:
-            self._step += 1
-            self._branch = 0
-            self._last_timestep = t
-        else:
-            self._branch += 1
-        if self._step > self.num_steps:
-            raise RuntimeError(
-                f"transformer called for step {self._step} but the controller was built for {self.num_steps} steps"
-            )
-        while len(self.caches) <= self._branch:
-            self.caches.append(ReferenceTokenCache())
+    def end_call(self) -> None:
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
 
+    def cache_bytes(self) -> int:
+        return sum(branch.cache.nbytes() for branch in self.branches.values())
+
+    def clear(self) -> None:
+        """Free every cached tensor (when the edit ends, also on an exception)."""
+        for branch in self.branches.values():
+            branch.reset()
+        self.branches.clear()
+
+    def reuse_steps(self) -> list[int]:
+        return [s for s in range(1, self.num_steps + 1) if s not in self.refresh_steps]
+
+
+class ReferenceReuseBranch(BaseState):
+    """The cache and step count of one true-CFG branch (one ``cache_context`` name) of one edit."""
+
+    def __init__(self, reuse: ReferenceTokenReuse) -> None:
+        self.reuse = reuse
+        self.name: str | None = None  # the cache_context name, set when the hook first meets the branch
+        self.cache = ReferenceTokenCache()
+        self.step = 0  # steps this branch has run (1-based index of the current one)
+
+    def reset(self) -> None:
+        self.cache.clear()
+        self.step = 0
+
+    def begin_call(self, img_shapes, hidden_states_len: int, text_len: int = 0) -> ReferenceReuseCall:
+        """Start one transformer call of this branch: its step, refresh or reuse, L1 and L2."""
+        reuse = self.reuse
+        self.step += 1
+        if self.step > reuse.num_steps:
+            raise RuntimeError(f"the transformer ran step {self.step} of branch {self.name!r}, but the reuse plan has "
+                               f"{reuse.num_steps} steps: pass num_inference_steps={self.step} or more")
         shapes = img_shapes[0]
         denoise_len = prod(shapes[0])
         reference_len = sum(prod(s) for s in shapes[1:])
@@ -322,32 +334,87 @@ class ReferenceTokenReuse:
                 f"img_shapes give {denoise_len} denoise + {reference_len} reference tokens but the image stream has "
                 f"{hidden_states_len}: reference-token reuse needs the edit pipeline's [noisy latents, image latents] layout"
             )
-        is_reuse = self.mode != "none" and reference_len > 0 and self._step not in self.refresh_steps
-        self.history.append(StepRecord(self._step, self._branch, is_reuse))
-        self.token_counts = {"denoise": denoise_len, "image": reference_len, "text": text_len}
-        cache = self.caches[self._branch]
+        is_reuse = reuse.mode != "none" and reference_len > 0 and self.step not in reuse.refresh_steps
+        reuse.history.append(StepRecord(self.step, self.name, is_reuse))
+        reuse.token_counts = {"denoise": denoise_len, "reference": reference_len, "text": text_len}
         if not is_reuse:
-            cache.clear()
-        return ReferenceReuseCall(
-            mode=self.mode,
-            is_reuse=is_reuse,
-            denoise_len=denoise_len,
-            reference_len=reference_len,
-            cache=cache,
-            controller=self,
-        )
+            self.cache.clear()
+        return ReferenceReuseCall(mode=reuse.mode, is_reuse=is_reuse, denoise_len=denoise_len,
+                                  reference_len=reference_len, cache=self.cache, controller=reuse)
 
-    def end_call(self) -> None:
-        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
 
-    def cache_bytes(self) -> int:
-        return sum(cache.nbytes() for cache in self.caches)
+class ReferenceReuseHook(ModelHook):
+    """diffusers hook on the forked transformer: hands the current branch's state to the fork's fences.
 
-    def clear(self) -> None:
-        """Free every cached tensor (called when a pipeline call ends, also on an exception)."""
-        for cache in self.caches:
-            cache.clear()
-        self.caches.clear()
+    Stateful like diffusers' cache hooks: a ``StateManager`` keeps one :class:`ReferenceReuseBranch`
+    per ``cache_context`` name, which the pipelines open around every transformer call
+    (``"cond"``, and ``"uncond"`` under true CFG), so the two branches never share a cache.
+    """
 
-    def reuse_steps(self) -> list[int]:
-        return [s for s in range(1, self.num_steps + 1) if s not in self.refresh_steps]
+    _is_stateful = True
+
+    def __init__(self, reuse: ReferenceTokenReuse) -> None:
+        super().__init__()
+        self.reuse = reuse
+        self.state_manager = StateManager(ReferenceReuseBranch, init_args=(reuse,))
+
+    def pre_forward(self, module, *args, **kwargs):
+        try:
+            name = self.state_manager.context.name
+        except ValueError:
+            raise ValueError("reference-token reuse tells true-CFG branches apart by the diffusers cache context: call "
+                             "the transformer inside `with transformer.cache_context(\"cond\"):` (the pipelines do)") from None
+        branch = self.state_manager.get_state()
+        if branch.name is None:
+            branch.name = name
+            self.reuse.branches[name] = branch
+        kwargs["attention_kwargs"] = {**(kwargs.get("attention_kwargs") or {}), ATTENTION_KWARG: branch}
+        return args, kwargs
+
+    def reset_state(self, module):
+        self.state_manager.reset()
+        self.reuse.clear()
+        return module
+
+
+HOOK_NAME = "reference_token_reuse"
+
+
+def apply_reference_reuse(transformer: "nn.Module", reuse: ReferenceTokenReuse) -> ReferenceReuseHook:
+    """Attach ``reuse`` to the forked transformer (a diffusers hook); :func:`remove_reference_reuse` detaches it."""
+    from models.qwenimage.transformer_qwenimage import QwenImageTransformer2DModel
+
+    if not isinstance(transformer, QwenImageTransformer2DModel):
+        raise TypeError("reference-token reuse needs the forked transformer "
+                        "(models.qwenimage.transformer_qwenimage.QwenImageTransformer2DModel), got "
+                        f"{type(transformer).__module__}.{type(transformer).__name__}")
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    if registry.get_hook(HOOK_NAME) is not None:
+        raise ValueError("reference-token reuse is already attached to this transformer; detach it first")
+    hook = ReferenceReuseHook(reuse)
+    registry.register_hook(hook, HOOK_NAME)
+    return hook
+
+
+def remove_reference_reuse(transformer: "nn.Module") -> None:
+    """Detach the hook (no-op if none) and free its caches: the transformer is upstream-equivalent again."""
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    hook = registry.get_hook(HOOK_NAME)
+    if hook is not None:
+        hook.reset_state(transformer)
+        registry.remove_hook(HOOK_NAME, recurse=False)
+
+
+@contextmanager
+def reference_reuse(transformer: "nn.Module", mode: str, num_steps: int,
+                    refresh_steps: str | Sequence[int] | None = None) -> Iterator[ReferenceTokenReuse]:
+    """``with reference_reuse(pipe.transformer, "kv", 4, "once") as reuse: pipe(...)``: attach, run, always detach.
+
+    Yields the edit's :class:`ReferenceTokenReuse` (plan and statistics); its caches are freed on exit.
+    """
+    reuse = ReferenceTokenReuse(mode, num_steps=num_steps, refresh_steps=refresh_steps)
+    apply_reference_reuse(transformer, reuse)
+    try:
+        yield reuse
+    finally:
+        remove_reference_reuse(transformer)
