@@ -131,6 +131,22 @@ def check_device(device: str | None, flag: str = "--device") -> str | None:
     return device
 
 
+def check_video_path(video: Path | None) -> None:
+    """A video path given on the command line exists (None: the demo video); one-line UserError otherwise."""
+    if video is None:
+        return
+    shown = str(video) if len(str(video)) <= 160 else f"{str(video)[:160]}..."
+    try:
+        exists = Path(video).exists()
+    except OSError as error:  # e.g. a long question passed where the video path goes
+        raise UserError(
+            f"video {shown!r} is not a usable path ({error.strerror}): pass the video path first, then the question "
+            f"(or -q QUESTION for the demo video)"
+        ) from None
+    if not exists:
+        raise UserError(f"video {shown!r} does not exist: pass an existing video file (or none for the demo video)")
+
+
 # ----------------------------------------------------------------------------- write atomically
 
 

@@ -30,6 +30,7 @@ from cli import (
     UserError,
     check_device,
     check_output_file,
+    check_video_path,
     configure_torch_threads,
     load_video_or_explain,
     run_cli,
@@ -108,17 +109,7 @@ def validate(args) -> dict:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.question.strip():
         raise UserError("the question is empty: pass a question after the video path")
-    if args.video is not None:
-        shown = str(args.video) if len(str(args.video)) <= 160 else f"{str(args.video)[:160]}..."
-        try:
-            exists = args.video.exists()
-        except OSError as error:  # e.g. a long question passed where the video path goes
-            raise UserError(
-                f"video {shown!r} is not a usable path ({error.strerror}): pass the video path first, then the question "
-                f"(or -q QUESTION for the demo video)"
-            ) from None
-        if not exists:
-            raise UserError(f"video {shown!r} does not exist: pass an existing video file (or none for the demo video)")
+    check_video_path(args.video)
     check_output_file(args.stats_json, "--stats-json")
     check_device(args.device)
     overrides = {

@@ -44,6 +44,7 @@ from cli import (
     UserError,
     check_device,
     check_output_file,
+    check_video_path,
     configure_torch_threads,
     load_video_or_explain,
     machine_info,
@@ -118,17 +119,7 @@ def validate(args) -> None:
             raise UserError(f"{flag} must be >= {minimum}, got {value}")
     if not args.question.strip():
         raise UserError("the question is empty: pass a non-empty question")
-    if args.video is not None:
-        shown = str(args.video) if len(str(args.video)) <= 160 else f"{str(args.video)[:160]}..."
-        try:
-            exists = args.video.exists()
-        except OSError as error:  # e.g. a long question passed where the video path goes
-            raise UserError(
-                f"video {shown!r} is not a usable path ({error.strerror}): pass the video path first, then the question "
-                f"(or -q QUESTION for the demo video)"
-            ) from None
-        if not exists:
-            raise UserError(f"video {shown!r} does not exist: pass an existing video file (or none for the demo video)")
+    check_video_path(args.video)
     check_output_file(args.output, "--output")
     check_device(args.device)
     if not args.with_stage2 and (args.keep_ratio is not None or args.pruning_layer is not None):
