@@ -676,6 +676,15 @@ class Qwen2_5_VLAttention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
+        # >>> pruning: PruneVid stage 2 (prefill, layer K == pruning_layer only): this layer's own queries of the
+        # question rows, query_states[:, :, question rows] [1, H, Q, d] after q_proj and RoPE, go to the PruneVid state
+        # (the keys it scores them against are the ones this layer writes to the cache just below). A slice of a
+        # tensor computed anyway; nothing else changes. A plain cache: skipped.
+        if isinstance(past_key_values, PruneVidDynamicCache) and past_key_values.prunevid.wants_question_queries(
+            self.layer_idx
+        ):
+            past_key_values.prunevid.record_question_queries(query_states, self.scaling)
+        # <<< pruning
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
@@ -866,13 +875,6 @@ class Qwen2_5_VLTextModel(Qwen2_5_VLPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
 
         for i, decoder_layer in enumerate(self.layers):
-            # >>> pruning: PruneVid stage 2, part 1 (prefill only, layer i == K == pruning_layer). Keep layer K's INPUT
-            # at the question rows, [1, L1, D] -> [1, Q, D] (Q = tokens after the last visual token: the question and
-            # the chat template's tail; never the system prompt). Part 2, after the layer, turns them into layer K's
-            # own queries. Costs one [Q, D] copy; nothing else changes here.
-            if isinstance(past_key_values, PruneVidDynamicCache) and past_key_values.prunevid.wants_layer_input(i):
-                past_key_values.prunevid.remember_layer_input(hidden_states)
-            # <<< pruning
             hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask_mapping[self.config.layer_types[i]],
@@ -885,9 +887,9 @@ class Qwen2_5_VLTextModel(Qwen2_5_VLPreTrainedModel):
             # >>> pruning: PruneVid stage 2 (+ stage 3) once layer K == pruning_layer has run on the full sequence.
             # PREFILL: importance of each visual token = max over heads of max over question queries of the softmax
             # attention probability layer K gave it (pruning.video.prunevid.visual_token_importance). Computed from layer
-            # K's own projections for the needed rows only: queries = q_proj(input_layernorm(question rows kept
-            # above)) + RoPE at their positions, [1, H, Q, d]; keys = the [1, Hkv, L1, d] keys layer K just wrote to
-            # the cache (after k_proj and RoPE). Per head and query chunk: no [L1, L1] matrix, no
+            # K's own queries and keys: the question rows' queries [1, H, Q, d] after q_proj and RoPE, recorded by the
+            # fence in Qwen2_5_VLAttention.forward, and the [1, Hkv, L1, d] keys layer K just wrote to the cache
+            # (after k_proj and RoPE). Per head and query chunk: no [L1, L1] matrix, no
             # output_attentions, SDPA (or eager) stays the attention of every layer. select_keep_indices keeps the
             # top keep_ratio of the visual tokens (global, or per stage-1 group with selection="segment"), once.
             # Then the tokens are REALLY removed by index (never zero-masked): hidden_states [1, L1, D] -> [1, L2, D],
@@ -901,14 +903,7 @@ class Qwen2_5_VLTextModel(Qwen2_5_VLPreTrainedModel):
             if isinstance(past_key_values, PruneVidDynamicCache) and past_key_values.prunevid.acts_after_layer(i):
                 hidden_states, position_embeddings, text_position_ids, causal_mask_mapping = (
                     past_key_values.prunevid.after_layer(
-                        i,
-                        decoder_layer,
-                        hidden_states,
-                        position_embeddings,
-                        text_position_ids,
-                        causal_mask_mapping,
-                        past_key_values,
-                        apply_rotary_pos_emb,
+                        i, hidden_states, position_embeddings, text_position_ids, causal_mask_mapping, past_key_values
                     )
                 )
             # <<< pruning

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -106,7 +106,8 @@ class PruneVidState:
     question_positions: torch.Tensor | None = None  # [Q] stage-1 layout: tokens after the last visual token
     question_positions_original: torch.Tensor | None = None  # [Q] the same tokens, original layout
     attention_mask_stage1: torch.Tensor | None = None  # [1, L1] 2-D mask in the stage-1 layout (or None)
-    question_hidden: torch.Tensor | None = None  # [1, Q, D] input of layer K at the question rows
+    question_queries: torch.Tensor | None = None  # [1, H, Q, d] layer K's queries of the question rows (after RoPE)
+    attention_scaling: float | None = None  # layer K's softmax scale
     importance: torch.Tensor | None = None  # [V] float32
     kept_visual: torch.Tensor | None = None  # [V2] indices into visual_positions
     stage2_kept: torch.Tensor | None = None  # [L2] stage-1 indices, sorted
@@ -347,7 +348,7 @@ class PruneVidState:
 
     # ------------------------------------------------------------------------------ inside the LLM
 
-    def wants_layer_input(self, layer_idx: int) -> bool:
+    def wants_question_queries(self, layer_idx: int) -> bool:
         return (
             self.phase == "prefill"
             and self.config.enable_pruning
@@ -356,37 +357,33 @@ class PruneVidState:
             and self.visual_positions.numel() > 0
         )
 
-    def remember_layer_input(self, hidden_states: torch.Tensor) -> None:
-        """Keep layer K's input at the question rows only: ``[1, L1, D] -> [1, Q, D]``."""
-        self.question_hidden = hidden_states[:, self.question_positions.to(hidden_states.device)]
+    def record_question_queries(self, query_states: torch.Tensor, scaling: float) -> None:
+        """Layer K's queries (after q_proj and RoPE) at the question rows: ``[1, H, L1, d] -> [1, H, Q, d]``."""
+        self.question_queries = query_states[:, :, self.question_positions.to(query_states.device)].detach()
+        self.attention_scaling = scaling
 
     def acts_after_layer(self, layer_idx: int) -> bool:
         if layer_idx != self.pruning_layer or not self.config.enable_pruning:
             return False
         if self.phase == "prefill":
-            return self.question_hidden is not None
+            return self.question_queries is not None
         return self.phase == "decode" and self.stage2_kept is not None and not self.compressed
 
     def after_layer(
         self,
         layer_idx: int,
-        decoder_layer,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         text_position_ids: torch.Tensor | None,
         causal_mask_mapping: dict,
         cache: "PruneVidDynamicCache",
-        apply_rotary_pos_emb: Callable,
     ):
         """Stage 2 (+ stage 3) after layer K in prefill; mask re-slicing for layers > K in decoding.
 
         Returns ``(hidden_states, position_embeddings, text_position_ids, causal_mask_mapping)``.
         """
         if self.phase == "prefill":
-            return self._prune(
-                layer_idx, decoder_layer, hidden_states, position_embeddings, text_position_ids,
-                causal_mask_mapping, cache, apply_rotary_pos_emb,
-            )
+            return self._prune(layer_idx, hidden_states, position_embeddings, text_position_ids, causal_mask_mapping, cache)
         # Decoding without stage 3: layers 0..K cache the stage-1 layout, layers K+1.. the stage-2
         # layout. A materialised mask was sized for layer 0: keep its columns of the stage-2 prompt
         # entries and of every decoded token. (``None``, e.g. batch-1 SDPA decoding: nothing to do.)
@@ -405,29 +402,13 @@ class PruneVidState:
             mapping[key] = mask
         return hidden_states, position_embeddings, text_position_ids, mapping
 
-    def _prune(
-        self, layer_idx, decoder_layer, hidden_states, position_embeddings, text_position_ids,
-        causal_mask_mapping, cache, apply_rotary_pos_emb,
-    ):
-        attn = decoder_layer.self_attn
+    def _prune(self, layer_idx, hidden_states, position_embeddings, text_position_ids, causal_mask_mapping, cache):
         device = hidden_states.device
         cos, sin = position_embeddings  # [1, L1, d]
         qpos = self.question_positions.to(device)
         with torch.no_grad():  # the selection is discrete; the slicing below stays differentiable
-            # Queries: layer K's own projection of the question rows only (Q rows, not L1): input_layernorm,
-            # q_proj, heads, RoPE at their positions -- the queries layer K's attention used.
-            rows = self.question_hidden  # [1, Q, D]
-            # Copied from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLDecoderLayer.forward with self->decoder_layer, hidden_states->rows
-            rows = decoder_layer.input_layernorm(rows)
-            # End copied
-            # Copied from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLAttention.forward with self->attn, hidden_states->rows, query_states->query
-            bsz, q_len, _ = rows.size()
-            query = attn.q_proj(rows)
-            # ...
-            query = query.view(bsz, q_len, -1, attn.head_dim).transpose(1, 2)  # [1, H, Q, d]
-            # End copied
-            # upstream applies RoPE to queries and keys together with the rows' cos/sin: here the queries only
-            query, _ = apply_rotary_pos_emb(query, query, cos[:, qpos], sin[:, qpos])
+            # Queries: layer K's own, recorded in its attention after q_proj and RoPE at the question rows.
+            query = self.question_queries  # [1, H, Q, d]
             # Keys: exactly what layer K attended to -- its KV cache, just written (after k_proj and RoPE).
             keys = cache.layers[layer_idx].keys  # [1, Hkv, L1, d]
             if keys is None or keys.shape[-2] != hidden_states.shape[1]:
@@ -436,7 +417,7 @@ class PruneVidState:
                     f"found {None if keys is None else keys.shape[-2]}: use a fresh PruneVidDynamicCache per generation"
                 )
             importance = visual_token_importance(
-                query, keys, self.visual_positions.to(device), attn.scaling,
+                query, keys, self.visual_positions.to(device), self.attention_scaling,
                 attention_mask=self.attention_mask_stage1, query_positions=qpos,
             )[0]  # [V]
             mode = self.config.selection
@@ -446,14 +427,14 @@ class PruneVidState:
             keep[self.visual_positions.to(device)[kept_visual]] = True
             kept = keep.nonzero().flatten()  # [L2] stage-1 indices
         self.importance, self.kept_visual, self.stage2_kept = importance, kept_visual, kept
-        self.question_hidden = None
+        self.question_queries = None
         self.stats.update(
             tokens_before=int(self.visual_positions.numel()),
             tokens_after=int(kept_visual.numel()),
             stage2_sequence_length=int(kept.numel()),
             selection=mode,
             importance=(
-                f"layer {layer_idx}'s own q_proj+RoPE on the {qpos.numel()} question rows x its cached keys "
+                f"layer {layer_idx}'s own queries (q_proj+RoPE) of the {qpos.numel()} question rows x its cached keys "
                 f"({keys.shape[-2]}), softmax over all keys, max over queries then heads; no output_attentions"
             ),
         )
