@@ -1,4 +1,4 @@
-"""PruneVid video question answering on Qwen2.5-VL (SPEC section 5): ``Qwen25VLPruneVid``.
+"""PruneVid video question answering on Qwen2.5-VL: ``Qwen25VLPruneVid``.
 
 ::
 
@@ -63,6 +63,7 @@ from typing import Any, Sequence
 import torch
 
 from pipelines.video_io import LoadedVideo, load_video
+from pruning.common import round_half_up
 from pruning.video.prunevid import PRESET_NAMES, PRESETS, PruneVidConfig, preset as make_preset
 
 __all__ = [
@@ -102,7 +103,7 @@ def scaled_pruning_layer(preset_layer: int, num_layers: int) -> int:
     """The preset's layer at the same relative depth of a ``num_layers`` model: ``round(layer * num_layers / 28)``."""
     if num_layers == REFERENCE_NUM_LAYERS:
         return preset_layer
-    return min(num_layers - 1, max(0, int(preset_layer * num_layers / REFERENCE_NUM_LAYERS + 0.5)))
+    return min(num_layers - 1, max(0, round_half_up(preset_layer * num_layers / REFERENCE_NUM_LAYERS)))
 
 
 def _resolve_model_path(model_path: str | Path | None) -> str:

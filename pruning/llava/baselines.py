@@ -30,12 +30,12 @@ the learned method keeps its trained merger (50%) and scales its per-layer keep 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from pruning.common import round_half_up
 from pruning.llava.config import keep_count
 from pruning.selection import SELECTORS, SelectionContext, Selector, make_selector, register_selector, topk_keep
 
@@ -143,7 +143,7 @@ class Schedule:
 
 def one_shot_schedule(method: str, budget: float, num_layers: int, num_vision: int, layer: int = 0) -> Schedule:
     """Random / DivPrune: keep ``round(b V)`` before layer ``layer`` (0)."""
-    k = max(1, min(num_vision, int(math.floor(budget * num_vision + 0.5))))
+    k = max(1, min(num_vision, round_half_up(budget * num_vision)))
     tokens = tuple([num_vision] * layer + [k] * (num_layers - layer))
     return Schedule(method, budget, tokens, num_vision, selector_layer=layer, keep=k)
 
@@ -152,7 +152,7 @@ def fastv_schedule(budget: float, num_layers: int, num_vision: int, layer: int =
     """FastV at ``layer`` (lowered until at least one token can be kept within the budget)."""
     for k_layer in range(layer, 0, -1):
         x = (budget * num_layers * num_vision - k_layer * num_vision) / (num_layers - k_layer)
-        keep = int(math.floor(x + 0.5))
+        keep = round_half_up(x)
         if keep >= 1:
             keep = min(keep, num_vision)
             tokens = tuple([num_vision] * k_layer + [keep] * (num_layers - k_layer))

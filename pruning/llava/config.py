@@ -41,17 +41,14 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from pruning.common import round_half_up
+
 MERGER_TYPES = ("simple", "question_aware")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 class ConfigError(ValueError):
     """A configuration key is unknown, mistyped or out of range (one-line message)."""
-
-
-def _round_half_up(x: float) -> int:
-    """Round to the nearest integer, halves up (Python's ``round`` rounds halves to even)."""
-    return int(math.floor(x + 0.5))
 
 
 # ----------------------------------------------------------------------------- validators
@@ -127,11 +124,11 @@ class MergerConfig:
         if num_tokens < 1:
             raise ValueError(f"num_tokens={num_tokens} must be >= 1")
         if self.target_merge_tokens is None:
-            m = _round_half_up(self.merge_ratio * num_tokens)
+            m = round_half_up(self.merge_ratio * num_tokens)
         elif num_tokens == num_tokens_real:
             m = self.target_merge_tokens
         else:
-            m = _round_half_up(self.target_merge_tokens * num_tokens / num_tokens_real)
+            m = round_half_up(self.target_merge_tokens * num_tokens / num_tokens_real)
         return min(max(m, 1), num_tokens)
 
 
@@ -415,7 +412,7 @@ def scale_pruning_layers(
         raise ValueError(f"layers={layers} must be strictly increasing indices in [0, {num_layers_real - 1}]")
     if len(layers) > num_layers_model:
         raise ValueError(f"cannot place {len(layers)} pruning layers in a {num_layers_model}-layer model")
-    out = [min(max(_round_half_up((l + 1) * num_layers_model / num_layers_real) - 1, 0), num_layers_model - 1) for l in layers]
+    out = [min(max(round_half_up((l + 1) * num_layers_model / num_layers_real) - 1, 0), num_layers_model - 1) for l in layers]
     n = len(out)
     for i in range(1, n):
         out[i] = max(out[i], out[i - 1] + 1)
@@ -428,7 +425,7 @@ def keep_count(num_alive: int, keep_ratio: float) -> int:
     """Tokens kept out of ``num_alive``: ``round_half_up(keep_ratio * num_alive)`` in ``[1, num_alive]`` (0 if none alive)."""
     if num_alive <= 0:
         return 0
-    return min(max(_round_half_up(keep_ratio * num_alive), 1), num_alive)
+    return min(max(round_half_up(keep_ratio * num_alive), 1), num_alive)
 
 
 def vision_token_trajectory(num_vision_tokens: int, cfg: VisionTokenPruningConfig, num_tokens_real: int = 576) -> list[int]:

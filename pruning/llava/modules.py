@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruning.common import round_half_up
 from pruning.llava.config import (
     DiscriminatorConfig,
     LossConfig,
@@ -326,7 +327,7 @@ class TokenMerger(nn.Module):
         """M for an input of ``num_tokens`` tokens; raises if M > N."""
         m = self.target_merge_tokens
         if m is None:
-            m = min(max(int(math.floor(self.merge_ratio * num_tokens + 0.5)), 1), num_tokens)
+            m = min(max(round_half_up(self.merge_ratio * num_tokens), 1), num_tokens)
         if not 1 <= m <= num_tokens:
             raise ValueError(
                 f"target_merge_tokens={m} must be in [1, N={num_tokens}]; build the merger with "

@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from pruning.common import round_half_up
 from pruning.video.dpc_knn import cluster
 
 __all__ = [
@@ -53,10 +54,6 @@ __all__ = [
 
 SELECTION_MODES = ("global", "segment")
 _EPS = 1e-9
-
-
-def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5 + _EPS))
 
 
 def _ceil(x: float) -> int:
@@ -198,7 +195,7 @@ def preset(name: str, **overrides) -> PruneVidConfig:
 
 def num_temporal_segments(num_frames: int, segment_ratio: float) -> int:
     """``max(1, round(num_frames * segment_ratio))`` (round half-up)."""
-    return max(1, _round_half_up(num_frames * segment_ratio))
+    return max(1, round_half_up(num_frames * segment_ratio))
 
 
 def num_clusters_for(num_tokens: int, cluster_ratio: float) -> int:
@@ -577,7 +574,7 @@ def select_keep_indices(
     scores = torch.nan_to_num(importance.detach().to(torch.float64), nan=float("-inf"))
     by_importance = torch.sort(scores, descending=True, stable=True).indices  # ties: lower index first
     if mode == "global":
-        keep = max(1, _round_half_up(num_visual * keep_ratio))
+        keep = max(1, round_half_up(num_visual * keep_ratio))
         return torch.sort(by_importance[:keep]).values
 
     if segment_ids is None:
