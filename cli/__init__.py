@@ -235,6 +235,15 @@ def stopwatch():
         box["seconds"] = time.perf_counter() - start
 
 
+def set_torch_threads(threads: int | None) -> None:
+    """``--threads`` if given, else torch's default (the LLaVA scripts: their batches gain from every core, and
+    the recorded numbers in docs/BENCHMARKS.md were made with torch's default)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def configure_torch_threads(threads: int | None, model_path: str | None, device: str | None) -> None:
     """``--threads`` if given; else one thread for the embedded tiny model on CPU.
 

@@ -44,7 +44,7 @@ from cli import (
     UserError,
     check_model_path,
     check_output_file,
-    configure_torch_threads,
+    set_torch_threads,
     load_or_explain,
     run_cli,
     write_json,
@@ -90,7 +90,7 @@ def main() -> int:
     parser.add_argument("--timing-batches", type=int, default=2, help="prompt batches timed per method")
     parser.add_argument("--output", type=Path, default=DEFAULT_RUN / "eval_llava_pruning.json")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU intra-op threads (default: 1 for the embedded tiny model on CPU; torch's default otherwise)")
+                        help="CPU intra-op threads (default: torch's, as for the recorded numbers in docs/BENCHMARKS.md)")
     args = parser.parse_args()
     budgets, methods = parse_budgets(args.budgets), parse_methods(args.methods)
     for key in ("eval_size", "batch_size", "timing_batches", "threads"):
@@ -212,7 +212,7 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
         from models.tiny.llava_vqa import trained_base_dir
 
         model_path = str(trained_base_dir())
-    configure_torch_threads(args.threads, args.model_path, None)
+    set_torch_threads(args.threads)
     processor = load_or_explain("the LLaVA processor", model_path, lambda: AutoProcessor.from_pretrained(model_path))
     model = load_or_explain("the LLaVA model", model_path, lambda: LlavaForConditionalGeneration.from_pretrained(model_path))
     model.eval().requires_grad_(False)

@@ -40,7 +40,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cli import ArgumentParser, UserError, atomic_path, check_model_path, check_output_dir, configure_torch_threads, run_cli
+from cli import ArgumentParser, UserError, atomic_path, check_model_path, check_output_dir, set_torch_threads, run_cli
 from models.tiny.llava_vqa import (
     BASE_VERSION,
     DEFAULTS,
@@ -91,7 +91,7 @@ def main() -> int:
     parser.add_argument("--force", action="store_true",
                         help="retrain even if the output already exists (replaced only once the new model is saved)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU intra-op threads (default: 1 for the embedded tiny model on CPU; torch's default otherwise)")
+                        help="CPU intra-op threads (default: torch's, as for the recorded numbers in docs/BENCHMARKS.md)")
     for key, value in DEFAULTS.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args()
@@ -102,7 +102,7 @@ def main() -> int:
         raise UserError("non-default settings need --output-dir (the cache holds only the default base)")
     if args.output_dir is not None and args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.force:
         raise UserError(f"--output-dir {str(args.output_dir)!r} is not empty; pass --force to overwrite")
-    configure_torch_threads(args.threads, args.model_path, None)
+    set_torch_threads(args.threads)
     from models.tiny.llava import tiny_llava_dir
 
     if args.output_dir is None:

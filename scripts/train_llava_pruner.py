@@ -57,7 +57,7 @@ from cli import (
     atomic_path,
     check_model_path,
     check_output_dir,
-    configure_torch_threads,
+    set_torch_threads,
     load_or_explain,
     run_cli,
     save_torch,
@@ -313,7 +313,7 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="base model weights (auto: float32 on CPU, bfloat16 on GPU)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU intra-op threads (default: 1 for the embedded tiny model on CPU; torch's default otherwise)")
+                        help="CPU intra-op threads (default: torch's, as for the recorded numbers in docs/BENCHMARKS.md)")
     args = parser.parse_args()
     for flag, value in (("--max-steps", args.max_steps), ("--eval-size", args.eval_size), ("--threads", args.threads)):
         if value is not None and value < 1:
@@ -384,7 +384,7 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
         gradient_accumulation_steps=t_cfg.grad_accum_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    configure_torch_threads(args.threads, args.model_path, accelerator.device.type)
+    set_torch_threads(args.threads)
     set_seed(t_cfg.seed)
     main_process = accelerator.is_main_process
     log = accelerator.print
