@@ -147,6 +147,32 @@ def check_video_path(video: Path | None) -> None:
         raise UserError(f"video {shown!r} does not exist: pass an existing video file (or none for the demo video)")
 
 
+def check_video_prompt_against_model(model_path, video, question: str, max_new_tokens: int,
+                                     pruning_layer: int | None):
+    """Read a Qwen2.5-VL's config and processor (not its weights): ``--pruning-layer`` against its layer count,
+    the prompt against its context, each a one-line UserError. Returns ``(processor, CPU inputs)``."""
+    from pipelines.prunevid import build_inputs, check_prompt_fits, context_length, load_config_and_processor
+
+    try:
+        model_config, processor = load_config_and_processor(model_path)
+    except ValueError as error:
+        raise UserError(str(error).splitlines()[0]) from None
+    num_layers = model_config.get_text_config().num_hidden_layers
+    if pruning_layer is not None and pruning_layer >= num_layers:
+        raise UserError(
+            f"--pruning-layer: pruning_layer={pruning_layer} is out of range for a model with {num_layers} layers "
+            f"(allowed 0..{num_layers - 1})"
+        )
+    inputs = build_inputs(processor, video, question)
+    input_ids = inputs["input_ids"]
+    video_tokens = int((input_ids == model_config.video_token_id).sum())
+    try:
+        check_prompt_fits(int(input_ids.shape[-1]), video_tokens, max_new_tokens, context_length(model_config))
+    except ValueError as error:
+        raise UserError(f"question / --num-frames / --max-new-tokens: {error}") from None
+    return processor, inputs
+
+
 # ----------------------------------------------------------------------------- write atomically
 
 

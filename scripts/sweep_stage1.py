@@ -45,6 +45,7 @@ from cli import (
     check_device,
     check_output_file,
     check_video_path,
+    check_video_prompt_against_model,
     configure_torch_threads,
     load_video_or_explain,
     machine_info,
@@ -133,28 +134,9 @@ def validate(args) -> None:
 
 
 def check_against_model(args, video):
-    """Read the model's config and processor (not its weights): ``--pruning-layer`` against its layer count,
-    the prompt against its context. Returns ``(processor, CPU inputs)``."""
-    from pipelines.prunevid import build_inputs, check_prompt_fits, context_length, load_config_and_processor
-
-    try:
-        model_config, processor = load_config_and_processor(args.model_path)
-    except ValueError as error:
-        raise UserError(str(error).splitlines()[0]) from None
-    num_layers = model_config.get_text_config().num_hidden_layers
-    if args.pruning_layer is not None and args.pruning_layer >= num_layers:
-        raise UserError(
-            f"--pruning-layer: pruning_layer={args.pruning_layer} is out of range for a model with {num_layers} layers "
-            f"(allowed 0..{num_layers - 1})"
-        )
-    inputs = build_inputs(processor, video, args.question)
-    input_ids = inputs["input_ids"]
-    video_tokens = int((input_ids == model_config.video_token_id).sum())
-    try:
-        check_prompt_fits(int(input_ids.shape[-1]), video_tokens, args.max_new_tokens, context_length(model_config))
-    except ValueError as error:
-        raise UserError(f"question / --num-frames / --max-new-tokens: {error}") from None
-    return processor, inputs
+    """The model's config and processor (not its weights) against the flags; returns ``(processor, CPU inputs)``."""
+    return check_video_prompt_against_model(args.model_path, video, args.question, args.max_new_tokens,
+                                            args.pruning_layer)
 
 
 def agreement(reference: list[int], ids: list[int]) -> tuple[float, bool]:
