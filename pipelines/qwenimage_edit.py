@@ -29,7 +29,6 @@ import threading
 from typing import Any
 
 import PIL.Image
-import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
 
 from models.qwenimage.transformer_qwenimage import QwenImageTransformer2DModel

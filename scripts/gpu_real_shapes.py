@@ -457,7 +457,6 @@ def vision_flops(args, frames: int) -> float:
 
 
 def run_video(args, run: Run) -> dict:
-    torch = run.torch
     from pipelines.prunevid import Qwen25VLPruneVid
     from evaluation.flops import Qwen2_5_VLTextShape, qwen2_5_vl_prefill_flops
     from pruning.video.prunevid_cache import PruneVidState
@@ -570,7 +569,6 @@ def run_video(args, run: Run) -> dict:
 
 
 def video_rows(args, frames, results, tc, Shape, prefill_flops) -> list[dict]:
-    base = results["baseline"]
     rows = []
     for name, rs in results.items():
         if not rs:

@@ -32,8 +32,6 @@ temporary file renamed into place; Ctrl-C exits 130 and leaves no file.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shlex
 import statistics
 import sys

@@ -62,7 +62,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -342,7 +342,6 @@ class LlavaPruningPass:
         self.attention_mask = attention_mask if (attention_mask is not None and attention_mask.dim() == 2) else None
         self.merger_output: MergerOutput | None = None
         self.merge_keep: torch.Tensor | None = None  # [n_img, N] placeholders holding a merged token
-        self.num_tower_tokens: int | None = None
         self.image_token_mask: torch.Tensor | None = None  # [B, T] image placeholders of this call
         self.trace: PruningTrace | None = None
         self.kept_rows: torch.Tensor | None = None  # [B, T_out] prompt rows of the returned sequence (drop mode)
@@ -381,7 +380,7 @@ class LlavaPruningPass:
             question, question_mask = question.to(features.dtype), valid
         out = pruning.merger(features, temperature=pruning.temperature, question=question,
                              question_mask=question_mask, generator=pruning.generator)
-        self.merger_output, self.num_tower_tokens = out, n
+        self.merger_output = out
         return out.tokens
 
     def scatter_merged_tokens(self, merged_features: torch.Tensor) -> torch.Tensor:
@@ -392,7 +391,7 @@ class LlavaPruningPass:
         """
         out = self.merger_output
         n_img, m = out.centre_indices.shape
-        n, d = self.num_tower_tokens, merged_features.shape[-1]
+        n, d = self.pruning.num_vision_tokens, merged_features.shape[-1]
         full = merged_features.new_zeros(n_img, n, d)
         idx = out.centre_indices.to(merged_features.device)
         full.scatter_(1, idx[..., None].expand(-1, -1, d), merged_features.reshape(n_img, m, d))
@@ -477,8 +476,7 @@ class LlavaPruningPass:
             rows["base"] = torch.zeros(b, 1, t, t, dtype=dtype, device=device).masked_fill(
                 ~allowed[:, None], torch.finfo(dtype).min)
         if past_key_values is not None:
-            self.cache_state_out = PrunedCacheState(mode, t, t, self.groups)
-            pruning.cache_states[past_key_values] = self.cache_state_out
+            pruning.cache_states[past_key_values] = PrunedCacheState(mode, t, t, self.groups)
 
     def _begin_decode(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
         state = self.decode_state
