@@ -11,9 +11,9 @@
 
 The model is the FORK ``models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLForConditionalGeneration``
 loaded with ``from_pretrained`` (exactly like upstream: any Qwen2.5-VL directory or hub id) with its
-``AutoProcessor``. The pruning configuration travels with the KV cache given to ``generate``
-(:class:`pruning.video.prunevid_cache.PruneVidDynamicCache`); the ``baseline`` configuration uses a plain
-``DynamicCache``, i.e. the unmodified upstream code path. Decoding is greedy. Batch size 1 (one video,
+``AutoProcessor``. Each call runs ``generate`` inside ``with prunevid(model, config):``
+(:mod:`pruning.video.runtime`), which attaches PruneVid for that call only; the ``baseline`` configuration
+attaches nothing, i.e. runs the unmodified upstream code path. Decoding is greedy. Batch size 1 (one video,
 one question per call) is the contract.
 
 Presets (:data:`PRESETS`, from :mod:`pruning.video.prunevid`; ``preset="custom"`` = ``default`` + your
@@ -50,6 +50,7 @@ Result of :meth:`Qwen25VLPruneVid.generate` (a dict):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -509,15 +510,10 @@ class Qwen25VLPruneVid:
         inputs = self.prepare_inputs(self.load_video(video_path), question)
         return self.generate_from_inputs(inputs, max_new_tokens=max_new_tokens)
 
-    def make_cache(self):
-        """The cache for one generation: a PruneVidDynamicCache, or a plain DynamicCache for the baseline."""
-        from transformers import DynamicCache
-
-        from pruning.video.prunevid_cache import PruneVidDynamicCache
-
-        if self.config.enable_stage1 or self.config.enable_pruning:
-            return PruneVidDynamicCache(config=self.model.config, prunevid=self.config, verbose=self.verbose)
-        return DynamicCache(config=self.model.config)
+    @property
+    def prunes(self) -> bool:
+        """Any PruneVid stage on (else generation runs the upstream path with nothing attached)."""
+        return bool(self.config.enable_stage1 or self.config.enable_pruning)
 
     @torch.no_grad()
     def generate_from_inputs(self, inputs: dict[str, torch.Tensor], max_new_tokens: int = 64) -> dict[str, Any]:
@@ -538,7 +534,9 @@ class Qwen25VLPruneVid:
             raise ValueError("the inputs hold no video token: build them with prepare_inputs(video, question)")
         check_prompt_fits(int(input_ids.shape[1]), video_tokens, max_new_tokens, self.context_length)
         inputs = self._to_device(inputs)  # inputs built on CPU (build_inputs) move to the model's device
-        cache = self.make_cache()
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model_config)
         timer = _StepTimer(cache)
         generation_config = copy.deepcopy(self.model.generation_config)
         generation_config.do_sample = False
@@ -552,9 +550,12 @@ class Qwen25VLPruneVid:
             "generate: preset %s, prompt %d tokens (%d video tokens, video_grid_thw %s), max_new_tokens %d, %s",
             self.preset_name, input_ids.shape[1], video_tokens,
             inputs.get("video_grid_thw").tolist() if inputs.get("video_grid_thw") is not None else None,
-            max_new_tokens, "PruneVidDynamicCache" if type(cache).__name__ == "PruneVidDynamicCache" else "DynamicCache (upstream path)",
+            max_new_tokens, "PruneVid attached" if self.prunes else "nothing attached (upstream path)",
         )  # fmt: skip
-        with _PeakMemory(self.device) as memory:
+        from pruning.video.runtime import prunevid
+
+        attached = prunevid(self.model, self.config, verbose=self.verbose) if self.prunes else contextlib.nullcontext()
+        with attached as runtime, _PeakMemory(self.device) as memory:
             start = time.perf_counter()
             out = self.model.generate(
                 **inputs,
@@ -565,8 +566,7 @@ class Qwen25VLPruneVid:
             end = time.perf_counter()
         generated = out.sequences[0, input_ids.shape[1] :]
         text = self.processor.decode(generated, skip_special_tokens=True)
-        state = getattr(cache, "prunevid", None)
-        stats = dict(state.stats) if state is not None else {}
+        stats = dict(runtime.state_for(cache).stats) if runtime is not None else {}
         tokens_before_stage1 = stats.get("tokens_before_stage1", video_tokens)
         tokens_after_stage1 = stats.get("tokens_after_stage1", video_tokens)
         tokens_before = stats.get("tokens_before", tokens_after_stage1)

@@ -2,7 +2,7 @@
 
 * ``pruning.edit``: system A, reference-token reuse in Qwen-Image-Edit (``reference_reuse``).
 * ``pruning.video``: system B, PruneVid on Qwen2.5-VL (``prunevid``: stages 1-2; ``dpc_knn``: the
-  clustering; ``prunevid_cache``: the per-request state and KV-cache compression).
+  clustering; ``runtime``: attach/detach, the per-generation state and KV-cache compression).
 * ``pruning.llava``: system C, learned merger + pruner heads for LLaVA-1.5 (``config``: validated
   dataclasses; ``modules``: merger, pruner heads, discriminator, losses; ``runtime``: attach / detach
   and the per-call state; ``baselines``: training-free selectors and their token budgets).

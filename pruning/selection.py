@@ -5,7 +5,7 @@ tokens still in play at one layer, a subset of ``ctx.alive``, the same count in 
 system's runtime builds the context where it prunes and drops what the selector does not keep,
 exactly as for its own (learned or attention-based) selection, so every method runs through the
 same code at the same place. System C's runtime calls selectors at the input of LLM layers
-(``pruning/llava/runtime.py``).
+(``pruning/llava/runtime.py``), system B's after its pruning layer K (``pruning/video/runtime.py``).
 
 A peer method is one function (or callable class) plus one registry entry::
 
@@ -32,6 +32,8 @@ class SelectionContext:
     A selector class with ``needs_previous_layer_attention = True`` (FastV) gets
     ``previous_layer_attention``: the attention each row received from the last row in layer
     ``layer_idx - 1``, recorded by a fence in the forked attention from its own queries and keys.
+    One with ``needs_question_attention = True`` (PruneVid's stage 2) gets ``question_attention``:
+    the attention the question rows give each vision token in layer ``layer_idx`` itself.
     """
 
     layer_idx: int
@@ -50,6 +52,10 @@ class SelectionContext:
     training: bool
     temperature: float
     generator: torch.Generator | None = None
+    question_attention: torch.Tensor | None = None  # [B, Vc] attention the question rows give each token at this
+    # layer (max over heads and question queries); only for selectors with needs_question_attention = True
+    groups: torch.Tensor | None = None  # [B, Vc] group id of each token (system B: a stage-1 segment's static
+    # tokens, or one frame's dynamic tokens), for selectors that keep a share of every group
 
 
 Selector = Callable[[SelectionContext], torch.Tensor]

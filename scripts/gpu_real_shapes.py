@@ -459,7 +459,7 @@ def vision_flops(args, frames: int) -> float:
 def run_video(args, run: Run) -> dict:
     from pipelines.prunevid import Qwen25VLPruneVid
     from evaluation.flops import Qwen2_5_VLTextShape, qwen2_5_vl_prefill_flops
-    from pruning.video.prunevid_cache import PruneVidState
+    from pruning.video.runtime import PruneVidState
 
     log(f"[video] building Qwen2.5-VL-{'tiny' if args.tiny else '7B'} on {run.device} ({args.dtype})")
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""PruneVid inside the Qwen2.5-VL fork: stages 1-3 through ``PruneVidDynamicCache``.
+"""PruneVid inside the Qwen2.5-VL fork: stages 1-3 with ``with prunevid(model, config):``.
 
 All on the embedded tiny Qwen2.5-VL (6 layers, pruning after layer K = 2) and the demo video (8 frames
 of 112x112 px: 4 grid steps x 16 tokens = 64 video tokens, a static textured background with two
@@ -9,6 +9,7 @@ by the test itself on the kept tokens.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -17,12 +18,12 @@ from transformers import AutoProcessor, DynamicCache, LogitsProcessorList
 from transformers import Qwen2_5_VLForConditionalGeneration as UpstreamQwen
 from transformers.video_utils import VideoMetadata
 
-import pruning.video.prunevid_cache as prunevid_cache
+import pruning.video.runtime as prunevid_runtime
 from models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as ForkQwen
 from data.demo_video import make_demo_frames, object_cells, static_cells
 from models.tiny.qwen2_5_vl import tiny_qwen2_5_vl_dir
 from pruning.video.prunevid import PruneVidConfig, preset, select_keep_indices
-from pruning.video.prunevid_cache import PruneVidDynamicCache
+from pruning.video.runtime import PruneVidState, attach_prunevid, detach_prunevid, get_prunevid, prunevid
 
 K = 2  # pruning layer of the 6-layer model (the presets' 10 of 28, same relative depth)
 NUM_FRAMES = 8
@@ -69,8 +70,26 @@ def inputs(processor):
     return dict(processor(videos=[make_demo_frames(NUM_FRAMES)], video_metadata=[metadata], text=prompt, return_tensors="pt"))
 
 
-def cache_for(model, config: PruneVidConfig) -> PruneVidDynamicCache:
-    return PruneVidDynamicCache(config=model.config, prunevid=config)
+@contextlib.contextmanager
+def attached(model, config: PruneVidConfig, **attach_kwargs):
+    """``(cache, state_of)``: PruneVid attached for the block, a fresh cache, and ``state_of()`` -> its PruneVidState."""
+    cache = DynamicCache(config=model.config)
+    with prunevid(model, config, **attach_kwargs) as runtime:
+        yield cache, lambda: runtime.state_for(cache) if runtime.active else None
+
+
+def generate_with(model, config: PruneVidConfig, **kwargs):
+    """``(generate output, PruneVidState)`` of one generation with PruneVid attached."""
+    with attached(model, config) as (cache, state_of):
+        out = model.generate(**kwargs, past_key_values=cache)
+        return out, state_of()
+
+
+def forward_with(model, config: PruneVidConfig, **kwargs):
+    """``(forward output, PruneVidState)`` of one prefill forward with PruneVid attached."""
+    with attached(model, config) as (cache, state_of):
+        out = model(**kwargs, past_key_values=cache, use_cache=True)
+        return out, state_of()
 
 
 def stage2(**overrides) -> PruneVidConfig:
@@ -127,9 +146,9 @@ def test_every_stage_disabled_is_bit_identical_to_upstream_generate(model_dir, f
     runs = {
         "fork, no cache argument (upstream arguments only)": fork.generate(**inputs, **GREEDY),
         "fork, plain DynamicCache": fork.generate(**inputs, past_key_values=DynamicCache(config=fork.config), **GREEDY),
-        "fork, PruneVidDynamicCache(baseline)": fork.generate(
-            **inputs, past_key_values=cache_for(fork, preset("baseline")), **GREEDY
-        ),
+        "fork, PruneVid attached with every stage off (baseline)": generate_with(
+            fork, preset("baseline"), **inputs, **GREEDY
+        )[0],
     }
     assert len(set(expected.sequences[0, -GREEDY["max_new_tokens"] :].tolist())) > 1
     for name, actual in runs.items():
@@ -141,9 +160,8 @@ def test_every_stage_disabled_is_bit_identical_to_upstream_generate(model_dir, f
 @pytest.mark.parametrize("compress", [True, False], ids=["stage3_on", "stage3_off"])
 def test_stage2_with_keep_ratio_one_generates_the_baseline_tokens(fork, inputs, compress):
     expected = fork.generate(**inputs, **GREEDY)
-    cache = cache_for(fork, stage2(keep_ratio=1.0, enable_cache_compression=compress))
-    actual = fork.generate(**inputs, past_key_values=cache, **GREEDY)
-    assert cache.prunevid.stats["tokens_after"] == cache.prunevid.stats["tokens_before"] == 64
+    actual, state = generate_with(fork, stage2(keep_ratio=1.0, enable_cache_compression=compress), **inputs, **GREEDY)
+    assert state.stats["tokens_after"] == state.stats["tokens_before"] == 64
     assert torch.equal(actual.sequences, expected.sequences)
 
 
@@ -156,9 +174,8 @@ def test_importance_without_output_attentions_equals_eager_attention_max_max(for
     reference, _ = eager_importance(fork_eager, inputs)
     model = fork if impl == "sdpa" else fork_eager
     assert model.config.text_config._attn_implementation == impl
-    cache = cache_for(model, stage2())
-    model(**inputs, past_key_values=cache, use_cache=True)  # plain prefill: output_attentions is never asked for
-    importance = cache.prunevid.importance
+    _, state = forward_with(model, stage2(), **inputs)  # plain prefill: output_attentions is never asked for
+    importance = state.importance
     assert importance.shape == reference.shape == (64,)
     torch.testing.assert_close(importance, reference, rtol=1e-5, atol=1e-7)
 
@@ -167,8 +184,7 @@ def test_importance_without_output_attentions_equals_eager_attention_max_max(for
 @pytest.mark.parametrize("selection", ["global", "segment"])
 def test_stage2_prefill_equals_layers_run_by_the_test_on_exactly_the_kept_tokens(fork, fork_eager, inputs, selection):
     keep_ratio = 0.4
-    cache = cache_for(fork, stage2(keep_ratio=keep_ratio, selection=selection))
-    pruned = fork(**inputs, past_key_values=cache, use_cache=True)
+    pruned, state = forward_with(fork, stage2(keep_ratio=keep_ratio, selection=selection), **inputs)
 
     # Which tokens to keep, from eager attention probabilities and the test's own groups (one per grid step).
     importance, _ = eager_importance(fork_eager, inputs)
@@ -180,7 +196,7 @@ def test_stage2_prefill_equals_layers_run_by_the_test_on_exactly_the_kept_tokens
     keep[visual] = False
     keep[visual[kept_visual]] = True
     kept = keep.nonzero().flatten()
-    assert torch.equal(cache.prunevid.stage2_kept, kept)
+    assert torch.equal(state.stage2_kept, kept)
     expected_count = max(1, math.floor(64 * keep_ratio + 0.5)) if selection == "global" else 4 * math.ceil(16 * keep_ratio)
     assert kept_visual.numel() == expected_count
 
@@ -205,22 +221,21 @@ def test_question_queries_are_the_tokens_after_the_last_visual_token_never_the_s
     fork, processor, inputs, monkeypatch
 ):
     seen = {}
-    original = prunevid_cache.visual_token_importance
+    original = prunevid_runtime.visual_token_importance
 
     def spy(query_states, key_states, visual_positions, scaling, attention_mask=None, query_positions=None, **kw):
         seen.update(queries=query_states.shape[2], positions=query_positions.clone(), keys=key_states.shape[2])
         return original(query_states, key_states, visual_positions, scaling, attention_mask, query_positions, **kw)
 
-    monkeypatch.setattr(prunevid_cache, "visual_token_importance", spy)
-    cache = cache_for(fork, stage2())
-    fork(**inputs, past_key_values=cache, use_cache=True)
+    monkeypatch.setattr(prunevid_runtime, "visual_token_importance", spy)
+    _, state = forward_with(fork, stage2(), **inputs)
     ids = inputs["input_ids"][0]
     tokens = processor.tokenizer.convert_ids_to_tokens(ids.tolist())
     user_turn = max(i for i, t in enumerate(tokens) if t == "<|im_start|>" and i < int(video_positions(fork, inputs)[0]))
     system_rows = set(range(user_turn))  # "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     last_visual = int(video_positions(fork, inputs)[-1])
     expected = list(range(last_visual + 1, ids.numel()))
-    assert seen["positions"].tolist() == expected == cache.prunevid.question_positions_original.tolist()
+    assert seen["positions"].tolist() == expected == state.question_positions_original.tolist()
     assert seen["queries"] == len(expected) and seen["keys"] == ids.numel()
     assert not system_rows & set(expected) and len(system_rows) > 5
     assert tokens[expected[0]] == "<|vision_end|>" and "assistant" in "".join(tokens[expected[-3] :])
@@ -233,10 +248,10 @@ def test_question_queries_are_the_tokens_after_the_last_visual_token_never_the_s
 @pytest.mark.parametrize("compress", [True, False], ids=["stage3_on", "stage3_off"])
 def test_kv_cache_length_per_layer_after_prefill_and_after_each_decode_step(fork, inputs, compress):
     config = preset("default", pruning_layer=K, enable_cache_compression=compress)
-    cache = cache_for(fork, config)
-    recorder = StepRecorder(cache)
-    out = fork.generate(**inputs, past_key_values=cache, logits_processor=LogitsProcessorList([recorder]), **GREEDY)
-    stats = cache.prunevid.stats
+    with attached(fork, config) as (cache, state_of):
+        recorder = StepRecorder(cache)
+        out = fork.generate(**inputs, past_key_values=cache, logits_processor=LogitsProcessorList([recorder]), **GREEDY)
+        stats = state_of().stats
     length = inputs["input_ids"].shape[1]
     merged = stats["tokens_after_stage1"]
     assert 0 < merged < 64
@@ -267,13 +282,13 @@ def test_left_padded_prompt_decodes_like_the_unpadded_one_eager_and_sdpa(fork, f
     padded["mm_token_type_ids"] = torch.cat([torch.zeros_like(inputs["mm_token_type_ids"][:, :2]), inputs["mm_token_type_ids"]], 1)
     config = preset("default", pruning_layer=K, enable_cache_compression=compress)
     for model in (fork, fork_eager):
-        plain = model.generate(**inputs, past_key_values=cache_for(model, config), **GREEDY)
-        with_pad = model.generate(**padded, past_key_values=cache_for(model, config), **GREEDY)
+        plain, _ = generate_with(model, config, **inputs, **GREEDY)
+        with_pad, _ = generate_with(model, config, **padded, **GREEDY)
         assert torch.equal(plain.sequences[:, -6:], with_pad.sequences[:, -6:])
         for a, b in zip(plain.logits, with_pad.logits, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    sdpa = fork.generate(**inputs, past_key_values=cache_for(fork, config), **GREEDY)
-    eager = fork_eager.generate(**inputs, past_key_values=cache_for(fork_eager, config), **GREEDY)
+    sdpa, _ = generate_with(fork, config, **inputs, **GREEDY)
+    eager, _ = generate_with(fork_eager, config, **inputs, **GREEDY)
     assert torch.equal(sdpa.sequences, eager.sequences)
 
 
@@ -282,16 +297,14 @@ def test_left_padded_prompt_decodes_like_the_unpadded_one_eager_and_sdpa(fork, f
 
 @torch.no_grad()
 def test_stage1_keeps_the_moving_objects_per_grid_step_and_merges_the_static_background(fork, inputs):
-    cache = cache_for(fork, preset("stage1_only"))
     seen = {}
     hook = fork.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True
     )
     try:
-        fork(**inputs, past_key_values=cache, use_cache=True)
+        _, state = forward_with(fork, preset("stage1_only"), **inputs)
     finally:
         hook.remove()
-    state = cache.prunevid
     merge = state.merges[0]
     assert merge.tokens_before_stage1 == 64 and merge.tokens_after_stage1 < 64
     assert merge.segments == [(0, 4)]  # 4 grid steps (pairs of frames), round(4 * 0.25) = 1 segment
@@ -318,18 +331,18 @@ def test_stage1_keeps_the_moving_objects_per_grid_step_and_merges_the_static_bac
 @pytest.mark.parametrize("name", ["default", "stage1_only"])
 def test_decoding_after_pruning_continues_the_original_position_numbering(fork, inputs, name):
     config = preset(name, pruning_layer=K)
-    expected = fork.generate(**inputs, past_key_values=cache_for(fork, config), **GREEDY)
+    expected, _ = generate_with(fork, config, **inputs, **GREEDY)
     _, position_ids, rope_deltas = reference_full_sequence(fork, inputs)
     assert torch.equal(fork.model.rope_deltas, rope_deltas)  # rope_deltas of the FULL sequence
     length = inputs["input_ids"].shape[1]
     for explicit in (True, False):  # positions given by the caller, or left to the fork (None)
-        cache = cache_for(fork, config)
-        out = fork(**inputs, past_key_values=cache, use_cache=True)
-        tokens = [int(out.logits[0, -1].argmax())]
-        for step in range(GREEDY["max_new_tokens"] - 1):
-            position = (torch.tensor(length + step) + rope_deltas).view(1, 1, 1).expand(3, 1, 1) if explicit else None
-            out = fork(input_ids=torch.tensor([[tokens[-1]]]), position_ids=position, past_key_values=cache, use_cache=True)
-            tokens.append(int(out.logits[0, -1].argmax()))
+        with attached(fork, config) as (cache, _):
+            out = fork(**inputs, past_key_values=cache, use_cache=True)
+            tokens = [int(out.logits[0, -1].argmax())]
+            for step in range(GREEDY["max_new_tokens"] - 1):
+                position = (torch.tensor(length + step) + rope_deltas).view(1, 1, 1).expand(3, 1, 1) if explicit else None
+                out = fork(input_ids=torch.tensor([[tokens[-1]]]), position_ids=position, past_key_values=cache, use_cache=True)
+                tokens.append(int(out.logits[0, -1].argmax()))
         assert cache.get_seq_length(0) < length + len(tokens)  # the cache is shorter than the numbering
         assert tokens == expected.sequences[0, length:].tolist(), f"explicit positions={explicit}"
 
@@ -338,19 +351,78 @@ def test_decoding_after_pruning_continues_the_original_position_numbering(fork, 
 
 
 @torch.no_grad()
-def test_batch_larger_than_one_and_bad_pruning_layer_and_reused_cache_give_clear_errors(fork, inputs):
+def test_batch_larger_than_one_bad_pruning_layer_double_attach_and_no_cache_give_clear_errors(model_dir, fork, inputs):
     batch = {k: torch.cat([v, v]) if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in inputs.items()}
     batch["pixel_values_videos"] = torch.cat([inputs["pixel_values_videos"]] * 2)
     batch["video_grid_thw"] = torch.cat([inputs["video_grid_thw"]] * 2)
     batch["second_per_grid_ts"] = torch.cat([inputs["second_per_grid_ts"]] * 2)
     with pytest.raises(ValueError, match="batch size 1"):
-        fork(**batch, past_key_values=cache_for(fork, stage2()), use_cache=True)
+        forward_with(fork, stage2(), **batch)
     with pytest.raises(ValueError, match=r"pruning_layer=6 is out of range for a model with 6 layers"):
-        fork(**inputs, past_key_values=cache_for(fork, preset("stage2_only", pruning_layer=6)), use_cache=True)
-    cache = cache_for(fork, stage2())
-    fork.generate(**inputs, past_key_values=cache, max_new_tokens=1, do_sample=False)
-    with pytest.raises(RuntimeError, match="fresh PruneVidDynamicCache"):
-        cache.prunevid.begin_prefill(
-            input_ids=inputs["input_ids"], inputs_embeds=torch.zeros(1, 3, 64), attention_mask=None,
-            video_embeds=None, video_grid_thw=None, model_config=fork.config,
-        )  # fmt: skip
+        attach_prunevid(fork, preset("stage2_only", pruning_layer=6))
+    assert get_prunevid(fork) is None  # a refused attach leaves nothing behind
+    with prunevid(fork, stage2()):
+        with pytest.raises(RuntimeError, match="already attached"):
+            attach_prunevid(fork, stage2())
+        with pytest.raises(ValueError, match="use_cache=True"):
+            fork(**inputs, use_cache=False)
+    with pytest.raises(TypeError, match="forked Qwen2.5-VL"):
+        attach_prunevid(UpstreamQwen.from_pretrained(model_dir), stage2())
+
+
+# ============================================================================= attach / detach and the selector protocol
+
+
+@torch.no_grad()
+def test_leaving_the_with_block_detaches_even_on_an_exception_and_the_fork_is_upstream_again(fork, inputs):
+    expected = fork.generate(**inputs, **GREEDY)
+    with pytest.raises(KeyboardInterrupt):
+        with prunevid(fork, preset("default", pruning_layer=K)):
+            assert get_prunevid(fork) is not None
+            raise KeyboardInterrupt
+    assert get_prunevid(fork) is None and not hasattr(fork.model, "prunevid")
+    after = fork.generate(**inputs, **GREEDY)
+    assert torch.equal(after.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(after.logits, expected.logits, strict=True))
+    runtime = attach_prunevid(fork, preset("default", pruning_layer=K))
+    assert detach_prunevid(fork) is runtime and detach_prunevid(fork) is None
+
+
+@torch.no_grad()
+def test_each_generation_gets_its_own_state_registered_under_its_cache(fork, inputs):
+    config = preset("default", pruning_layer=K)
+    with prunevid(fork, config) as runtime:
+        caches = [DynamicCache(config=fork.config) for _ in range(2)]
+        for cache in caches:
+            fork.generate(**inputs, past_key_values=cache, max_new_tokens=2, do_sample=False)
+        first, second = (runtime.state_for(cache) for cache in caches)
+    assert isinstance(first, PruneVidState) and first is not second
+    assert first.stats == second.stats and not first.in_prefill
+    with pytest.raises(KeyError, match="no PruneVid generation"):
+        runtime.state_for(DynamicCache(config=fork.config))
+
+
+@torch.no_grad()
+def test_a_selector_from_the_shared_protocol_replaces_stage2_selection_at_layer_k(fork, inputs):
+    """Any ``SelectionContext -> keep [B, V]`` function runs where PruneVid's own selection does (layer K)."""
+    seen = {}
+
+    def every_third(ctx):
+        seen.update(layer=ctx.layer_idx, question_attention=ctx.question_attention, groups=ctx.groups)
+        keep = torch.zeros_like(ctx.alive)
+        keep[:, ::3] = 1.0
+        return keep
+
+    with attached(fork, stage2(), selector=every_third) as (cache, state_of):
+        fork(**inputs, past_key_values=cache, use_cache=True)
+        state = state_of()
+    visual = video_positions(fork, inputs)
+    assert seen["layer"] == K and seen["question_attention"] is None  # no attention computed for it
+    assert seen["groups"].shape == (1, 64)
+    assert torch.equal(state.kept_visual, torch.arange(0, 64, 3))
+    length = inputs["input_ids"].shape[1]
+    keep = torch.ones(length, dtype=torch.bool)
+    keep[visual] = False
+    keep[visual[::3]] = True
+    assert torch.equal(state.stage2_kept, keep.nonzero().flatten())
+    assert state.stats["selector"] == "every_third"

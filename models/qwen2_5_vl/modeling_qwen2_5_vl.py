@@ -60,13 +60,11 @@ from transformers.utils.generic import (
 from transformers.utils.output_capturing import capture_outputs
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
-# >>> pruning: PruneVid. The state and the KV cache that carries it live in pruning/video/prunevid_cache.py, the
-# algorithms (stage-1 merging, stage-2 importance and selection) in pruning/video/prunevid.py; this file only holds the hooks.
-# The configuration reaches this file through the cache handed to generate():
-#     past_key_values=PruneVidDynamicCache(config=model.config, prunevid=PruneVidConfig(...))
-# Every hook below is guarded by `isinstance(past_key_values, PruneVidDynamicCache)` with a stage switched on; with a
-# plain DynamicCache, no cache, or every stage off, the upstream statements run unchanged.
-from pruning.video.prunevid_cache import PruneVidDynamicCache
+# >>> pruning: PruneVid. `with prunevid(model, config):` (pruning/video/runtime.py) sets the attribute
+# `Qwen2_5_VLModel.prunevid`; each forward then takes its per-generation state (a PruneVidState, one per KV cache,
+# created on the prefill) and hands it down in kwargs["prunevid_state"] to the text model's fences. Algorithms
+# (stage-1 merging, stage-2 importance and selection) live in pruning/video/prunevid.py. Nothing attached, or every
+# stage off: no state, and every hook below is skipped, so the upstream statements run unchanged. Nothing imported.
 # <<< pruning
 
 
@@ -679,11 +677,11 @@ class Qwen2_5_VLAttention(nn.Module):
         # >>> pruning: PruneVid stage 2 (prefill, layer K == pruning_layer only): this layer's own queries of the
         # question rows, query_states[:, :, question rows] [1, H, Q, d] after q_proj and RoPE, go to the PruneVid state
         # (the keys it scores them against are the ones this layer writes to the cache just below). A slice of a
-        # tensor computed anyway; nothing else changes. A plain cache: skipped.
-        if isinstance(past_key_values, PruneVidDynamicCache) and past_key_values.prunevid.wants_question_queries(
-            self.layer_idx
-        ):
-            past_key_values.prunevid.record_question_queries(query_states, self.scaling)
+        # tensor computed anyway; nothing else changes. The state comes as the keyword `prunevid_question_queries`
+        # and is popped, so the attention function never sees it; none: skipped.
+        question_query_probe = kwargs.pop("prunevid_question_queries", None)
+        if question_query_probe is not None and question_query_probe.wants_question_queries(self.layer_idx):
+            question_query_probe.record_question_queries(query_states, self.scaling)
         # <<< pruning
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
@@ -818,6 +816,14 @@ class Qwen2_5_VLTextModel(Qwen2_5_VLPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Unpack[FlashAttentionKwargs],
     ) -> BaseModelOutputWithPast:
+        # >>> pruning: PruneVid's per-generation state (pruning.video.runtime.PruneVidState), handed down by
+        # Qwen2_5_VLModel.forward as the keyword `prunevid_state` and popped here, so the decoder layers never see it.
+        # In the prefill, when stage 2 ranks by the question's attention, it goes on to the attention modules as the
+        # keyword `prunevid_question_queries` (only layer K records anything). Any other caller passes none: skipped.
+        prunevid_state = kwargs.pop("prunevid_state", None)
+        if prunevid_state is not None and prunevid_state.in_prefill and prunevid_state.needs_question_attention:
+            kwargs["prunevid_question_queries"] = prunevid_state
+        # <<< pruning
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
 
@@ -890,8 +896,9 @@ class Qwen2_5_VLTextModel(Qwen2_5_VLPreTrainedModel):
             # K's own queries and keys: the question rows' queries [1, H, Q, d] after q_proj and RoPE, recorded by the
             # fence in Qwen2_5_VLAttention.forward, and the [1, Hkv, L1, d] keys layer K just wrote to the cache
             # (after k_proj and RoPE). Per head and query chunk: no [L1, L1] matrix, no
-            # output_attentions, SDPA (or eager) stays the attention of every layer. select_keep_indices keeps the
-            # top keep_ratio of the visual tokens (global, or per stage-1 group with selection="segment"), once.
+            # output_attentions, SDPA (or eager) stays the attention of every layer. The stage-2 selector (by default
+            # PruneVid's: the top keep_ratio of the visual tokens, global or per stage-1 group; any selector of
+            # pruning/selection.py can replace it) decides once which visual tokens stay.
             # Then the tokens are REALLY removed by index (never zero-masked): hidden_states [1, L1, D] -> [1, L2, D],
             # cos/sin [1, L1, d] -> [1, L2, d], the text position row, and a materialised 4-D causal mask (rows and
             # columns; None stays None: SDPA's is_causal is still right since the kept order is preserved). Kept
@@ -900,11 +907,9 @@ class Qwen2_5_VLTextModel(Qwen2_5_VLPreTrainedModel):
             # the same L2 entries, so every layer decodes against L2 + t keys.
             # DECODING without stage 3: layers 0..K cache L1 + t entries, layers K+1.. L2 + t; a materialised mask
             # (sized for layer 0) gets its columns re-sliced for the layers after K. Selection never runs again.
-            if isinstance(past_key_values, PruneVidDynamicCache) and past_key_values.prunevid.acts_after_layer(i):
-                hidden_states, position_embeddings, text_position_ids, causal_mask_mapping = (
-                    past_key_values.prunevid.after_layer(
-                        i, hidden_states, position_embeddings, text_position_ids, causal_mask_mapping, past_key_values
-                    )
+            if prunevid_state is not None and prunevid_state.acts_after_layer(i):
+                hidden_states, position_embeddings, text_position_ids, causal_mask_mapping = prunevid_state.after_layer(
+                    i, hidden_states, position_embeddings, text_position_ids, causal_mask_mapping, past_key_values
                 )
             # <<< pruning
 
@@ -1294,13 +1299,17 @@ class Qwen2_5_VLModel(Qwen2_5_VLPreTrainedModel):
         # and takes that token's original (t, h, w) M-RoPE position (applied to the position ids below). With stage
         # 1 off this only records the video/question positions stage 2 needs. Saves (L - L1) tokens in every layer.
         # (generate() pre-encodes the video and drops video_grid_thw; the grid is then read from its position ids.)
-        _prunevid = (
-            past_key_values.prunevid
-            if isinstance(past_key_values, PruneVidDynamicCache) and past_key_values.prunevid.active
-            else None
-        )
-        if _prunevid is not None and past_key_values.get_seq_length() == 0:
-            inputs_embeds = _prunevid.begin_prefill(
+        # The state: a fresh one on an empty cache (prefill; the cache upstream's text model would create is created
+        # here, so the state can be registered under it), the cache's own in a decoding forward, else None.
+        prunevid_state = None
+        if getattr(self, "prunevid", None) is not None:
+            if past_key_values is None:
+                if use_cache is False:
+                    raise ValueError("PruneVid needs the KV cache: call the model with use_cache=True (the default)")
+                past_key_values = DynamicCache(config=self.config)
+            prunevid_state = self.prunevid.state_for_forward(past_key_values)
+        if prunevid_state is not None and prunevid_state.in_prefill:
+            inputs_embeds = prunevid_state.begin_prefill(
                 input_ids=input_ids,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -1317,8 +1326,10 @@ class Qwen2_5_VLModel(Qwen2_5_VLPreTrainedModel):
         # Decoding after pruning, when the caller passes no position ids (generate() always does, continuing its
         # full-length [.., L + t] ids): count positions from the ORIGINAL prompt length L plus the tokens decoded
         # so far (+ upstream's rope_deltas from the full sequence), not from the shorter cache as upstream would.
-        if _prunevid is not None and _prunevid.phase == "decode" and position_ids is None:
-            position_ids = _prunevid.decode_position_ids(past_key_values, inputs_embeds, attention_mask, self.rope_deltas)
+        if prunevid_state is not None and not prunevid_state.in_prefill and position_ids is None:
+            position_ids = prunevid_state.decode_position_ids(
+                past_key_values, inputs_embeds, attention_mask, self.rope_deltas
+            )
         # <<< pruning
 
         if position_ids is None:
@@ -1343,10 +1354,11 @@ class Qwen2_5_VLModel(Qwen2_5_VLPreTrainedModel):
         # for generate() (L + new tokens) but the KV cache is shorter: the language model gets it translated to
         # layer 0's cache layout (mask[:, kept positions] + the new tokens' columns), AFTER positions were
         # computed from the untranslated mask.
-        if _prunevid is not None and _prunevid.phase != "idle":
-            if _prunevid.phase == "prefill":
-                position_ids = _prunevid.slice_position_ids(position_ids)
-            attention_mask = _prunevid.translate_attention_mask(attention_mask)
+        if prunevid_state is not None:
+            if prunevid_state.in_prefill:
+                position_ids = prunevid_state.slice_position_ids(position_ids)
+            attention_mask = prunevid_state.translate_attention_mask(attention_mask)
+            kwargs["prunevid_state"] = prunevid_state
         # <<< pruning
 
         outputs = self.language_model(
@@ -1361,8 +1373,8 @@ class Qwen2_5_VLModel(Qwen2_5_VLPreTrainedModel):
 
         # >>> pruning: PruneVid, end of the prefill forward: record the KV length of every layer and the token
         # statistics, and switch the state to decoding (selection never runs again). Computes nothing else.
-        if _prunevid is not None:
-            _prunevid.end_forward(past_key_values)
+        if prunevid_state is not None:
+            prunevid_state.end_forward(past_key_values)
         # <<< pruning
 
         return outputs

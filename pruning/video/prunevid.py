@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from pruning.common import round_half_up
+from pruning.selection import SelectionContext, register_selector
 from pruning.video.dpc_knn import cluster
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "selection_group_ids",
     "visual_token_importance",
     "select_keep_indices",
+    "PruneVidSelector",
     "question_query_positions",
 ]
 
@@ -590,6 +592,33 @@ def select_keep_indices(
     rank_in_group = torch.arange(num_visual, device=importance.device) - group_start[group[order]]
     quota = torch.tensor([max(1, _ceil(int(n) * keep_ratio)) for n in sizes.tolist()], device=importance.device)
     return torch.sort(order[rank_in_group < quota[group[order]]]).values
+
+
+@register_selector("prunevid")
+class PruneVidSelector:
+    """PruneVid's stage-2 selection as a selector: the top ``keep_ratio`` of the vision tokens by the
+    question's attention at the pruning layer (``ctx.question_attention``), over all of them
+    (``grouping="global"``) or within each group of ``ctx.groups`` (``"segment"``); see
+    :func:`select_keep_indices`."""
+
+    name = "prunevid"
+    needs_question_attention = True  # the runtime computes it from layer K's own queries and keys
+
+    def __init__(self, keep_ratio: float, grouping: str = "global") -> None:
+        _check_unit_interval("keep_ratio", keep_ratio, "0.3-0.6")
+        if grouping not in SELECTION_MODES:
+            raise ValueError(f"grouping must be one of {', '.join(map(repr, SELECTION_MODES))}, got {grouping!r}")
+        self.keep_ratio, self.grouping = keep_ratio, grouping
+
+    def __call__(self, ctx: SelectionContext) -> torch.Tensor:
+        if ctx.question_attention is None:
+            raise ValueError("the prunevid selector needs ctx.question_attention (the question's attention per token)")
+        keep = torch.zeros_like(ctx.alive)
+        for row in range(keep.shape[0]):
+            groups = ctx.groups[row] if ctx.groups is not None else None
+            kept = select_keep_indices(ctx.question_attention[row], self.keep_ratio, groups, self.grouping)
+            keep[row, kept] = 1.0
+        return keep
 
 
 def question_query_positions(

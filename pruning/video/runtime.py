@@ -1,16 +1,20 @@
-"""PruneVid wiring for the Qwen2.5-VL fork: the KV cache that carries the pruning state.
+"""PruneVid's runtime for the Qwen2.5-VL fork: attach/detach, and the per-generation state its fences call.
 
-The pruning configuration reaches the forked ``models/qwen2_5_vl/modeling_qwen2_5_vl.py`` through the
-cache object handed to ``generate``::
+Attach PruneVid to a model, then generate as usual::
 
-    cache = PruneVidDynamicCache(config=model.config, prunevid=preset("default"))
-    model.generate(**inputs, past_key_values=cache, do_sample=False, max_new_tokens=32)
-    cache.prunevid.stats   # token counts at every stage, KV lengths, how importance was computed
+    with prunevid(model, preset("default")) as pv:
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=32, return_dict_in_generate=True)
+    pv.state_for(out.past_key_values).stats   # token counts at every stage, KV lengths, how importance was computed
 
-The fork's fences test ``isinstance(past_key_values, PruneVidDynamicCache)`` (and
-:attr:`PruneVidState.active`); with a plain ``DynamicCache``, no cache, or a configuration with every
-stage off, the upstream statements run unchanged. One cache serves one generation (one prefill, then
-decoding); it refuses a second prefill.
+:func:`attach_prunevid` sets the attribute ``Qwen2_5_VLModel.prunevid`` to a :class:`PruneVid` (the
+configuration and the stage-2 selector); :func:`detach_prunevid` (or leaving the ``with`` block, also on
+an exception) removes it, and the fork is upstream again, bit for bit. Each generation gets its own
+:class:`PruneVidState`, created explicitly by the fork's first fence when a forward starts on an empty KV
+cache (the prefill) and registered under that cache (a weak reference: it goes with the cache); the
+decoding forwards on the same cache find it there. The forked ``Qwen2_5_VLModel.forward`` hands the state
+down to the text model in the keyword ``prunevid_state``; nothing is stored on the cache or on any
+upstream object. With nothing attached, or a configuration with every stage off, the upstream statements
+run unchanged.
 
 Sequence layouts. Positions are counted in three layouts of the prompt (batch 1):
 
@@ -27,28 +31,46 @@ the stage-2 layout otherwise, followed by the decoded tokens. ``generate``'s 2-D
 new tokens) is translated to layer 0's layout before the language model sees it
 (:meth:`PruneVidState.translate_attention_mask`); a materialised 4-D mask is re-sliced for the layers
 after K when their cache is shorter (:meth:`PruneVidState.after_layer`).
+
+Stage-2 selection goes through the selector protocol shared with system C (``pruning/selection.py``):
+the default is the registered ``"prunevid"`` selector (the question's attention at layer K, top
+``keep_ratio`` globally or per stage-1 group); ``attach_prunevid(model, config, selector=...)`` runs
+any other registered method at the same place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from transformers.cache_utils import DynamicCache
+from torch import nn
+from transformers.cache_utils import Cache
 
+from pruning.selection import SelectionContext, Selector, make_selector
 from pruning.video.prunevid import (
     MergeResult,
     PruneVidConfig,
     merge_video_tokens,
     question_query_positions,
-    select_keep_indices,
     selection_group_ids,
     visual_token_importance,
 )
 
-__all__ = ["PruneVidDynamicCache", "PruneVidState", "logger"]
+__all__ = [
+    "PruneVid",
+    "PruneVidState",
+    "attach_prunevid",
+    "cache_nbytes",
+    "compress_cache_layers",
+    "detach_prunevid",
+    "get_prunevid",
+    "logger",
+    "prunevid",
+]
 
 logger = logging.getLogger("pruning.video.prunevid")
 
@@ -88,16 +110,17 @@ def _video_grids(video_grid_thw, merge_size, video_token_counts, position_ids, v
 
 @dataclass
 class PruneVidState:
-    """Per-generation PruneVid state: the configuration, then what prefill decided (read by the fork).
+    """The PruneVid state of one generation: the configuration, then what prefill decided (read by the fork).
 
-    Filled during prefill by the fork's fences; read during decoding. ``stats`` is a flat dict of
-    JSON-friendly numbers for reports.
+    Created by :meth:`PruneVid.state_for_forward` when a forward starts on an empty KV cache, filled
+    during that prefill forward by the fork's fences, read by the decoding forwards on the same cache.
+    ``stats`` is a flat dict of JSON-friendly numbers for reports.
     """
 
     config: PruneVidConfig
+    selector: Selector
+    num_layers: int
     verbose: bool = False
-    num_layers: int | None = None
-    phase: str = "idle"  # "idle" -> "prefill" -> "decode"
     prompt_length: int = 0
     stage1_kept: torch.Tensor | None = None  # [L1] original positions, sorted
     merges: list[MergeResult] = field(default_factory=list)  # one per video
@@ -108,19 +131,19 @@ class PruneVidState:
     attention_mask_stage1: torch.Tensor | None = None  # [1, L1] 2-D mask in the stage-1 layout (or None)
     question_queries: torch.Tensor | None = None  # [1, H, Q, d] layer K's queries of the question rows (after RoPE)
     attention_scaling: float | None = None  # layer K's softmax scale
-    importance: torch.Tensor | None = None  # [V] float32
+    importance: torch.Tensor | None = None  # [V] float32 (selectors that rank by the question's attention)
     kept_visual: torch.Tensor | None = None  # [V2] indices into visual_positions
     stage2_kept: torch.Tensor | None = None  # [L2] stage-1 indices, sorted
     compressed: bool = False
-    kv_length_after_prefill: list[int] | None = None
+    kv_length_after_prefill: list[int] | None = None  # set when the prefill forward ends
     stats: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------ switches
 
     @property
-    def active(self) -> bool:
-        """Any stage on (else the fork runs the upstream path, bit-identical to transformers)."""
-        return bool(self.config.enable_stage1 or self.config.enable_pruning)
+    def in_prefill(self) -> bool:
+        """True during the forward that created this state (the prefill), False in the decoding forwards."""
+        return self.kv_length_after_prefill is None
 
     @property
     def pruning_layer(self) -> int:
@@ -129,6 +152,11 @@ class PruneVidState:
     @property
     def stage1_length(self) -> int:
         return int(self.stage1_kept.numel()) if self.stage1_kept is not None else self.prompt_length
+
+    @property
+    def needs_question_attention(self) -> bool:
+        """The stage-2 selector ranks by the question's attention at layer K (PruneVid's own selection)."""
+        return bool(getattr(self.selector, "needs_question_attention", False))
 
     def layer_layout(self, layer_idx: int) -> str:
         """``"stage1"`` or ``"stage2"``: which prompt layout the KV cache of ``layer_idx`` holds after prefill."""
@@ -167,11 +195,6 @@ class PruneVidState:
         the stage-1 layout, the visual positions and group ids for stage 2, and the question
         rows (every token after the last visual token; never the system prompt).
         """
-        if self.phase != "idle":
-            raise RuntimeError(
-                "this PruneVidDynamicCache was already used for a generation: pass a fresh "
-                "PruneVidDynamicCache(config=model.config, prunevid=...) to each generate() call"
-            )
         if inputs_embeds.shape[0] != 1:
             raise ValueError(
                 f"PruneVid supports batch size 1 (one video and one question per call), got a batch of "
@@ -179,10 +202,6 @@ class PruneVidState:
             )
         if input_ids is None:
             raise ValueError("PruneVid needs input_ids (to find the video and question tokens), not only inputs_embeds")
-        text_config = model_config.get_text_config()
-        self.num_layers = text_config.num_hidden_layers
-        self.config.validate_for_model(self.num_layers)
-        self.phase = "prefill"
         device = inputs_embeds.device
         length = input_ids.shape[1]
         self.prompt_length = length
@@ -318,7 +337,7 @@ class PruneVidState:
         """
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
             return attention_mask
-        if self.phase == "prefill":
+        if self.in_prefill:
             if self.stage1_length == self.prompt_length:
                 return attention_mask
             return attention_mask[:, self.stage1_kept.to(attention_mask.device)]
@@ -327,14 +346,14 @@ class PruneVidState:
             return attention_mask
         return torch.cat([attention_mask[:, layout], attention_mask[:, self.prompt_length :]], dim=-1)
 
-    def decode_position_ids(self, cache: "PruneVidDynamicCache", inputs_embeds, attention_mask, rope_deltas):
+    def decode_position_ids(self, cache: Cache, inputs_embeds, attention_mask, rope_deltas):
         """M-RoPE position ids ``[3, 1, q]`` of new tokens when the caller did not pass any.
 
         They continue the ORIGINAL numbering (the prompt's ``L`` tokens, whatever was removed) plus
         the full-sequence ``rope_deltas``; upstream would count the shorter cache instead.
         """
         seq = inputs_embeds.shape[1]
-        last = self.num_layers - 1 if self.num_layers else len(cache.layers) - 1
+        last = self.num_layers - 1
         decoded = cache.get_seq_length(last) - self.kv_length_after_prefill[last]
         start = self.prompt_length + decoded
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
@@ -350,9 +369,10 @@ class PruneVidState:
 
     def wants_question_queries(self, layer_idx: int) -> bool:
         return (
-            self.phase == "prefill"
+            self.in_prefill
             and self.config.enable_pruning
             and layer_idx == self.pruning_layer
+            and self.needs_question_attention
             and self.visual_positions is not None
             and self.visual_positions.numel() > 0
         )
@@ -365,9 +385,10 @@ class PruneVidState:
     def acts_after_layer(self, layer_idx: int) -> bool:
         if layer_idx != self.pruning_layer or not self.config.enable_pruning:
             return False
-        if self.phase == "prefill":
-            return self.question_queries is not None
-        return self.phase == "decode" and self.stage2_kept is not None and not self.compressed
+        if self.in_prefill:
+            has_visual = self.visual_positions is not None and self.visual_positions.numel() > 0
+            return has_visual and (self.question_queries is not None or not self.needs_question_attention)
+        return self.stage2_kept is not None and not self.compressed
 
     def after_layer(
         self,
@@ -376,13 +397,13 @@ class PruneVidState:
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         text_position_ids: torch.Tensor | None,
         causal_mask_mapping: dict,
-        cache: "PruneVidDynamicCache",
+        cache: Cache,
     ):
         """Stage 2 (+ stage 3) after layer K in prefill; mask re-slicing for layers > K in decoding.
 
         Returns ``(hidden_states, position_embeddings, text_position_ids, causal_mask_mapping)``.
         """
-        if self.phase == "prefill":
+        if self.in_prefill:
             return self._prune(layer_idx, hidden_states, position_embeddings, text_position_ids, causal_mask_mapping, cache)
         # Decoding without stage 3: layers 0..K cache the stage-1 layout, layers K+1.. the stage-2
         # layout. A materialised mask was sized for layer 0: keep its columns of the stage-2 prompt
@@ -405,48 +426,55 @@ class PruneVidState:
     def _prune(self, layer_idx, hidden_states, position_embeddings, text_position_ids, causal_mask_mapping, cache):
         device = hidden_states.device
         cos, sin = position_embeddings  # [1, L1, d]
-        qpos = self.question_positions.to(device)
+        vpos = self.visual_positions.to(device)  # [V] stage-1 rows of the visual tokens
+        qpos = self.question_positions.to(device) if self.question_positions is not None else vpos[:0]
         with torch.no_grad():  # the selection is discrete; the slicing below stays differentiable
-            # Queries: layer K's own, recorded in its attention after q_proj and RoPE at the question rows.
-            query = self.question_queries  # [1, H, Q, d]
-            # Keys: exactly what layer K attended to -- its KV cache, just written (after k_proj and RoPE).
-            keys = cache.layers[layer_idx].keys  # [1, Hkv, L1, d]
-            if keys is None or keys.shape[-2] != hidden_states.shape[1]:
-                raise RuntimeError(
-                    f"PruneVid expected layer {layer_idx}'s cache to hold the {hidden_states.shape[1]} prefill keys, "
-                    f"found {None if keys is None else keys.shape[-2]}: use a fresh PruneVidDynamicCache per generation"
+            importance, how = None, None
+            if self.needs_question_attention:
+                importance, how = self._question_attention(layer_idx, hidden_states.shape[1], qpos, cache)
+            ctx = SelectionContext(
+                layer_idx=layer_idx,
+                mode="drop",
+                vision_hidden=hidden_states[:, vpos],
+                alive=torch.ones(1, vpos.numel(), device=device),
+                vision_cols=torch.arange(vpos.numel(), device=device)[None],
+                vision_rows=vpos[None],
+                question_hidden=hidden_states[:, qpos],
+                question_mask=torch.ones(1, qpos.numel(), device=device),
+                hidden_states=hidden_states,
+                attention_mask=self.attention_mask_stage1,
+                position_embeddings=position_embeddings,
+                previous_layer_attention=None,
+                training=False,
+                temperature=1.0,
+                question_attention=importance[None] if importance is not None else None,
+                groups=self.visual_groups.to(device)[None],
+            )
+            keep_mask = self.selector(ctx)  # [1, V] 0/1
+            if keep_mask.shape != (1, vpos.numel()):
+                raise ValueError(
+                    f"the stage-2 selector returned a keep mask of shape {tuple(keep_mask.shape)}, expected (1, {vpos.numel()})"
                 )
-            importance = visual_token_importance(
-                query, keys, self.visual_positions.to(device), self.attention_scaling,
-                attention_mask=self.attention_mask_stage1, query_positions=qpos,
-            )[0]  # [V]
-            mode = self.config.selection
-            kept_visual = select_keep_indices(importance, self.config.keep_ratio, self.visual_groups.to(device), mode)
+            kept_visual = (keep_mask[0] > 0.5).nonzero().flatten()  # [V2] sorted
             keep = torch.ones(hidden_states.shape[1], dtype=torch.bool, device=device)
-            keep[self.visual_positions.to(device)] = False
-            keep[self.visual_positions.to(device)[kept_visual]] = True
+            keep[vpos] = False
+            keep[vpos[kept_visual]] = True
             kept = keep.nonzero().flatten()  # [L2] stage-1 indices
         self.importance, self.kept_visual, self.stage2_kept = importance, kept_visual, kept
         self.question_queries = None
+        selector_name = getattr(self.selector, "name", None) or getattr(self.selector, "__name__", type(self.selector).__name__)
         self.stats.update(
-            tokens_before=int(self.visual_positions.numel()),
+            tokens_before=int(vpos.numel()),
             tokens_after=int(kept_visual.numel()),
             stage2_sequence_length=int(kept.numel()),
-            selection=mode,
-            importance=(
-                f"layer {layer_idx}'s own queries (q_proj+RoPE) of the {qpos.numel()} question rows x its cached keys "
-                f"({keys.shape[-2]}), softmax over all keys, max over queries then heads; no output_attentions"
-            ),
+            selection=self.config.selection,
+            selector=selector_name,
+            importance=how,
         )
         _log(
             self.verbose,
-            "stage 2 at layer %d: importance of %d visual tokens from %d question queries (stage-1 positions %d..%d) "
-            "x %d keys, %d heads (GQA %d KV heads), computed from the layer's own projections per head and query "
-            "chunk (no attention matrix, no output_attentions); importance min/mean/max %.4g/%.4g/%.4g; "
-            "%s top-k keep %.2f: %d -> %d visual tokens, sequence %d -> %d",
-            layer_idx, importance.numel(), qpos.numel(), int(qpos[0]), int(qpos[-1]), keys.shape[-2],
-            query.shape[1], keys.shape[1], float(importance.min()), float(importance.float().mean()),
-            float(importance.max()), mode, self.config.keep_ratio, importance.numel(), kept_visual.numel(),
+            "stage 2 at layer %d: selector %s (%s): %d -> %d visual tokens, sequence %d -> %d",
+            layer_idx, selector_name, how or "no question attention", vpos.numel(), kept_visual.numel(),
             hidden_states.shape[1], kept.numel(),
         )
 
@@ -470,24 +498,54 @@ class PruneVidState:
         if self.attention_mask_stage1 is not None:
             self.attention_mask_stage1 = self.attention_mask_stage1[:, kept.to(self.attention_mask_stage1.device)]
         if self.config.enable_cache_compression:
-            cache.compress_layers(range(layer_idx + 1), kept)
+            compress_cache_layers(cache, range(layer_idx + 1), kept)
             self.compressed = True
             _log(self.verbose, "stage 3: KV cache of layers 0..%d compressed to %d entries", layer_idx, kept.numel())
         return hidden_states, position_embeddings, text_position_ids, mapping
 
+    def _question_attention(self, layer_idx: int, length: int, qpos: torch.Tensor, cache: Cache):
+        """``(importance [V], description)``: the attention layer K's question rows give each visual token."""
+        # Queries: layer K's own, recorded in its attention after q_proj and RoPE at the question rows.
+        query = self.question_queries  # [1, H, Q, d]
+        # Keys: exactly what layer K attended to -- its KV cache, just written (after k_proj and RoPE).
+        keys = cache.layers[layer_idx].keys  # [1, Hkv, L1, d]
+        if keys is None or keys.shape[-2] != length:
+            raise RuntimeError(
+                f"PruneVid expected layer {layer_idx}'s cache to hold the {length} prefill keys, "
+                f"found {None if keys is None else keys.shape[-2]}: start each generation on an empty cache"
+            )
+        importance = visual_token_importance(
+            query, keys, self.visual_positions.to(keys.device), self.attention_scaling,
+            attention_mask=self.attention_mask_stage1, query_positions=qpos,
+        )[0]  # [V]
+        _log(
+            self.verbose,
+            "stage 2 importance at layer %d: %d visual tokens from %d question queries (stage-1 positions %d..%d) "
+            "x %d keys, %d heads (GQA %d KV heads), computed from the layer's own projections per head and query "
+            "chunk (no attention matrix, no output_attentions); min/mean/max %.4g/%.4g/%.4g",
+            layer_idx, importance.numel(), qpos.numel(), int(qpos[0]), int(qpos[-1]), keys.shape[-2],
+            query.shape[1], keys.shape[1], float(importance.min()), float(importance.float().mean()),
+            float(importance.max()),
+        )
+        how = (
+            f"layer {layer_idx}'s own queries (q_proj+RoPE) of the {qpos.numel()} question rows x its cached keys "
+            f"({keys.shape[-2]}), softmax over all keys, max over queries then heads; no output_attentions"
+        )
+        return importance, how
+
     # ------------------------------------------------------------------------------ end of a forward
 
-    def end_forward(self, cache: "PruneVidDynamicCache") -> None:
-        if self.phase != "prefill":
+    def end_forward(self, cache: Cache) -> None:
+        """End of the prefill forward: record the KV length per layer and the totals (decoding: nothing)."""
+        if not self.in_prefill:
             return
-        self.phase = "decode"
         lengths = [cache.get_seq_length(i) for i in range(len(cache.layers))]
         self.kv_length_after_prefill = lengths
         tokens_before_stage1 = self.stats.get("tokens_before_stage1", 0)
         tokens_after = self.stats.get("tokens_after", 0)
         self.stats.update(
             kv_cache_length_per_layer=lengths,
-            kv_cache_bytes=cache.nbytes(),
+            kv_cache_bytes=cache_nbytes(cache),
             total_compression_ratio=(1.0 - tokens_after / tokens_before_stage1) if tokens_before_stage1 else 0.0,
         )
         _log(
@@ -499,36 +557,132 @@ class PruneVidState:
         )
 
 
-class PruneVidDynamicCache(DynamicCache):
-    """A ``DynamicCache`` (transformers 5.23 layered API) that carries a :class:`PruneVidState`.
+# ============================================================================= the KV cache (transformers' API)
 
-    ``PruneVidDynamicCache(config=model.config, prunevid=PruneVidConfig(...), verbose=False)``;
-    every other argument is ``DynamicCache``'s. Stage 3 is :meth:`compress_layers`: the keys and
-    values of the given layers are index-selected along the sequence to the kept entries, so those
-    layers decode against the shorter cache; ``get_seq_length`` / ``get_mask_sizes`` then report the
-    real (shorter) lengths, which is what mask construction needs. Decoding positions do not come
+
+def compress_cache_layers(cache: Cache, layer_indices, kept: torch.Tensor) -> None:
+    """Stage 3: layers' ``keys/values [B, Hkv, L1, d] -> [B, Hkv, L2, d]`` (index-select, no zero-masking).
+
+    Those layers then decode against the shorter cache; ``get_seq_length`` / ``get_mask_sizes`` report
+    the real (shorter) lengths, which is what mask construction needs. Decoding positions do not come
     from the cache length (see :meth:`PruneVidState.decode_position_ids`).
     """
+    for i in layer_indices:
+        layer = cache.layers[i]
+        if not layer.is_initialized or layer.keys is None:
+            continue
+        index = kept.to(layer.keys.device)
+        layer.keys = layer.keys.index_select(-2, index)
+        layer.values = layer.values.index_select(-2, index)
 
-    def __init__(self, *args, prunevid: PruneVidConfig | None = None, verbose: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.prunevid = PruneVidState(config=prunevid if prunevid is not None else PruneVidConfig(), verbose=verbose)
 
-    def compress_layers(self, layer_indices, kept: torch.Tensor) -> None:
-        """Stage 3: layers' ``keys/values [B, Hkv, L1, d] -> [B, Hkv, L2, d]`` (index-select, no zero-masking)."""
-        for i in layer_indices:
-            layer = self.layers[i]
-            if not layer.is_initialized or layer.keys is None:
-                continue
-            index = kept.to(layer.keys.device)
-            layer.keys = layer.keys.index_select(-2, index)
-            layer.values = layer.values.index_select(-2, index)
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes held by the cached keys and values."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
 
-    def nbytes(self) -> int:
-        """Bytes held by the cached keys and values."""
-        total = 0
-        for layer in self.layers:
-            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
-        return total
+
+# ============================================================================= attach / detach
+
+
+class PruneVid:
+    """PruneVid attached to one Qwen2.5-VL model: the configuration, the stage-2 selector, and the
+    per-generation states (one per KV cache, weakly referenced, so each goes with its cache).
+
+    The fork's first fence calls :meth:`state_for_forward` at every forward; nothing else holds state.
+    """
+
+    def __init__(self, config: PruneVidConfig, *, num_layers: int, selector: Selector | None = None,
+                 verbose: bool = False) -> None:
+        config.validate_for_model(num_layers)
+        self.config, self.num_layers, self.verbose = config, num_layers, verbose
+        self.selector = selector if selector is not None else make_selector(
+            "prunevid", keep_ratio=config.keep_ratio, grouping=config.selection
+        )
+        self.states: weakref.WeakKeyDictionary[Cache, PruneVidState] = weakref.WeakKeyDictionary()
+
+    @property
+    def active(self) -> bool:
+        """Any stage on (else the fork runs the upstream path, bit-identical to transformers)."""
+        return bool(self.config.enable_stage1 or self.config.enable_pruning)
+
+    def state_for_forward(self, past_key_values: Cache) -> PruneVidState | None:
+        """The state this forward works with: a new one on an empty cache (a prefill), registered under the
+        cache; the cache's own in a decoding forward; ``None`` when PruneVid is off or the cache was filled
+        without it (then the forward runs upstream)."""
+        if not self.active:
+            return None
+        if past_key_values.get_seq_length() == 0:
+            state = PruneVidState(config=self.config, selector=self.selector, num_layers=self.num_layers,
+                                  verbose=self.verbose)
+            self.states[past_key_values] = state
+            return state
+        return self.states.get(past_key_values)
+
+    def state_for(self, cache: Cache) -> PruneVidState:
+        """The state of the generation that filled ``cache`` (its ``stats``, kept indices, ...)."""
+        if not self.active:
+            raise KeyError("every PruneVid stage is off in this configuration: generations keep no state")
+        if cache not in self.states:
+            raise KeyError("no PruneVid generation ran on this cache while PruneVid was attached")
+        return self.states[cache]
+
+
+def _qwen_model(model: nn.Module) -> nn.Module:
+    """The ``Qwen2_5_VLModel`` of a ``Qwen2_5_VLForConditionalGeneration`` (or the model itself)."""
+    from models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+    inner = getattr(model, "model", model)
+    if not isinstance(inner, Qwen2_5_VLModel):
+        raise TypeError(
+            f"PruneVid attaches to the forked Qwen2.5-VL (models.qwen2_5_vl.modeling_qwen2_5_vl), got "
+            f"{type(model).__name__}: load the model with that module's Qwen2_5_VLForConditionalGeneration"
+        )
+    return inner
+
+
+def attach_prunevid(model: nn.Module, config: PruneVidConfig | None = None, *, selector: Selector | None = None,
+                    verbose: bool = False) -> PruneVid:
+    """Attach PruneVid to the forked Qwen2.5-VL ``model`` (as ``model.model.prunevid``) and return it.
+
+    ``config`` is checked against the model's depth; ``selector`` replaces PruneVid's own stage-2
+    selection (any registered method of ``pruning.selection``); ``verbose`` logs each stage at INFO.
+    """
+    inner = _qwen_model(model)
+    if getattr(inner, "prunevid", None) is not None:
+        raise RuntimeError("PruneVid is already attached to this model: detach_prunevid(model) first")
+    runtime = PruneVid(
+        config if config is not None else PruneVidConfig(),
+        num_layers=inner.config.get_text_config().num_hidden_layers,
+        selector=selector,
+        verbose=verbose,
+    )
+    inner.prunevid = runtime
+    return runtime
+
+
+def detach_prunevid(model: nn.Module) -> PruneVid | None:
+    """Remove and return the attached runtime (the model is upstream-equivalent again)."""
+    inner = _qwen_model(model)
+    runtime = getattr(inner, "prunevid", None)
+    if runtime is not None:
+        del inner.prunevid
+    return runtime
+
+
+def get_prunevid(model: nn.Module) -> PruneVid | None:
+    return getattr(_qwen_model(model), "prunevid", None)
+
+
+@contextlib.contextmanager
+def prunevid(model: nn.Module, config: PruneVidConfig | None = None, **attach_kwargs: Any) -> Iterator[PruneVid]:
+    """``with prunevid(model, config) as pv: model.generate(...)``: attach, run, always detach."""
+    runtime = attach_prunevid(model, config, **attach_kwargs)
+    try:
+        yield runtime
+    finally:
+        detach_prunevid(model)
