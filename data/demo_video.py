@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data.media import PALETTE, draw_shape
 from models.tiny import cache_root
 
-VERSION = 1
+VERSION = 2  # 2: the one palette and shape renderer of data.media
 """Bump whenever anything below changes the written file."""
 
 CELL = 28  # px: one merged visual token of Qwen2.5-VL (14 px patches, 2x2 merge)
@@ -81,18 +82,18 @@ def make_demo_frames(num_frames: int = DEFAULT_NUM_FRAMES, size: tuple[int, int]
     # fixed decorations in the static cells (texture for the background tokens to differ spatially)
     for index, (r, c) in enumerate(static_cells(num_frames, size)):
         x0, y0 = c * CELL + 6, r * CELL + 6
-        colour = [(60, 160, 60), (240, 210, 40), (140, 60, 180), (245, 140, 30)][index % 4]
+        colour = PALETTE[("green", "yellow", "purple", "orange")[index % 4]]
         if index % 3 == 0:
-            draw.rectangle((x0, y0, x0 + 15, y0 + 15), fill=colour)
+            draw_shape(draw, "square", (x0, y0, x0 + 15, y0 + 15), colour)
         elif index % 3 == 1:
-            draw.polygon([(x0 + 8, y0), (x0 + 16, y0 + 16), (x0, y0 + 16)], fill=colour)
+            draw_shape(draw, "triangle", (x0, y0, x0 + 16, y0 + 16), colour)
     frames = []
     for cells in object_cells(num_frames, size):
         frame = scene.copy()
         draw = ImageDraw.Draw(frame)
         (r1, c1), (r2, c2) = cells
-        draw.rectangle((c1 * CELL + 2, r1 * CELL + 2, c1 * CELL + CELL - 3, r1 * CELL + CELL - 3), fill=(220, 30, 30))
-        draw.ellipse((c2 * CELL + 2, r2 * CELL + 2, c2 * CELL + CELL - 3, r2 * CELL + CELL - 3), fill=(15, 15, 15))
+        draw_shape(draw, "square", (c1 * CELL + 2, r1 * CELL + 2, c1 * CELL + CELL - 3, r1 * CELL + CELL - 3), PALETTE["red"])
+        draw_shape(draw, "circle", (c2 * CELL + 2, r2 * CELL + 2, c2 * CELL + CELL - 3, r2 * CELL + CELL - 3), PALETTE["black"])
         frames.append(np.asarray(frame))
     return np.stack(frames)
 

@@ -62,6 +62,9 @@ from typing import Any
 
 import numpy as np
 
+from data.media import PALETTE, SHAPES, draw_shape
+from pruning.common import check_int
+
 __all__ = [
     "NUM_OPTIONS",
     "OPTION_FIELDS",
@@ -232,8 +235,8 @@ def load_egoschema(
     """
     if missing_answers not in MISSING_ANSWER_POLICIES:
         raise EgoSchemaError(f"missing_answers must be one of {', '.join(MISSING_ANSWER_POLICIES)}, got {missing_answers!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise EgoSchemaError(f"limit must be an integer >= 1, got {limit!r}")
+    if limit is not None:
+        check_int("limit", limit, lo=1, error=EgoSchemaError)
     questions_path = Path(questions_path)
     video_dir = Path(video_dir)
     if not video_dir.is_dir():
@@ -275,22 +278,11 @@ def load_egoschema(
 
 # ============================================================================= the generated set
 
-VERSION = 1
-"""Bump whenever anything below changes the generated files."""
+VERSION = 2
+"""Bump whenever anything below changes the generated files (2: the one palette and shape renderer of data.media)."""
 
 SIZE = (112, 112)  # (W, H): 4x4 token cells, the embedded model's video frame size
 DEFAULT_NUM_FRAMES = 16
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 60),
-    "blue": (30, 70, 220),
-    "yellow": (235, 205, 30),
-    "black": (15, 15, 15),
-    "white": (245, 245, 245),
-    "purple": (140, 50, 180),
-    "orange": (245, 130, 20),
-}
-SHAPES = ("square", "circle", "triangle")
 DIRECTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}  # (d_row, d_col) per grid step
 DIRECTION_OPTIONS = {
     "right": "to the right",
@@ -347,13 +339,7 @@ def _scene_frames(objects: list[MovingObject], num_frames: int, rng: random.Rand
         for obj in objects:
             r, c = obj.cell(step, cols, rows)
             box = (c * CELL + 2, r * CELL + 2, c * CELL + CELL - 3, r * CELL + CELL - 3)
-            fill = COLOURS[obj.colour]
-            if obj.shape == "square":
-                draw.rectangle(box, fill=fill)
-            elif obj.shape == "circle":
-                draw.ellipse(box, fill=fill)
-            else:
-                draw.polygon([((box[0] + box[2]) // 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
+            draw_shape(draw, obj.shape, box, PALETTE[obj.colour])
         frames.append(np.asarray(frame))
     return np.stack(frames)
 
@@ -364,7 +350,7 @@ def _random_objects(rng: random.Random) -> list[MovingObject]:
 
     cols, rows = SIZE[0] // CELL, SIZE[1] // CELL
     count = rng.randint(1, 3)
-    colours = rng.sample(sorted(COLOURS), count)
+    colours = rng.sample(sorted(PALETTE), count)
     directions = rng.sample(sorted(DIRECTIONS), count)
     free_rows, free_cols = rng.sample(range(rows), rows), rng.sample(range(cols), cols)
     objects = []
@@ -387,7 +373,7 @@ def _question_for(kind: int, objects: list[MovingObject], rng: random.Random) ->
     elif kind == 1:  # colour of the object moving in a direction (directions are distinct per video)
         target = rng.choice(objects)
         question = f"What colour is the object that moves {DIRECTION_OPTIONS[target.direction]}?"
-        distractors = rng.sample(sorted(set(COLOURS) - {target.colour}), NUM_OPTIONS - 1)
+        distractors = rng.sample(sorted(set(PALETTE) - {target.colour}), NUM_OPTIONS - 1)
         options = [target.colour, *distractors]
         correct = target.colour
         rng.shuffle(options)
@@ -400,8 +386,7 @@ def _question_for(kind: int, objects: list[MovingObject], rng: random.Random) ->
 
 def _check_generator_args(num_questions, seed, num_frames) -> None:
     for name, value, minimum in (("num_questions", num_questions, 1), ("num_frames", num_frames, 2), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        check_int(name, value, lo=minimum)
 
 
 def make_synthetic_egoschema(

@@ -9,16 +9,17 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-PALETTE = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (240, 210, 40),
-    "purple": (140, 60, 180),
-    "orange": (245, 140, 30),
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (40, 70, 230),
+    "yellow": (240, 220, 40),
+    "purple": (140, 50, 170),
+    "orange": (250, 140, 20),
     "white": (245, 245, 245),
-    "black": (20, 20, 20),
+    "black": (15, 15, 15),
 }
+"""The one palette of every generated image and video (demo media, the shapes VQA task, the EgoSchema-format set)."""
 SHAPES = ("circle", "square", "triangle")
 
 
@@ -30,15 +31,19 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     return Image.fromarray(pixels.round().astype(np.uint8), mode="RGB")
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour: tuple) -> None:
-    """Draw a filled ``circle``, ``square`` or ``triangle`` inside ``box`` = (x0, y0, x1, y1)."""
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+    """The one shape renderer: a filled ``circle``, ``square`` or ``triangle`` inside ``box`` = (x0, y0, x1, y1).
+
+    The triangle points up: apex at the middle of the top edge, base along the bottom edge. ``fill`` is an
+    RGB tuple (or a label, for an ``"L"`` image). PIL's non-antialiased drawing: the same pixels everywhere.
+    """
     x0, y0, x1, y1 = box
     if shape == "circle":
-        draw.ellipse(box, fill=colour)
+        draw.ellipse(box, fill=fill)
     elif shape == "square":
-        draw.rectangle(box, fill=colour)
+        draw.rectangle(box, fill=fill)
     elif shape == "triangle":
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour)
+        draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 

@@ -37,23 +37,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from data.media import PALETTE, SHAPES, draw_shape
+
 IMAGE_SIZE = 112
 BACKGROUND = (128, 128, 128)
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 50),
-    "blue": (40, 70, 230),
-    "yellow": (240, 220, 40),
-    "purple": (140, 50, 170),
-    "orange": (250, 140, 20),
-    "white": (245, 245, 245),
-    "black": (15, 15, 15),
-}
-SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("colour", "shape", "count", "position")
 ANSWERS: dict[str, tuple[str, ...]] = {
-    "colour": tuple(COLOURS),
+    "colour": tuple(PALETTE),  # the one palette (data.media); its order numbers the colour answers
     "shape": SHAPES,
     "count": COUNT_WORDS,
     "position": ("yes", "no"),
@@ -86,20 +77,17 @@ class VQASample:
         return render(self.shapes)
 
 
+def _box(s: Shape) -> tuple[float, float, float, float]:
+    h = s.size / 2
+    return (s.cx - h, s.cy - h, s.cx + h, s.cy + h)
+
+
 def render(shapes: Iterable[Shape], size: int = IMAGE_SIZE) -> Image.Image:
-    """Draw the shapes on the plain background."""
+    """Draw the shapes on the plain background (``data.media.draw_shape``)."""
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for s in shapes:
-        h = s.size / 2
-        box = (s.cx - h, s.cy - h, s.cx + h, s.cy + h)
-        colour = COLOURS[s.colour]
-        if s.kind == "circle":
-            draw.ellipse(box, fill=colour)
-        elif s.kind == "square":
-            draw.rectangle(box, fill=colour)
-        else:
-            draw.polygon([(s.cx, s.cy - h), (s.cx - h, s.cy + h), (s.cx + h, s.cy + h)], fill=colour)
+        draw_shape(draw, s.kind, _box(s), PALETTE[s.colour])
     return image
 
 
@@ -108,14 +96,7 @@ def label_map(shapes: Sequence[Shape], size: int = IMAGE_SIZE) -> np.ndarray:
     image = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(image)
     for index, s in enumerate(shapes, start=1):
-        h = s.size / 2
-        box = (s.cx - h, s.cy - h, s.cx + h, s.cy + h)
-        if s.kind == "circle":
-            draw.ellipse(box, fill=index)
-        elif s.kind == "square":
-            draw.rectangle(box, fill=index)
-        else:
-            draw.polygon([(s.cx, s.cy - h), (s.cx - h, s.cy + h), (s.cx + h, s.cy + h)], fill=index)
+        draw_shape(draw, s.kind, _box(s), index)
     return np.asarray(image, dtype=np.int64)
 
 
@@ -123,14 +104,14 @@ def patch_labels(sample: "VQASample", grid: int = 8) -> tuple[torch.Tensor, torc
     """Per-patch targets of a ``grid x grid`` patching: ``(colour [grid^2], shape [grid^2])``.
 
     The label of a patch is the shape covering most of its pixels, if it covers at least a
-    tenth of them (colour: 1 + index in ``COLOURS``, shape: 1 + index in ``SHAPES``), else 0
+    tenth of them (colour: 1 + index in ``PALETTE``, shape: 1 + index in ``SHAPES``), else 0
     (background). Row-major, the order of CLIP's patch tokens. Used as dense auxiliary
     supervision when training the base model.
     """
     labels = label_map(sample.shapes)
     cell = labels.shape[0] // grid
     colour_ids, shape_ids = [], []
-    colour_index = {c: i + 1 for i, c in enumerate(COLOURS)}
+    colour_index = {c: i + 1 for i, c in enumerate(PALETTE)}
     shape_index = {k: i + 1 for i, k in enumerate(SHAPES)}
     for r in range(grid):
         for c in range(grid):
@@ -156,7 +137,7 @@ def _scene(rng: np.random.Generator) -> tuple[Shape, ...]:
         size = int(rng.integers(*SIZES))
         cx = int((c % GRID) * cell + cell // 2 + rng.integers(-JITTER, JITTER + 1))
         cy = int((c // GRID) * cell + cell // 2 + rng.integers(-JITTER, JITTER + 1))
-        shapes.append(Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), cx, cy, size))
+        shapes.append(Shape(str(rng.choice(SHAPES)), str(rng.choice(list(PALETTE))), cx, cy, size))
     return tuple(shapes)
 
 
@@ -515,7 +496,7 @@ def generate_answers(model, processor, samples: Sequence[VQASample], batch_size:
 
 __all__ = [
     "ANSWERS",
-    "COLOURS",
+    "PALETTE",
     "QUESTION_TYPES",
     "SHAPES",
     "Shape",

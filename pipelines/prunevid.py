@@ -27,9 +27,9 @@ overrides)::
     aggressive    tau 0.7 / cluster 0.3 / segment 0.25, keep 0.3
 
 ``pruning_layer``: left at ``None``, the preset's layer (10, tuned for the 28 layers of
-Qwen2.5-VL-7B) is moved to the same relative depth of the loaded model,
-``round(10 * num_layers / 28)`` (10 for 7B, 2 for the 6-layer embedded model). An explicit value is used
-as given and must be ``< num_layers``.
+Qwen2.5-VL-7B) is moved to the same depth of the loaded model by the rule every system uses
+(:func:`pruning.common.scale_layer_index`: the layer ending nearest depth ``(10 + 1) / 28``; 10 for 7B,
+1 for the 6-layer embedded model). An explicit value is used as given and must be ``< num_layers``.
 
 Result of :meth:`Qwen25VLPruneVid.generate` (a dict):
 
@@ -64,7 +64,7 @@ from typing import Any, Sequence
 import torch
 
 from pipelines.video_io import LoadedVideo, load_video
-from pruning.common import round_half_up
+from pruning.common import check_int, scale_layer_index
 from pruning.video.prunevid import PRESET_NAMES, PRESETS, PruneVidConfig, preset as make_preset
 
 __all__ = [
@@ -101,10 +101,10 @@ _KNOBS = (
 
 
 def scaled_pruning_layer(preset_layer: int, num_layers: int) -> int:
-    """The preset's layer at the same relative depth of a ``num_layers`` model: ``round(layer * num_layers / 28)``."""
-    if num_layers == REFERENCE_NUM_LAYERS:
-        return preset_layer
-    return min(num_layers - 1, max(0, round_half_up(preset_layer * num_layers / REFERENCE_NUM_LAYERS)))
+    """The preset's layer (tuned for 28 layers) at the same depth of a ``num_layers`` model: the layer ending
+    nearest the same depth fraction, by the rule every system uses (:func:`pruning.common.scale_layer_index`):
+    10 of 28 -> 1 of 6, 2 of 8, 13 of 36."""
+    return scale_layer_index(preset_layer, REFERENCE_NUM_LAYERS, num_layers)
 
 
 def _resolve_model_path(model_path: str | Path | None) -> str:
@@ -400,8 +400,7 @@ class Qwen25VLPruneVid:
         _model=None,
         _processor=None,
     ):
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+        check_int("num_frames", num_frames, lo=1)
         if _model is None:
             check_device(device)
         overrides = {
@@ -518,8 +517,7 @@ class Qwen25VLPruneVid:
     @torch.no_grad()
     def generate_from_inputs(self, inputs: dict[str, torch.Tensor], max_new_tokens: int = 64) -> dict[str, Any]:
         """:meth:`generate` on ready processor inputs (batch size 1)."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, lo=1)
         input_ids = inputs["input_ids"]
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(

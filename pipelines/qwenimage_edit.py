@@ -44,6 +44,7 @@ from pipelines.qwenimage_edit_limits import (
     rope_image_extent,
 )
 from pruning.edit.reference_reuse import MODES, reference_reuse, validate_mode
+from pruning.common import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -163,11 +164,9 @@ class TokenPruningQwenImageEditPipeline(QwenImageEditPipeline):
                 f"image must be the reference image as a PIL.Image.Image (or a list of one), got {got}"
             )
         steps = call.get("num_inference_steps", STOCK_DEFAULT_STEPS)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise EditInputError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+        check_int("num_inference_steps", steps, lo=1, error=EditInputError)
         per_prompt = call.get("num_images_per_prompt", 1)
-        if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
-            raise EditInputError(f"num_images_per_prompt must be an integer >= 1, got {per_prompt!r}")
+        check_int("num_images_per_prompt", per_prompt, lo=1, error=EditInputError)
         check_max_sequence_length(call.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
         max_tokens = int(self.scheduler.config.get("max_image_seq_len", 4096))  # the stock calculate_shift default
         height, width = output_size(call.get("height"), call.get("width"), first.size, max_tokens)

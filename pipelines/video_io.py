@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pruning.common import check_int
+
 __all__ = ["LoadedVideo", "uniform_frame_indices", "load_video"]
 
 
@@ -59,8 +61,7 @@ def uniform_frame_indices(total_frames: int, num_frames: int) -> list[int]:
 
     ``num_frames == total_frames`` gives every frame; indices are strictly increasing.
     """
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+    check_int("num_frames", num_frames, lo=1)
     if num_frames > total_frames:
         raise ValueError(
             f"num_frames={num_frames} is larger than the video's {total_frames} frames: pass num_frames <= {total_frames}"
@@ -77,8 +78,7 @@ def load_video(path: str | Path, num_frames: int) -> LoadedVideo:
         raise ValueError(f"video {str(path)!r} is a directory: pass the path of a video file")
     if path.stat().st_size == 0:
         raise ValueError(f"video {str(path)!r} is empty (0 bytes): pass a non-empty video file")
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+    check_int("num_frames", num_frames, lo=1)
 
     import decord
     from transformers.video_utils import VideoMetadata

@@ -1,6 +1,6 @@
 """PruneVid inside the Qwen2.5-VL fork: stages 1-3 with ``with prunevid(model, config):``.
 
-All on the embedded tiny Qwen2.5-VL (6 layers, pruning after layer K = 2) and the demo video (8 frames
+All on the embedded tiny Qwen2.5-VL (6 layers, pruning after layer K = 2, given explicitly) and the demo video (8 frames
 of 112x112 px: 4 grid steps x 16 tokens = 64 video tokens, a static textured background with two
 objects moving one token cell per grid step). Every check is against something computed without the
 fork's pruning code: upstream transformers, eager attention probabilities, or the decoder layers run
@@ -25,7 +25,7 @@ from models.tiny.qwen2_5_vl import tiny_qwen2_5_vl_dir
 from pruning.video.prunevid import PruneVidConfig, preset, select_keep_indices
 from pruning.video.runtime import PruneVidState, attach_prunevid, detach_prunevid, get_prunevid, prunevid
 
-K = 2  # pruning layer of the 6-layer model (the presets' 10 of 28, same relative depth)
+K = 2  # pruning layer of the 6-layer model, explicit (the presets' 10 of 28 scales to 1: scale_layer_index)
 NUM_FRAMES = 8
 TOKENS_PER_STEP = 16  # 112x112 px -> 4x4 merged tokens
 QUESTION = "What is moving in the video?"

@@ -134,22 +134,22 @@ def test_generate_reports_token_counts_compression_timing_memory_and_kv_lengths(
     kv_lengths = result["kv_cache_length_per_layer"]
     assert kv_lengths == [result["prompt_tokens"] - 64 + result["tokens_after"]] * 6  # stage 3: every layer short
     assert result["ttft_s"] > 0 and result["decode_tokens_per_s"] > 0 and result["peak_memory_bytes"] > 2**20
-    assert result["peak_memory_kind"] == "cpu_peak_rss_sampled" and result["pruning_layer"] == 2
+    assert result["peak_memory_kind"] == "cpu_peak_rss_sampled" and result["pruning_layer"] == 1
 
     no_stage3 = pipe.with_config("stage2_only", enable_cache_compression=False).generate(video8, QUESTION, max_new_tokens=2)
     full, short = no_stage3["prompt_tokens"], no_stage3["prompt_tokens"] - 64 + no_stage3["tokens_after"]
-    assert no_stage3["kv_cache_length_per_layer"] == [full] * 3 + [short] * 3  # layers 0..K full, K+1.. pruned
+    assert no_stage3["kv_cache_length_per_layer"] == [full] * 2 + [short] * 4  # layers 0..K (K = 1) full, K+1.. pruned
 
 
 def test_presets_are_the_named_configurations_and_pruning_layer_scales_to_the_depth(pipe):
     assert PRESETS is prunevid.PRESETS
-    assert pipe.config == preset("default", pruning_layer=2) and pipe.preset_name == "default"
-    assert (scaled_pruning_layer(10, 28), scaled_pruning_layer(10, 6), scaled_pruning_layer(10, 36)) == (10, 2, 13)
+    assert pipe.config == preset("default", pruning_layer=1) and pipe.preset_name == "default"
+    assert (scaled_pruning_layer(10, 28), scaled_pruning_layer(10, 6), scaled_pruning_layer(10, 36)) == (10, 1, 13)
     conservative = pipe.with_config("conservative")
     assert (conservative.config.tau, conservative.config.cluster_ratio, conservative.config.keep_ratio) == (0.9, 0.8, 0.6)
     assert pipe.with_config("default", pruning_layer=4).config.pruning_layer == 4  # explicit: used as given
     custom = pipe.with_config("custom", keep_ratio=0.5, selection="segment")
-    assert custom.config == preset("default", keep_ratio=0.5, selection="segment", pruning_layer=2)
+    assert custom.config == preset("default", keep_ratio=0.5, selection="segment", pruning_layer=1)
     assert pipe.with_config(preset("aggressive")).config.keep_ratio == 0.3
     assert pipe.with_config("stage1_only").config.enable_pruning is False
     assert pipe.with_config(enable_pruning=False).config.enable_cache_compression is False
@@ -189,7 +189,7 @@ def test_batch_larger_than_one_and_bad_model_paths_give_clear_errors(pipe, video
 
 def test_any_qwen2_5_vl_directory_loads_the_same_way_as_the_default(video8):
     explicit = Qwen25VLPruneVid(model_path=tiny_qwen2_5_vl_dir(), preset="stage2_only", num_frames=8)
-    assert isinstance(explicit.model, ForkQwen) and explicit.config.pruning_layer == 2
+    assert isinstance(explicit.model, ForkQwen) and explicit.config.pruning_layer == 1
     assert explicit.generate(video8, QUESTION, max_new_tokens=2)["tokens_after"] == 26  # round(64 * 0.4)
 
 
@@ -209,8 +209,8 @@ def test_verbose_logs_detection_shapes_importance_and_statistics(pipe, video8, c
     with caplog.at_level(logging.INFO):
         verbose.generate(video8, QUESTION, max_new_tokens=1)
     text = "\n".join(record.getMessage() for record in caplog.records)
-    for needle in ("64 video tokens", "T_grid=4, N=16, D=64", "one grid step = 2 frames", "stage 2 at layer 2",
-                   "question queries", "no output_attentions", "stage 3: KV cache of layers 0..2 compressed",
+    for needle in ("64 video tokens", "T_grid=4, N=16, D=64", "one grid step = 2 frames", "stage 2 at layer 1",
+                   "question queries", "no output_attentions", "stage 3: KV cache of layers 0..1 compressed",
                    "total compression", "KV cache length per layer"):  # fmt: skip
         assert needle in text, needle
 

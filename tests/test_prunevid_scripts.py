@@ -20,8 +20,8 @@ import torch
 
 from data.demo_video import CELL, FRAMES_PER_STEP, write_demo_video
 from pipelines.video_io import load_video
+from data.media import PALETTE
 from data.egoschema import (
-    COLOURS,
     DIRECTION_OPTIONS,
     OPTION_FIELDS,
     EgoSchemaError,
@@ -137,7 +137,7 @@ def test_sweep_with_stage2_prunes_after_stage1(sweep, video8, tmp_path, capsys):
     assert code == 0
     (setting,) = json.loads(output.read_text())["settings"]
     assert setting["tokens_after"] < setting["tokens_after_stage1"] < 64
-    assert setting["keep_ratio"] == 0.5 and setting["pruning_layer"] == 2 and len(setting["ttft_s_runs"]) == 2
+    assert setting["keep_ratio"] == 0.5 and setting["pruning_layer"] == 1 and len(setting["ttft_s_runs"]) == 2
 
 
 @pytest.mark.parametrize(
@@ -275,7 +275,7 @@ def test_generated_set_is_deterministic_in_the_official_format_and_answerable(tm
             cells = [o.cell(t // FRAMES_PER_STEP, 4, 4) for o in objects]
             for obj, (r, c) in zip(objects, cells):
                 if cells.count((r, c)) == 1:
-                    assert tuple(frames[t, r * CELL + CELL // 2 + 4, c * CELL + CELL // 2]) == COLOURS[obj.colour]
+                    assert tuple(frames[t, r * CELL + CELL // 2 + 4, c * CELL + CELL // 2]) == PALETTE[obj.colour]
         correct = q.options[q.answer]
         if q.question.startswith("Which direction does the "):
             colour = q.question.split()[4]

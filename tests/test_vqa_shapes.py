@@ -12,7 +12,7 @@ from models.tiny.llava import tiny_llava_dir
 from pruning.llava.baselines import DivPruneSelector, baseline_schedule, learned_schedule, topk_keep
 from data.vqa_shapes import (
     ANSWERS,
-    COLOURS,
+    PALETTE,
     QUESTION_TYPES,
     accuracy_by_type,
     chance_levels,
@@ -70,7 +70,7 @@ def test_image_has_the_shape_colours_on_the_background() -> None:
     assert s.image.size == (112, 112)
     colours = {tuple(p) for p in pixels}
     for shape in s.shapes:
-        assert COLOURS[shape.colour] in colours
+        assert PALETTE[shape.colour] in colours
 
 
 def test_heldout_question_types_are_balanced_and_yes_no_roughly_balanced() -> None:

@@ -55,7 +55,7 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from data.vqa_shapes import (
-        COLOURS,
+        PALETTE,
         SHAPES,
         encode_batch,
         encode_conversations,
@@ -84,9 +84,9 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     if aux_weight > 0 and grid * grid != num_tokens:
         raise UserError(f"--aux-weight needs a square patch grid, the model has {num_tokens} image tokens")
     width = model.config.text_config.hidden_size
-    probe = torch.nn.ModuleDict({"colour": torch.nn.Linear(width, len(COLOURS) + 1),
+    probe = torch.nn.ModuleDict({"colour": torch.nn.Linear(width, len(PALETTE) + 1),
                                  "shape": torch.nn.Linear(width, len(SHAPES) + 1),
-                                 "pair": torch.nn.Linear(width, len(COLOURS) * len(SHAPES) + 1)}).to(device)
+                                 "pair": torch.nn.Linear(width, len(PALETTE) * len(SHAPES) + 1)}).to(device)
     params = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]

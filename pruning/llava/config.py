@@ -41,7 +41,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from pruning.common import round_half_up
+from pruning.common import check_int, round_half_up, scale_layer_index
 
 MERGER_TYPES = ("simple", "question_aware")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -56,14 +56,6 @@ class ConfigError(ValueError):
 
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
-
-
-def _check_int(key: str, value: Any, lo: int | None = None, hi: int | None = None) -> None:
-    text = "an integer" + ("" if lo is None and hi is None else f" in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]")
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(key, value, text)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        _fail(key, value, text)
 
 
 def _check_float(
@@ -106,9 +98,9 @@ class MergerConfig:
         _check_choice("merger_type", self.merger_type, MERGER_TYPES)
         _check_float("merge_ratio", self.merge_ratio, 0.0, 1.0, lo_open=True)
         if self.target_merge_tokens is not None:
-            _check_int("target_merge_tokens", self.target_merge_tokens, lo=1)
-        _check_int("merger_d_internal", self.merger_d_internal, lo=1)
-        _check_int("merger_num_heads", self.merger_num_heads, lo=1)
+            check_int("target_merge_tokens", self.target_merge_tokens, lo=1, error=ConfigError)
+        check_int("merger_d_internal", self.merger_d_internal, lo=1, error=ConfigError)
+        check_int("merger_num_heads", self.merger_num_heads, lo=1, error=ConfigError)
         _check_float("merger_prior_scale", self.merger_prior_scale, 0.0, math.inf, hi_open=True)
         if self.merger_d_internal % self.merger_num_heads:
             _fail("merger_num_heads", self.merger_num_heads, f"a divisor of merger_d_internal={self.merger_d_internal}")
@@ -148,11 +140,11 @@ class PrunerConfig:
         if not self.pruning_layers:
             _fail("pruning_layers", list(self.pruning_layers), "a non-empty list of layer indices")
         for layer in self.pruning_layers:
-            _check_int("pruning_layers", layer, lo=0)
+            check_int("pruning_layers", layer, lo=0, error=ConfigError)
         if any(b <= a for a, b in zip(self.pruning_layers, self.pruning_layers[1:])):
             _fail("pruning_layers", list(self.pruning_layers), "strictly increasing layer indices")
-        _check_int("pruner_d_internal", self.pruner_d_internal, lo=1)
-        _check_int("pruner_num_heads", self.pruner_num_heads, lo=1)
+        check_int("pruner_d_internal", self.pruner_d_internal, lo=1, error=ConfigError)
+        check_int("pruner_num_heads", self.pruner_num_heads, lo=1, error=ConfigError)
         _check_float("pruner_prior_scale", self.pruner_prior_scale, 0.0, math.inf, hi_open=True)
         if self.pruner_d_internal % self.pruner_num_heads:
             _fail("pruner_num_heads", self.pruner_num_heads, f"a divisor of pruner_d_internal={self.pruner_d_internal}")
@@ -184,8 +176,8 @@ class DiscriminatorConfig:
     discriminator_hidden_layer: int = -1  # index into ``output_hidden_states``; -1 = final layer (after norm)
 
     def __post_init__(self) -> None:
-        _check_int("discriminator_d_hidden", self.discriminator_d_hidden, lo=1)
-        _check_int("discriminator_hidden_layer", self.discriminator_hidden_layer)
+        check_int("discriminator_d_hidden", self.discriminator_d_hidden, lo=1, error=ConfigError)
+        check_int("discriminator_hidden_layer", self.discriminator_hidden_layer, error=ConfigError)
 
 
 @dataclass(frozen=True)
@@ -236,9 +228,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum_steps", "discriminator_steps", "log_every"):
-            _check_int(key, getattr(self, key), lo=1)
+            check_int(key, getattr(self, key), lo=1, error=ConfigError)
         for key in ("eval_every", "save_every", "seed"):
-            _check_int(key, getattr(self, key), lo=0)
+            check_int(key, getattr(self, key), lo=0, error=ConfigError)
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         if not isinstance(self.output_dir, str) or not self.output_dir:
             _fail("output_dir", self.output_dir, "a non-empty path string")
@@ -395,9 +387,8 @@ def scale_pruning_layers(
 ) -> list[int]:
     """Map layer indices of a ``num_layers_real``-layer LLM to the same depths of a smaller one.
 
-    Layer ``l`` ends at depth fraction ``(l + 1) / num_layers_real``; it maps to the layer
-    ending nearest that fraction, ``round_half_up((l + 1) * num_layers_model / num_layers_real) - 1``
-    clamped to ``[0, num_layers_model - 1]`` (so the last layer maps to the last layer). Collisions
+    Each layer is mapped by the rule every system uses, :func:`pruning.common.scale_layer_index`
+    (the layer ending nearest the same depth fraction ``(l + 1) / num_layers_real``). Collisions
     are then resolved by pushing later layers one deeper and, where that runs past the end,
     pulling earlier ones shallower, so the result is strictly increasing and in range.
     ``[10, 20, 31]`` of 32 -> ``[2, 4, 7]`` of 8. ``num_layers_model=None`` validates and
@@ -412,7 +403,7 @@ def scale_pruning_layers(
         raise ValueError(f"layers={layers} must be strictly increasing indices in [0, {num_layers_real - 1}]")
     if len(layers) > num_layers_model:
         raise ValueError(f"cannot place {len(layers)} pruning layers in a {num_layers_model}-layer model")
-    out = [min(max(round_half_up((l + 1) * num_layers_model / num_layers_real) - 1, 0), num_layers_model - 1) for l in layers]
+    out = [scale_layer_index(l, num_layers_real, num_layers_model) for l in layers]
     n = len(out)
     for i in range(1, n):
         out[i] = max(out[i], out[i - 1] + 1)

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pruning.common import check_int
+
 __all__ = [
     "pairwise_distances",
     "dpc_knn_density",
@@ -44,11 +46,6 @@ def _check_points(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"DPC-KNN expects points of shape [N, D], got {shape}")
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def pairwise_distances(x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -105,7 +102,7 @@ def dpc_knn_density(x: torch.Tensor, k: int, normalize: bool = False) -> torch.T
     ``x_i`` itself included (PruneVid / TCFormer definition, see the module docstring).
     """
     _check_points(x)
-    _check_positive_int("k", k)
+    check_int("k", k, lo=1)
     return _log_density(pairwise_distances(x, normalize), k).exp()
 
 
@@ -129,8 +126,8 @@ def dpc_knn_centers(x: torch.Tensor, num_clusters: int, k: int, normalize: bool 
     ``N <= num_clusters`` every point is a center.
     """
     _check_points(x)
-    _check_positive_int("num_clusters", num_clusters)
-    _check_positive_int("k", k)
+    check_int("num_clusters", num_clusters, lo=1)
+    check_int("k", k, lo=1)
     return _centers(pairwise_distances(x, normalize), num_clusters, k)
 
 
@@ -161,8 +158,8 @@ def cluster(x: torch.Tensor, num_clusters: int, k: int, normalize: bool = False)
     ``labels = arange(N)``. ``k >= N`` is clamped to ``N``. ``N == 0`` gives an empty tensor.
     """
     _check_points(x)
-    _check_positive_int("num_clusters", num_clusters)
-    _check_positive_int("k", k)
+    check_int("num_clusters", num_clusters, lo=1)
+    check_int("k", k, lo=1)
     n = x.shape[0]
     if n <= num_clusters:
         return torch.arange(n, device=x.device)

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from pruning.common import round_half_up
+from pruning.common import check_int, round_half_up
 from pruning.selection import SelectionContext, register_selector
 from pruning.video.dpc_knn import cluster
 
@@ -75,11 +75,6 @@ def _check_unit_interval(name: str, value, recommended: str) -> None:
         raise ValueError(f"{name} must be a number in (0, 1] (recommended {recommended}), got {value!r}")
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class PruneVidConfig:
     """All PruneVid knobs; validated on construction (one-line ``ValueError`` per bad value).
@@ -117,11 +112,11 @@ class PruneVidConfig:
         _check_unit_interval("temporal_segment_ratio", self.temporal_segment_ratio, "0.1-0.5")
         _check_bool("enable_pruning", self.enable_pruning)
         _check_unit_interval("keep_ratio", self.keep_ratio, "0.3-0.6")
-        _check_int("pruning_layer", self.pruning_layer, 0)
+        check_int("pruning_layer", self.pruning_layer, lo=0)
         _check_bool("enable_cache_compression", self.enable_cache_compression)
         if self.selection not in SELECTION_MODES:
             raise ValueError(f"selection must be one of {', '.join(map(repr, SELECTION_MODES))}, got {self.selection!r}")
-        _check_int("k_neighbors", self.k_neighbors, 1)
+        check_int("k_neighbors", self.k_neighbors, lo=1)
         if self.enable_cache_compression and not self.enable_pruning:
             raise ValueError(
                 "enable_cache_compression=True needs enable_pruning=True "
@@ -134,7 +129,7 @@ class PruneVidConfig:
         Only checked when stage 2 is on (``pruning_layer`` is unused otherwise); the allowed
         range is ``0 <= pruning_layer <= num_layers - 1``.
         """
-        _check_int("num_layers", num_layers, 1)
+        check_int("num_layers", num_layers, lo=1)
         if self.enable_pruning and self.pruning_layer >= num_layers:
             raise ValueError(
                 f"pruning_layer={self.pruning_layer} is out of range for a model with {num_layers} layers "
@@ -494,7 +489,7 @@ def visual_token_importance(
             f"query_states {tuple(query_states.shape)} and key_states {tuple(key_states.shape)} do not match "
             "(same B and d, H a multiple of Hkv)"
         )
-    _check_int("query_chunk_size", query_chunk_size, 1)
+    check_int("query_chunk_size", query_chunk_size, lo=1)
     device = query_states.device
     visual_positions = torch.as_tensor(visual_positions, dtype=torch.long, device=device).flatten()
     if visual_positions.numel() and (visual_positions.min() < 0 or visual_positions.max() >= num_keys):
@@ -636,7 +631,7 @@ def question_query_positions(
     length = input_ids.numel()
     if isinstance(last_visual_position, torch.Tensor):
         last_visual_position = int(last_visual_position)
-    _check_int("last_visual_position", last_visual_position, 0)
+    check_int("last_visual_position", last_visual_position, lo=0)
     if last_visual_position >= length:
         raise ValueError(f"last_visual_position={last_visual_position} is outside the sequence of length {length}")
     positions = torch.arange(last_visual_position + 1, length, device=input_ids.device)
