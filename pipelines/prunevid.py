@@ -90,13 +90,13 @@ REFERENCE_NUM_LAYERS = 28
 """Depth of Qwen2.5-VL-7B, for which the presets' ``pruning_layer = 10`` is tuned."""
 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-STAGE1_KNOBS = ("tau", "cluster_ratio", "temporal_segment_ratio", "k_neighbors")
+STAGE1_KNOBS = ("tau", "cluster_ratio", "temporal_segment_ratio", "k_neighbors", "segmentation", "cluster_count")
 """Knobs only stage 1 (spatial-temporal merging) reads: ignored when ``enable_stage1`` is off."""
 STAGE2_KNOBS = ("keep_ratio", "pruning_layer", "selection")
 """Knobs only stage 2 (attention pruning) reads: ignored when ``enable_pruning`` is off."""
 _KNOBS = (
     "enable_stage1", "tau", "cluster_ratio", "temporal_segment_ratio", "enable_pruning", "keep_ratio",
-    "pruning_layer", "enable_cache_compression", "selection", "k_neighbors",
+    "pruning_layer", "enable_cache_compression", "selection", "k_neighbors", "segmentation", "cluster_count",
 )  # fmt: skip
 
 
@@ -396,6 +396,8 @@ class Qwen25VLPruneVid:
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
         k_neighbors: int | None = None,
+        segmentation: str | None = None,
+        cluster_count: str | None = None,
         *,
         _model=None,
         _processor=None,
@@ -409,7 +411,7 @@ class Qwen25VLPruneVid:
                 enable_stage1=enable_stage1, tau=tau, cluster_ratio=cluster_ratio,
                 temporal_segment_ratio=temporal_segment_ratio, enable_pruning=enable_pruning, keep_ratio=keep_ratio,
                 pruning_layer=pruning_layer, enable_cache_compression=enable_cache_compression, selection=selection,
-                k_neighbors=k_neighbors,
+                k_neighbors=k_neighbors, segmentation=segmentation, cluster_count=cluster_count,
             ).items()
             if value is not None
         }  # fmt: skip

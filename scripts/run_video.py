@@ -42,9 +42,10 @@ DEFAULT_QUESTION = "What is moving in the video, and in which direction?"
 KNOB_FLAGS = {
     "tau": "--tau", "cluster_ratio": "--cluster-ratio", "temporal_segment_ratio": "--temporal-segment-ratio",
     "keep_ratio": "--keep-ratio", "pruning_layer": "--pruning-layer", "selection": "--selection",
-    "enable_cache_compression": "--no-cache-compression",
+    "enable_cache_compression": "--no-cache-compression", "segmentation": "--segmentation",
+    "cluster_count": "--cluster-count", "k_neighbors": "--k-neighbors",
 }  # fmt: skip
-STAGE1_FLAGS = ("tau", "cluster_ratio", "temporal_segment_ratio")
+STAGE1_FLAGS = ("tau", "cluster_ratio", "temporal_segment_ratio", "segmentation", "cluster_count", "k_neighbors")
 STAGE2_FLAGS = ("keep_ratio", "pruning_layer", "selection", "enable_cache_compression")
 
 
@@ -61,7 +62,7 @@ def flag_error(error: ValueError) -> UserError:
 
 
 def parse_args(argv=None):
-    from pruning.video.prunevid import PRESET_NAMES, SELECTION_MODES
+    from pruning.video.prunevid import CLUSTER_COUNTS, PRESET_NAMES, SEGMENTATIONS, SELECTION_MODES
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("video", nargs="?", type=Path, default=None, help="video file (default: the generated demo video)")
@@ -88,7 +89,16 @@ def parse_args(argv=None):
     g.add_argument("--temporal-segment-ratio", type=float, default=None)
     g.add_argument("--keep-ratio", type=float, default=None)
     g.add_argument("--pruning-layer", type=int, default=None, help="default: the preset's layer 10 of 28, scaled to the model depth")
-    g.add_argument("--selection", default=None, choices=SELECTION_MODES)
+    g.add_argument("--selection", default=None, choices=SELECTION_MODES,
+                   help="segment (default, as published): top keep-ratio per segment and frame; segment_ceil: the same "
+                   "but every group keeps a token; global: top keep-ratio of all visual tokens")
+    g.add_argument("--segmentation", default=None, choices=SEGMENTATIONS,
+                   help="official (default, as published): DPC-KNN + refine_clusters; exact: exactly "
+                   "round(T x ratio) segments")
+    g.add_argument("--cluster-count", default=None, choices=CLUSTER_COUNTS,
+                   help="official (default, as published): int(n x ratio), sets of <= 14 tokens kept; ceil: "
+                   "ceil(n x ratio), always clustered")
+    g.add_argument("--k-neighbors", type=int, default=None, help="k of DPC-KNN (default 7, as published)")
     g.add_argument("--no-cache-compression", action="store_true", help="stage 3 off (stage 2 still prunes)")
     args = p.parse_args(argv)
     if args.question_option is not None:
@@ -115,7 +125,8 @@ def validate(args) -> dict:
     check_device(args.device)
     overrides = {
         name: getattr(args, name)
-        for name in ("tau", "cluster_ratio", "temporal_segment_ratio", "keep_ratio", "pruning_layer", "selection")
+        for name in ("tau", "cluster_ratio", "temporal_segment_ratio", "keep_ratio", "pruning_layer", "selection",
+                     "segmentation", "cluster_count", "k_neighbors")
         if getattr(args, name) is not None
     }
     if args.no_cache_compression:

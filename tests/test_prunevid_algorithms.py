@@ -27,9 +27,11 @@ from pruning.video.prunevid import (
     PruneVidConfig,
     mean_pairwise_cosine,
     merge_video_tokens,
+    num_clusters_for,
     num_temporal_segments,
     preset,
     question_query_positions,
+    refine_temporal_labels,
     select_keep_indices,
     selection_group_ids,
     static_dynamic_split,
@@ -57,7 +59,8 @@ def ref_delta(dist: list[list[float]], rho: list[float]) -> list[float]:
     out = []
     for i in range(n):
         denser = [j for j in range(n) if rho[j] > rho[i] or (rho[j] == rho[i] and j < i)]
-        out.append(min(dist[i][j] for j in denser) if denser else max(dist[i]))
+        # the densest point: the largest distance in the whole set (TCFormer's / the official code's dist_max)
+        out.append(min(dist[i][j] for j in denser) if denser else max(max(row) for row in dist))
     return out
 
 
@@ -178,19 +181,47 @@ def test_temporal_segments_split_three_scenes_at_the_cuts(seed):
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("num_frames,ratio", [(1, 0.25), (2, 0.5), (7, 0.3), (12, 0.25), (16, 0.5), (9, 1.0)])
 def test_temporal_segments_contiguous_cover_and_count(seed, num_frames, ratio):
-    # random frames: labels interleave in time, so runs must be merged down to the count
+    # random frames: labels interleave in time; "exact" merges runs down to the count, "official" refines
+    # the labels (a cluster keeps its longest runs) and may leave fewer segments than clusters
     frames = torch.randn(num_frames, 8, generator=torch.Generator().manual_seed(seed))
-    segments = temporal_segments(frames, ratio, k=3)
-    assert len(segments) == num_temporal_segments(num_frames, ratio) == max(1, math.floor(num_frames * ratio + 0.5))
-    assert segments[0][0] == 0 and segments[-1][1] == num_frames
-    assert all(a < b for a, b in segments)
-    assert all(segments[i][1] == segments[i + 1][0] for i in range(len(segments) - 1))
+    exact = temporal_segments(frames, ratio, k=3, segmentation="exact")
+    official = temporal_segments(frames, ratio, k=3)
+    assert len(exact) == num_temporal_segments(num_frames, ratio, "exact") == max(1, math.floor(num_frames * ratio + 0.5))
+    assert 1 <= len(official) <= max(num_temporal_segments(num_frames, ratio), 1) + num_frames // 2
+    for segments in (exact, official):
+        assert segments[0][0] == 0 and segments[-1][1] == num_frames
+        assert all(a < b for a, b in segments)
+        assert all(segments[i][1] == segments[i + 1][0] for i in range(len(segments) - 1))
 
 
-def test_num_temporal_segments_rounds_half_up():
-    assert num_temporal_segments(10, 0.25) == 3  # 2.5 -> 3
+def test_num_temporal_segments_truncates_as_published_or_rounds_half_up_when_exact():
+    assert num_temporal_segments(10, 0.25) == 2  # int(2.5)
+    assert num_temporal_segments(90, 0.7) == 62  # int(62.99999999999999), as the official code computes it
     assert num_temporal_segments(2, 0.1) == 1  # at least one
-    assert num_temporal_segments(10, 0.3) == 3
+    assert num_temporal_segments(10, 0.25, "exact") == 3  # 2.5 -> 3
+    assert num_temporal_segments(2, 0.1, "exact") == 1
+    assert num_temporal_segments(10, 0.3, "exact") == 3
+
+
+@pytest.mark.parametrize(
+    "labels,expected",
+    [
+        ([0, 0, 1, 0, 0], [0, 0, 0, 0, 0]),  # both runs of 0 are longest (kept); 1 (a single frame) joins the left
+        ([0, 1, 1, 1, 2, 2], [1, 1, 1, 1, 2, 2]),  # 0 has only a 1-frame run: the only neighbour takes it
+        ([0, 0, 0, 1, 0, 2, 2], [0, 0, 0, 0, 0, 2, 2]),  # the short run of 0 and the lone 1: the longer neighbour (left)
+        ([0, 1, 0, 1], [0, 0, 0, 0]),  # every run has length 1: nothing keeps a label, default 0
+        ([3, 3, 1, 1, 3, 2, 2], [3, 3, 1, 1, 1, 2, 2]),  # a tie (2 vs 2): the left neighbour
+        ([5], [0]),  # one frame
+    ],
+)
+def test_refine_temporal_labels_follows_the_published_refine_clusters(labels, expected):
+    assert refine_temporal_labels(labels) == expected
+
+
+def test_num_clusters_for_keeps_small_sets_as_published_or_takes_the_ceiling():
+    assert [num_clusters_for(n, 0.5) for n in (1, 14, 15, 31)] == [1, 14, 7, 15]
+    assert num_clusters_for(90, 0.7) == 62  # int(62.99999999999999), as the official code computes it
+    assert [num_clusters_for(n, 0.5, "ceil") for n in (1, 14, 15, 31)] == [1, 7, 8, 16]
 
 
 # ============================================================================= stage 1: static / dynamic
@@ -235,7 +266,8 @@ def test_mean_pairwise_cosine_matches_loop_and_single_frame_is_dynamic():
 
 
 def stage1_config(**overrides) -> PruneVidConfig:
-    return preset("stage1_only", **{"temporal_segment_ratio": 0.25, **overrides})
+    """Stage 1 with ceil cluster counts: the tiny sets below (16 positions) are clustered at all."""
+    return preset("stage1_only", **{"temporal_segment_ratio": 0.25, "cluster_count": "ceil", **overrides})
 
 
 def check_merge_invariants(video: torch.Tensor, result) -> None:
@@ -371,7 +403,7 @@ def test_preset_overrides_custom_and_unknown_names():
     ("pruning_layer", -1, "pruning_layer must be an integer >= 0"),
     ("pruning_layer", 2.0, "pruning_layer"),
     ("k_neighbors", 0, "k_neighbors must be an integer >= 1"),
-    ("selection", "topk", "selection must be one of 'global', 'segment'"),
+    ("selection", "topk", "selection must be one of 'segment', 'segment_ceil', 'global'"),
     ("enable_stage1", 1, "enable_stage1 must be True or False"),
 ])
 def test_config_rejects_out_of_range_values_with_one_line(field, value, needle):
@@ -476,25 +508,34 @@ def test_visual_token_importance_rejects_bad_shapes():
 
 def test_select_keep_indices_global_topk_sorted_ties_to_lower_index():
     importance = torch.tensor([0.1, 0.5, 0.3, 0.5, 0.0, 0.3, 0.2, 0.9, 0.3, 0.1])
-    assert select_keep_indices(importance, 0.4).tolist() == [1, 2, 3, 7]  # 4 kept; 0.3 tie -> index 2
-    assert select_keep_indices(importance, 0.25).tolist() == [1, 3, 7]  # round(2.5) = 3
-    assert select_keep_indices(importance, 0.01).tolist() == [7]  # at least one
-    assert select_keep_indices(importance, 1.0).tolist() == list(range(10))
-    assert select_keep_indices(torch.zeros(5), 0.4).tolist() == [0, 1]
-    assert select_keep_indices(importance, 0.4).dtype == torch.long
+    assert select_keep_indices(importance, 0.4, mode="global").tolist() == [1, 2, 3, 7]  # 4 kept; 0.3 tie -> index 2
+    assert select_keep_indices(importance, 0.25, mode="global").tolist() == [1, 3, 7]  # round(2.5) = 3
+    assert select_keep_indices(importance, 0.01, mode="global").tolist() == [7]  # at least one
+    assert select_keep_indices(importance, 1.0, mode="global").tolist() == list(range(10))
+    assert select_keep_indices(torch.zeros(5), 0.4, mode="global").tolist() == [0, 1]
+    assert select_keep_indices(importance, 0.4, mode="global").dtype == torch.long
 
 
-def test_select_keep_indices_segment_mode_ceil_per_group():
+def test_select_keep_indices_segment_ceil_mode_ceil_per_group():
     importance = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.2, 0.3, 0.6, 0.05, 0.5, 0.5])
     groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 3, 3, 3])
     # ceil(3 * 0.4) = 2, 2, ceil(1 * 0.4) = 1, 2 (tie 0.5/0.5 keeps both)
-    assert select_keep_indices(importance, 0.4, groups, mode="segment").tolist() == [0, 1, 4, 5, 6, 8, 9]
+    assert select_keep_indices(importance, 0.4, groups, mode="segment_ceil").tolist() == [0, 1, 4, 5, 6, 8, 9]
     # the low-importance group still keeps its best token, unlike global selection
-    assert select_keep_indices(importance, 0.1, groups, mode="segment").tolist() == [0, 5, 6, 8]
-    assert select_keep_indices(importance, 0.1).tolist() == [0]
+    assert select_keep_indices(importance, 0.1, groups, mode="segment_ceil").tolist() == [0, 5, 6, 8]
+    assert select_keep_indices(importance, 0.1, mode="global").tolist() == [0]
     # arbitrary (non-dense, unordered) group labels; ties within a group go to the lower index
     same = torch.tensor([7, 7, 7, 7, -2, -2])
-    assert select_keep_indices(torch.ones(6), 0.5, same, mode="segment").tolist() == [0, 1, 4]
+    assert select_keep_indices(torch.ones(6), 0.5, same, mode="segment_ceil").tolist() == [0, 1, 4]
+
+
+def test_select_keep_indices_segment_mode_truncates_per_group_as_published():
+    importance = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.2, 0.3, 0.6, 0.05, 0.5, 0.5])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 3, 3, 3])
+    # int(3 * 0.4) = 1 per group of 3, int(1 * 0.4) = 0: the lone token of group 2 is dropped
+    assert select_keep_indices(importance, 0.4, groups).tolist() == [0, 5, 8]
+    assert select_keep_indices(importance, 0.1, groups).tolist() == []  # every group keeps none
+    assert select_keep_indices(importance, 1.0, groups).tolist() == list(range(10))
 
 
 def test_select_keep_indices_segment_mode_matches_loop_reference():
@@ -506,7 +547,7 @@ def test_select_keep_indices_segment_mode_matches_loop_reference():
         members = [i for i in range(40) if groups[i] == gid]
         quota = max(1, math.ceil(len(members) * 0.35))
         expected += sorted(members, key=lambda i: (-importance[i].item(), i))[:quota]
-    assert select_keep_indices(importance, 0.35, groups, mode="segment").tolist() == sorted(expected)
+    assert select_keep_indices(importance, 0.35, groups, mode="segment_ceil").tolist() == sorted(expected)
 
 
 def test_select_keep_indices_errors():
@@ -515,7 +556,7 @@ def test_select_keep_indices_errors():
     with pytest.raises(ValueError, match="mode must be one of"):
         select_keep_indices(torch.rand(4), 0.5, mode="frame")
     with pytest.raises(ValueError, match="keep_ratio"):
-        select_keep_indices(torch.rand(4), 0.0)
+        select_keep_indices(torch.rand(4), 0.0, mode="global")
 
 
 # ============================================================================= question queries

@@ -181,7 +181,7 @@ def test_importance_without_output_attentions_equals_eager_attention_max_max(for
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("selection", ["global", "segment"])
+@pytest.mark.parametrize("selection", ["global", "segment", "segment_ceil"])
 def test_stage2_prefill_equals_layers_run_by_the_test_on_exactly_the_kept_tokens(fork, fork_eager, inputs, selection):
     keep_ratio = 0.4
     pruned, state = forward_with(fork, stage2(keep_ratio=keep_ratio, selection=selection), **inputs)
@@ -197,7 +197,11 @@ def test_stage2_prefill_equals_layers_run_by_the_test_on_exactly_the_kept_tokens
     keep[visual[kept_visual]] = True
     kept = keep.nonzero().flatten()
     assert torch.equal(state.stage2_kept, kept)
-    expected_count = max(1, math.floor(64 * keep_ratio + 0.5)) if selection == "global" else 4 * math.ceil(16 * keep_ratio)
+    expected_count = {  # 64 tokens; stage 1 off: groups are the 4 grid steps of 16 tokens
+        "global": max(1, math.floor(64 * keep_ratio + 0.5)),
+        "segment": 4 * int(16 * keep_ratio),  # as published: truncation per group
+        "segment_ceil": 4 * math.ceil(16 * keep_ratio),
+    }[selection]
     assert kept_visual.numel() == expected_count
 
     # Independent reference: the decoder layers run by the test; after layer K only the kept rows, each with
@@ -247,7 +251,7 @@ def test_question_queries_are_the_tokens_after_the_last_visual_token_never_the_s
 @torch.no_grad()
 @pytest.mark.parametrize("compress", [True, False], ids=["stage3_on", "stage3_off"])
 def test_kv_cache_length_per_layer_after_prefill_and_after_each_decode_step(fork, inputs, compress):
-    config = preset("default", pruning_layer=K, enable_cache_compression=compress)
+    config = preset("default", pruning_layer=K, enable_cache_compression=compress, selection="global")
     with attached(fork, config) as (cache, state_of):
         recorder = StepRecorder(cache)
         out = fork.generate(**inputs, past_key_values=cache, logits_processor=LogitsProcessorList([recorder]), **GREEDY)

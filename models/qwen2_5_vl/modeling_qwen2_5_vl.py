@@ -897,8 +897,8 @@ class Qwen2_5_VLTextModel(Qwen2_5_VLPreTrainedModel):
             # fence in Qwen2_5_VLAttention.forward, and the [1, Hkv, L1, d] keys layer K just wrote to the cache
             # (after k_proj and RoPE). Per head and query chunk: no [L1, L1] matrix, no
             # output_attentions, SDPA (or eager) stays the attention of every layer. The stage-2 selector (by default
-            # PruneVid's: the top keep_ratio of the visual tokens, global or per stage-1 group; any selector of
-            # pruning/selection.py can replace it) decides once which visual tokens stay.
+            # PruneVid's, as published: per segment the top int(n * keep_ratio) static tokens and per grid step the top
+            # int(n * keep_ratio) dynamic ones; any selector of pruning/selection.py can replace it) decides once.
             # Then the tokens are REALLY removed by index (never zero-masked): hidden_states [1, L1, D] -> [1, L2, D],
             # cos/sin [1, L1, d] -> [1, L2, d], the text position row, and a materialised 4-D causal mask (rows and
             # columns; None stays None: SDPA's is_causal is still right since the kept order is preserved). Kept
@@ -1290,9 +1290,12 @@ class Qwen2_5_VLModel(Qwen2_5_VLPreTrainedModel):
         # >>> pruning: PruneVid stage 1, spatial-temporal token merging, right after the video features were computed
         # (prefill only: the cache is still empty). Each video's features [T_grid*N, D] are viewed as [T_grid, N, D]
         # (T_grid = video_grid_thw t, N = (h/spatial_merge_size) * (w/spatial_merge_size), Qwen's token order is
-        # t-major raster) and merged by pruning.video.prunevid.merge_video_tokens: DPC-KNN temporal segments, static
-        # tokens (mean pairwise cosine across the segment > tau) averaged over time then clustered once per segment,
-        # dynamic tokens clustered per grid step, each cluster -> its mean. One Qwen temporal grid step covers
+        # t-major raster) and merged by pruning.video.prunevid.merge_video_tokens, as the official PruneVid code decides:
+        # DPC-KNN temporal clusters refined into contiguous segments, static tokens (mean pairwise cosine across the
+        # segment > tau) averaged over time then clustered once per segment, dynamic tokens clustered per grid step
+        # (sets of <= 14 tokens kept), each cluster -> its mean. Deliberately unlike the official PLLaVA code, which puts
+        # a segment's static tokens first, merged tokens keep the order of their earliest member, whose M-RoPE
+        # (t, h, w) position they take, so positions stay in raster order within each step. One Qwen temporal grid step covers
         # temporal_patch_size = 2 frames, so "frames" in PruneVid are grid steps here: segments are runs of grid
         # steps, i.e. of frame pairs. The sequence REALLY shrinks, inputs_embeds [1, L, D] -> [1, L1, D]: every
         # non-video token stays, each merged token sits at its cluster's source position (the earliest member)

@@ -12,7 +12,8 @@ reuses), with the random jitter replaced by deterministic tie-breaking:
 * denser     point ``j`` is denser than point ``i`` iff ``rho_j > rho_i``, or ``rho_j == rho_i``
   and ``j < i`` (a strict total order: ties go to the lower index, no random jitter);
 * delta      ``delta_i = min_{j denser than i} d_ij``; for the densest point (the only one
-  with no denser point) ``delta = max_j d_ij``, its largest distance to any point;
+  with no denser point) ``delta = max_{i,j} d_ij``, the largest distance in the set (as TCFormer's
+  and the official PruneVid code's ``dist_max``);
 * centers    the ``C`` points with the largest score ``rho_i * delta_i`` (ties: lower index
   first), returned in ascending index order; the ranking is done in log space
   (``log rho + log delta``), the same order as the product but immune to ``exp`` underflow
@@ -75,7 +76,7 @@ def _distance_to_denser(dist: torch.Tensor, density: torch.Tensor) -> torch.Tens
     rho_i, rho_j = density[:, None], density[None, :]
     denser = (rho_j > rho_i) | ((rho_j == rho_i) & (index[None, :] < index[:, None]))
     to_denser = dist.masked_fill(~denser, float("inf")).min(dim=-1).values
-    return torch.where(denser.any(dim=-1), to_denser, dist.max(dim=-1).values)
+    return torch.where(denser.any(dim=-1), to_denser, dist.max())
 
 
 def _centers(dist: torch.Tensor, num_clusters: int, k: int) -> torch.Tensor:
@@ -111,7 +112,7 @@ def dpc_knn_distance_to_denser(x: torch.Tensor, density: torch.Tensor, normalize
 
     ``density [N]`` may be ``rho`` or any strictly increasing function of it (e.g. ``log rho``):
     only its order is used; equal densities are ordered by index (lower index = denser). The
-    densest point gets its largest distance to any point.
+    densest point gets the largest distance in the set.
     """
     _check_points(x)
     if density.shape != (x.shape[0],):

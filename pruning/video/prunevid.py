@@ -11,14 +11,40 @@ Three stages; this module holds the algorithms, the forked model file wires them
 * **Stage 2, attention-based pruning** at ``pruning_layer``:
   :func:`visual_token_importance` (text-to-visual attention probabilities, max over the
   question queries, then max over heads; computed per head and per query chunk, never the
-  full ``[L, L]`` attention) and :func:`select_keep_indices` (top-k, global or per group).
-* **Stage 3, KV-cache compression** to the kept indices: a cache class in the model fork;
-  here only the switch ``enable_cache_compression``.
+  full ``[L, L]`` attention) and :func:`select_keep_indices` (top-k per segment and frame, or
+  over all visual tokens).
+* **Stage 3, KV-cache compression** to the kept indices (``pruning/video/runtime.py``); here only
+  the switch ``enable_cache_compression``.
 
-Counts use two rounding rules, both with a 1e-9 tolerance against float error
-(``10 * 0.3 = 3.0000000000000004`` counts as 3):
-``round`` is half-up (``round(2.5) = 3``, not Python's half-to-even) and ``ceil`` is the
-ordinary ceiling.
+**As published.** By default every decision is the one the official PruneVid code makes
+(Visual-AI/PruneVid, ``models/pllava/modeling_pllava.py`` and ``elastic_cache.py``):
+
+====================  ===========================================  ==========================================
+knob                  default (``"official"`` / ``"segment"``)       alternative (the project's earlier rule)
+====================  ===========================================  ==========================================
+``segmentation``      DPC-KNN into ``max(1, int(T * ratio))``        ``"exact"``: ``round(T * ratio)`` clusters,
+                      clusters, then ``refine_clusters``: each        then the shortest runs are merged into a
+                      cluster keeps its longest runs, other runs      neighbour until exactly that many segments
+                      join the longer neighbouring run (left on a     remain (a predictable segment count)
+                      tie); often fewer segments than clusters
+``cluster_count``     ``int(n * cluster_ratio)`` clusters; a set of  ``"ceil"``: ``ceil(n * cluster_ratio)``,
+                      14 tokens or fewer is kept as it is            always clustered (compresses small sets too)
+``selection``         ``"segment"``: per segment the top             ``"global"``: top ``round(V * keep_ratio)``
+                      ``int(n_static * keep)`` static tokens and,     over all visual tokens;
+                      per frame, the top ``int(n_dynamic * keep)``    ``"segment_ceil"``: per group
+                      dynamic ones (a group may keep none)            ``max(1, ceil(n * keep))`` (none left empty)
+``k_neighbors``       7 (temporal and spatial DPC-KNN)               any ``k >= 1`` (5 before)
+====================  ===========================================  ==========================================
+
+``int`` is Python's truncation of the float product, exactly as the official code computes it
+(``90 * 0.7 = 62.99999999999999`` gives 62). The ``"exact"``, ``"ceil"`` and ``"segment_ceil"``
+counts use a 1e-9 tolerance instead (``round`` is half-up: ``round(2.5) = 3``).
+
+Where the project deliberately differs from the official code: merged tokens are ordered by their
+earliest member and take that token's M-RoPE position (Qwen2.5-VL's positions are 3-D ``(t, h, w)``;
+the official PLLaVA order, each segment's static tokens then its dynamic tokens frame by frame, would
+put a token with a later ``(h, w)`` before an earlier one of the same frame); and stage 3 compresses the
+KV cache through transformers' cache API.
 """
 
 from __future__ import annotations
@@ -39,10 +65,14 @@ __all__ = [
     "PRESETS",
     "PRESET_NAMES",
     "SELECTION_MODES",
+    "SEGMENTATIONS",
+    "CLUSTER_COUNTS",
+    "SMALL_SET_SIZE",
     "preset",
     "MergeResult",
     "num_temporal_segments",
     "num_clusters_for",
+    "refine_temporal_labels",
     "temporal_segments",
     "mean_pairwise_cosine",
     "static_dynamic_split",
@@ -54,7 +84,11 @@ __all__ = [
     "question_query_positions",
 ]
 
-SELECTION_MODES = ("global", "segment")
+SELECTION_MODES = ("segment", "segment_ceil", "global")
+SEGMENTATIONS = ("official", "exact")
+CLUSTER_COUNTS = ("official", "ceil")
+SMALL_SET_SIZE = 14
+"""Stage 1 (``cluster_count="official"``) keeps a set of at most this many tokens unclustered, as the official code."""
 _EPS = 1e-9
 
 
@@ -70,6 +104,11 @@ def _check_bool(name: str, value) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
+def _check_choice(name: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
 def _check_unit_interval(name: str, value, recommended: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be a number in (0, 1] (recommended {recommended}), got {value!r}")
@@ -82,16 +121,18 @@ class PruneVidConfig:
     Stage 1 (``enable_stage1``): ``tau`` static threshold on the mean pairwise cosine
     similarity of a position across a segment's frames, ``(0, 1]``, recommended 0.7-0.9;
     ``cluster_ratio`` clusters per token kept by spatial DPC-KNN, ``(0, 1]``, recommended
-    0.3-0.8; ``temporal_segment_ratio`` segments per frame, ``(0, 1]``, recommended 0.1-0.5.
+    0.3-0.8; ``temporal_segment_ratio`` temporal clusters per frame, ``(0, 1]``, recommended
+    0.1-0.5; ``segmentation`` ``"official"`` or ``"exact"`` (:func:`temporal_segments`);
+    ``cluster_count`` ``"official"`` or ``"ceil"`` (:func:`num_clusters_for`).
     Stage 2 (``enable_pruning``): ``keep_ratio`` of the visual tokens kept after
     ``pruning_layer``, ``(0, 1]``, recommended 0.3-0.6; ``pruning_layer >= 0`` (checked against
-    the model by :meth:`validate_for_model`); ``selection`` ``"global"`` (top-k over all visual
-    tokens) or ``"segment"`` (top-k within each stage-1 group, see :func:`select_keep_indices`).
+    the model by :meth:`validate_for_model`); ``selection`` ``"segment"``, ``"segment_ceil"`` or
+    ``"global"`` (:func:`select_keep_indices`).
     Stage 3 (``enable_cache_compression``): compress the KV cache of layers
     ``0..pruning_layer`` to the kept tokens; needs ``enable_pruning``.
     ``k_neighbors``: the ``k`` of DPC-KNN densities (temporal and spatial), ``>= 1``.
 
-    The defaults are the ``default`` preset.
+    The defaults are the ``default`` preset, with the official algorithm's rules (module docstring).
     """
 
     enable_stage1: bool = True
@@ -102,8 +143,10 @@ class PruneVidConfig:
     keep_ratio: float = 0.4
     pruning_layer: int = 10
     enable_cache_compression: bool = True
-    selection: str = "global"
-    k_neighbors: int = 5
+    selection: str = "segment"
+    k_neighbors: int = 7
+    segmentation: str = "official"
+    cluster_count: str = "official"
 
     def __post_init__(self) -> None:
         _check_bool("enable_stage1", self.enable_stage1)
@@ -114,9 +157,10 @@ class PruneVidConfig:
         _check_unit_interval("keep_ratio", self.keep_ratio, "0.3-0.6")
         check_int("pruning_layer", self.pruning_layer, lo=0)
         _check_bool("enable_cache_compression", self.enable_cache_compression)
-        if self.selection not in SELECTION_MODES:
-            raise ValueError(f"selection must be one of {', '.join(map(repr, SELECTION_MODES))}, got {self.selection!r}")
+        _check_choice("selection", self.selection, SELECTION_MODES)
         check_int("k_neighbors", self.k_neighbors, lo=1)
+        _check_choice("segmentation", self.segmentation, SEGMENTATIONS)
+        _check_choice("cluster_count", self.cluster_count, CLUSTER_COUNTS)
         if self.enable_cache_compression and not self.enable_pruning:
             raise ValueError(
                 "enable_cache_compression=True needs enable_pruning=True "
@@ -151,7 +195,9 @@ class PruneVidConfig:
 #: aggressive      on      0.7      0.3           0.25      0.3         layer 10, cache compressed
 #: ==============  ======  =======  ============  ========  ==========  =========================
 #:
-#: Values in parentheses are carried but unused because their stage is off.
+#: Values in parentheses are carried but unused because their stage is off. Every preset uses the official
+#: algorithm's rules (``segmentation="official"``, ``cluster_count="official"``, ``selection="segment"``,
+#: ``k_neighbors=7``); override them by name for the alternatives.
 PRESETS: dict[str, PruneVidConfig] = {
     "baseline": PruneVidConfig(enable_stage1=False, enable_pruning=False, enable_cache_compression=False),
     "stage2_only": PruneVidConfig(enable_stage1=False, keep_ratio=0.4, pruning_layer=10),
@@ -190,13 +236,27 @@ def preset(name: str, **overrides) -> PruneVidConfig:
 # ============================================================================= stage 1
 
 
-def num_temporal_segments(num_frames: int, segment_ratio: float) -> int:
-    """``max(1, round(num_frames * segment_ratio))`` (round half-up)."""
+def num_temporal_segments(num_frames: int, segment_ratio: float, segmentation: str = "official") -> int:
+    """Temporal clusters: ``max(1, int(num_frames * segment_ratio))`` (official: truncation), or for
+    ``segmentation="exact"`` the segment count ``max(1, round(num_frames * segment_ratio))`` (half-up)."""
+    _check_choice("segmentation", segmentation, SEGMENTATIONS)
+    if segmentation == "official":
+        return max(1, int(num_frames * segment_ratio))
     return max(1, round_half_up(num_frames * segment_ratio))
 
 
-def num_clusters_for(num_tokens: int, cluster_ratio: float) -> int:
-    """``ceil(num_tokens * cluster_ratio)``: at least 1 for a non-empty set, at most ``num_tokens``."""
+def num_clusters_for(num_tokens: int, cluster_ratio: float, cluster_count: str = "official") -> int:
+    """Clusters for a set of ``num_tokens`` tokens (``num_tokens`` itself: the set is kept as it is).
+
+    * ``"official"``: a set of at most :data:`SMALL_SET_SIZE` (14) tokens is kept; a larger one gets
+      ``max(1, int(num_tokens * cluster_ratio))`` clusters (truncation, as the official code);
+    * ``"ceil"``: ``ceil(num_tokens * cluster_ratio)``, at least 1 for a non-empty set, at most ``num_tokens``.
+    """
+    _check_choice("cluster_count", cluster_count, CLUSTER_COUNTS)
+    if cluster_count == "official":
+        if num_tokens <= SMALL_SET_SIZE:
+            return num_tokens
+        return max(1, int(num_tokens * cluster_ratio))
     return min(num_tokens, _ceil(num_tokens * cluster_ratio))
 
 
@@ -210,30 +270,76 @@ def _label_runs(labels: Sequence[int]) -> list[list[int]]:
     return runs
 
 
+def refine_temporal_labels(labels: Sequence[int]) -> list[int]:
+    """The official ``refine_clusters`` rule on one video's frame labels ``[T]`` (a new list).
+
+    1. Each label keeps only its longest runs of consecutive frames (every run of that length); a
+       label whose longest run is a single frame keeps none.
+    2. Every other run (a maximal stretch of frames that lost their label) takes the label of the
+       longer of its two neighbouring runs, measured after step 1; the left one on a tie, the only
+       one at either end, label 0 when there is none (every frame lost its label).
+
+    The segments are then the maximal runs of the result (:func:`temporal_segments`); two runs of
+    the same label stay two segments.
+    """
+    labels = [int(x) for x in labels]
+    refined = list(labels)
+    runs = [(start, end, labels[start]) for start, end in _label_runs(labels)]
+    for label in set(labels):
+        own = [(start, end) for start, end, run_label in runs if run_label == label]
+        longest = max(end - start for start, end in own)
+        for start, end in own:
+            if longest == 1 or end - start < longest:
+                refined[start:end] = [-1] * (end - start)
+    t = 0
+    while t < len(refined):
+        if refined[t] != -1:
+            t += 1
+            continue
+        start = t
+        while t < len(refined) and refined[t] == -1:
+            t += 1
+        left_label = refined[start - 1] if start > 0 else None
+        left_length = 0
+        while left_label is not None and start - 1 - left_length >= 0 and refined[start - 1 - left_length] == left_label:
+            left_length += 1
+        right_label = refined[t] if t < len(refined) else None
+        right_length = 0
+        while right_label is not None and t + right_length < len(refined) and refined[t + right_length] == right_label:
+            right_length += 1
+        if right_length > left_length:
+            new_label = right_label
+        else:
+            new_label = left_label if left_label is not None else right_label
+        refined[start:t] = [0 if new_label is None else new_label] * (t - start)
+    return refined
+
+
 def temporal_segments(
-    frame_features: torch.Tensor, segment_ratio: float, k: int = 5, normalize: bool = False
+    frame_features: torch.Tensor, segment_ratio: float, k: int = 7, segmentation: str = "official"
 ) -> list[tuple[int, int]]:
     """Contiguous temporal segments ``[(start, end), ...]`` (end exclusive) covering ``[0, T)``.
 
-    ``frame_features [T, D]`` (e.g. each frame's tokens mean-pooled) are clustered by DPC-KNN
-    into ``S = max(1, round(T * segment_ratio))`` clusters. The labels become contiguous
-    segments by this rule (PruneVid ``refine_clusters``-style):
+    ``frame_features [T, D]`` (each frame's tokens mean-pooled) are clustered by DPC-KNN into
+    ``S =`` :func:`num_temporal_segments` clusters. Then:
 
-    1. a boundary wherever the label changes along time, giving maximal runs of equal labels
-       (every label is used, so there are at least ``S`` runs);
-    2. while there are more than ``S`` runs, the shortest run (the earliest among equally
-       short ones) is merged into an adjacent run: the neighbour whose mean frame feature has
-       the higher cosine similarity with the run's mean frame feature (a tie, or only one
-       neighbour: the earlier one / the existing one).
-
-    The result has exactly ``S`` segments, in time order.
+    * ``segmentation="official"``: the labels are refined by :func:`refine_temporal_labels` (the
+      official ``refine_clusters``) and every maximal run of the result is a segment. The number of
+      segments is often below ``S`` (a cluster that never holds two consecutive frames disappears).
+    * ``segmentation="exact"``: every maximal run of the labels is a run (at least ``S`` of them);
+      while there are more than ``S`` runs, the shortest run (the earliest among equally short ones)
+      is merged into the adjacent run whose mean frame feature has the higher cosine similarity with
+      its own (a tie, or only one neighbour: the earlier one / the existing one). Exactly ``S``
+      segments result.
     """
     if frame_features.dim() != 2 or frame_features.shape[0] < 1:
         raise ValueError(f"frame_features must have shape [T, D] with T >= 1, got {tuple(frame_features.shape)}")
     _check_unit_interval("segment_ratio", segment_ratio, "0.1-0.5")
     num_frames = frame_features.shape[0]
-    num_segments = num_temporal_segments(num_frames, segment_ratio)
+    num_segments = num_temporal_segments(num_frames, segment_ratio, segmentation)
     labels = cluster(frame_features, num_segments, k).tolist()
+    if segmentation == "official":
+        return [(start, end) for start, end in _label_runs(refine_temporal_labels(labels))]
     runs = _label_runs(labels)
     feats = frame_features.detach().to(torch.float64)
 
@@ -336,13 +442,14 @@ def _first_member(positions: torch.Tensor, labels: torch.Tensor, num_clusters: i
 def merge_video_tokens(video_tokens: torch.Tensor, config: PruneVidConfig) -> MergeResult:
     """Stage 1: ``video_tokens [T, N, D] -> MergeResult`` (``merged_tokens [M, D]``).
 
-    1. segments = :func:`temporal_segments` of the per-frame mean tokens ``[T, D]``;
+    1. segments = :func:`temporal_segments` of the per-frame mean tokens ``[T, D]`` (``config.segmentation``);
     2. per segment, :func:`static_dynamic_split` with ``config.tau``;
     3. static positions: tokens averaged over the segment's frames ``[n_s, D]``, DPC-KNN into
-       ``ceil(n_s * cluster_ratio)`` clusters; each cluster's members are the cluster's
-       positions in *every* frame of the segment;
+       ``num_clusters_for(n_s)`` clusters (``config.cluster_count``; official: a set of at most 14
+       is kept as it is); each cluster's members are the cluster's positions in *every* frame of
+       the segment;
     4. dynamic positions: in each frame, DPC-KNN on that frame's dynamic tokens
-       ``[n_d, D]`` into ``ceil(n_d * cluster_ratio)`` clusters;
+       ``[n_d, D]`` into ``num_clusters_for(n_d)`` clusters;
     5. every cluster is replaced by the mean of its members (accumulated in at least float32)
        and the clusters are ordered by source position (see :class:`MergeResult`).
 
@@ -373,7 +480,14 @@ def merge_video_tokens(video_tokens: torch.Tensor, config: PruneVidConfig) -> Me
     work_dtype = torch.promote_types(video_tokens.dtype, torch.float32)
     tokens = video_tokens.detach().to(work_dtype)
     k = config.k_neighbors
-    segments = temporal_segments(tokens.mean(dim=1), config.temporal_segment_ratio, k)
+    segments = temporal_segments(tokens.mean(dim=1), config.temporal_segment_ratio, k, config.segmentation)
+
+    def spatial_labels(features: torch.Tensor) -> torch.Tensor:
+        """``[n, D] -> [n]`` DPC-KNN labels into ``num_clusters_for(n)`` clusters (a kept set: its own labels)."""
+        count = num_clusters_for(features.shape[0], config.cluster_ratio, config.cluster_count)
+        if count >= features.shape[0]:
+            return torch.arange(features.shape[0], device=features.device)
+        return cluster(features, count, k)
 
     assignment = torch.empty(total, dtype=torch.long, device=device)  # flat index -> cluster id
     means, sources, segment_ids, static_flags = [], [], [], []
@@ -397,17 +511,16 @@ def merge_video_tokens(video_tokens: torch.Tensor, config: PruneVidConfig) -> Me
         dynamic_pos = (~static_mask).nonzero().flatten()
         if static_pos.numel():
             averaged = seg_tokens[:, static_pos].mean(dim=0)  # [n_s, D]
-            labels = cluster(averaged, num_clusters_for(static_pos.numel(), config.cluster_ratio), k)
+            labels = spatial_labels(averaged)
             members = (frames[:, None] * num_positions + static_pos[None, :]).flatten()  # [t * n_s]
             add_clusters(
                 averaged, start * num_positions + static_pos, labels,
                 members, labels.repeat(end - start), segment, True,
             )  # equal member count per position: mean of position means = mean of all members
         if dynamic_pos.numel():
-            num_dynamic_clusters = num_clusters_for(dynamic_pos.numel(), config.cluster_ratio)
             for frame in range(start, end):
                 features = seg_tokens[frame - start, dynamic_pos]  # [n_d, D]
-                labels = cluster(features, num_dynamic_clusters, k)
+                labels = spatial_labels(features)
                 flat = frame * num_positions + dynamic_pos
                 add_clusters(features, flat, labels, flat, labels, segment, False)
 
@@ -549,14 +662,18 @@ def select_keep_indices(
     importance: torch.Tensor,
     keep_ratio: float,
     segment_ids: torch.Tensor | None = None,
-    mode: str = "global",
+    mode: str = "segment",
 ) -> torch.Tensor:
     """Sorted LongTensor of the kept visual indices for ``importance [V]``.
 
-    * ``global``: the ``max(1, round(V * keep_ratio))`` most important (round half-up);
-    * ``segment``: within each group of ``segment_ids [V]`` (any integer labels; e.g.
-      :func:`selection_group_ids`: a segment's static tokens, each frame's dynamic tokens)
-      the ``max(1, ceil(n_group * keep_ratio))`` most important, so every group keeps a token.
+    Groups are given by ``segment_ids [V]`` (any integer labels; e.g. :func:`selection_group_ids`: a
+    segment's static tokens, each frame's dynamic tokens):
+
+    * ``segment`` (the official ``process_attention``): in each group the ``int(n_group * keep_ratio)``
+      most important (truncation: a group of fewer than ``1 / keep_ratio`` tokens keeps none);
+    * ``segment_ceil``: in each group the ``max(1, ceil(n_group * keep_ratio))`` most important, so
+      every group keeps a token;
+    * ``global``: the ``max(1, round(V * keep_ratio))`` most important of all (round half-up).
 
     Ties go to the lower index; NaN counts as least important.
     """
@@ -575,7 +692,7 @@ def select_keep_indices(
         return torch.sort(by_importance[:keep]).values
 
     if segment_ids is None:
-        raise ValueError('mode="segment" needs segment_ids [V] (one group id per visual token)')
+        raise ValueError(f"mode={mode!r} needs segment_ids [V] (one group id per visual token)")
     segment_ids = torch.as_tensor(segment_ids, device=importance.device).flatten()
     if segment_ids.numel() != num_visual:
         raise ValueError(f"segment_ids must have {num_visual} entries (one per visual token), got {segment_ids.numel()}")
@@ -585,7 +702,11 @@ def select_keep_indices(
     sizes = torch.bincount(group)
     group_start = torch.cumsum(sizes, 0) - sizes
     rank_in_group = torch.arange(num_visual, device=importance.device) - group_start[group[order]]
-    quota = torch.tensor([max(1, _ceil(int(n) * keep_ratio)) for n in sizes.tolist()], device=importance.device)
+    if mode == "segment":
+        quota = [int(n * keep_ratio) for n in sizes.tolist()]
+    else:
+        quota = [max(1, _ceil(n * keep_ratio)) for n in sizes.tolist()]
+    quota = torch.tensor(quota, device=importance.device)
     return torch.sort(order[rank_in_group < quota[group[order]]]).values
 
 
@@ -599,7 +720,7 @@ class PruneVidSelector:
     name = "prunevid"
     needs_question_attention = True  # the runtime computes it from layer K's own queries and keys
 
-    def __init__(self, keep_ratio: float, grouping: str = "global") -> None:
+    def __init__(self, keep_ratio: float, grouping: str = "segment") -> None:
         _check_unit_interval("keep_ratio", keep_ratio, "0.3-0.6")
         if grouping not in SELECTION_MODES:
             raise ValueError(f"grouping must be one of {', '.join(map(repr, SELECTION_MODES))}, got {grouping!r}")
