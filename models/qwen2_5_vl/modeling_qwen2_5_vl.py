@@ -904,7 +904,8 @@ class Qwen2_5_VLTextModel(Qwen2_5_VLPreTrainedModel):
             # columns; None stays None: SDPA's is_causal is still right since the kept order is preserved). Kept
             # tokens keep their original M-RoPE positions (their own cos/sin rows). Layers K+1.. then cost L2/L1 of
             # the full sequence. Stage 3 (enable_cache_compression): the KV cache of layers 0..K is index-selected to
-            # the same L2 entries, so every layer decodes against L2 + t keys.
+            # the same L2 entries, so every layer decodes against L2 + t keys (on transformers' cache layers, where the
+            # official PruneVid code slices the tensors of its own cache class).
             # DECODING without stage 3: layers 0..K cache L1 + t entries, layers K+1.. L2 + t; a materialised mask
             # (sized for layer 0) gets its columns re-sliced for the layers after K. Selection never runs again.
             if prunevid_state is not None and prunevid_state.acts_after_layer(i):
