@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit run-video bench-video sweep-video eval-egoschema train-llava eval-llava bench-llava
+.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit run-video bench-video sweep-video train-video-base eval-egoschema train-llava eval-llava bench-llava
 
 venv: $(STAMP)
 
@@ -60,6 +60,11 @@ bench-video: $(STAMP)
 ## PruneVid stage-1 sweep (tau x cluster_ratio x temporal_segment_ratio) on the demo video -> stage1_sweep_results.json.
 sweep-video: $(STAMP)
 	$(PY) scripts/sweep_stage1.py $(ARGS)
+
+## Train the embedded video-QA Qwen2.5-VL from scratch on the generated task into models/trained/video_qa (~1 h on 2 cores;
+## ARGS="--resume" continues runs/video_base/checkpoint.pt, ARGS="--overwrite" retrains over the shipped model).
+train-video-base: $(STAMP)
+	$(PY) scripts/train_video_base.py $(ARGS)
 
 ## EgoSchema-style multiple choice, every PruneVid preset, on the generated set (embedded model: accuracy is chance).
 eval-egoschema: $(STAMP)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Sequence
 from functools import lru_cache
 
 from transformers import Qwen2Tokenizer
@@ -140,8 +141,9 @@ def bytes_to_unicode() -> dict[int, str]:
     return {byte: chr(code) for byte, code in zip(printable, codes)}
 
 
-def tokenizer_corpus() -> list[str]:
-    """The fixed training corpus: chat and pipeline templates, edit instructions, video QA and general text."""
+def tokenizer_corpus(extra_lines: Sequence[str] = ()) -> list[str]:
+    """The fixed training corpus: chat and pipeline templates, edit instructions, video QA and general text
+    (then ``extra_lines``, e.g. a trained testbed's questions and answers)."""
     lines = [QWENIMAGE_EDIT_TEMPLATE.format(""), QWENIMAGE_TEMPLATE.format("")] * 2
     lines += list(GENERAL_TEXT) * 2
     lines.append(" ".join(COLOURS + SHAPES + NUMBER_WORDS))
@@ -149,7 +151,7 @@ def tokenizer_corpus() -> list[str]:
         shape, number = SHAPES[index % len(SHAPES)], NUMBER_WORDS[index % len(NUMBER_WORDS)]
         for template in EDIT_INSTRUCTIONS + VIDEO_LINES:
             lines.append(template.format(colour=colour, shape=shape, number=number))
-    return lines
+    return lines + list(extra_lines)
 
 
 def _pretokenize(text: str) -> list[str]:
@@ -173,13 +175,14 @@ def train_byte_level_bpe(corpus: list[str], vocab_size: int) -> tuple[dict[str, 
     return learn_merges(word_counts, vocab, vocab_size)
 
 
-def build_qwen2_tokenizer() -> Qwen2Tokenizer:
+def build_qwen2_tokenizer(extra_lines: Sequence[str] = ()) -> Qwen2Tokenizer:
     """The tiny Qwen2 tokenizer: trained BPE, Qwen2.5-VL special tokens and chat template.
 
     Like Qwen2.5-VL-Instruct's: no BOS, ``eos_token`` = ``<|im_end|>``, ``pad_token`` =
     ``<|endoftext|>``, no unknown token (byte-level BPE covers every input), right padding.
+    ``extra_lines`` join the BPE corpus (the default tokenizer has none).
     """
-    vocab, merges = train_byte_level_bpe(tokenizer_corpus(), BPE_VOCAB_SIZE)
+    vocab, merges = train_byte_level_bpe(tokenizer_corpus(extra_lines), BPE_VOCAB_SIZE)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,

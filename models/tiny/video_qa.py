@@ -1,0 +1,407 @@
+"""The embedded video-QA Qwen2.5-VL: the real architecture at toy size, trained from scratch on ``data.video_qa``.
+
+It is the model system B's quality is measured on: without learned weights, pruning cannot be seen to
+cost anything. Everything here is the real Qwen2.5-VL (windowed ViT with full-attention blocks, 2x2
+merger, M-RoPE, GQA) built from a config, with the real ``Qwen2_5_VLProcessor`` around a tiny BPE
+tokenizer whose corpus includes the task's questions. Training (``scripts/train_video_base.py``,
+``make train-video-base``): the answer tokens' cross-entropy, plus an auxiliary cross-entropy of two
+linear probes on the merger's output tokens (which palette colour and which shape fills each token's
+cell at that grid step, 0 = background), which teaches the vision tower the cell contents early so the
+language model can learn motion and order from them. The trained directory is shipped in the
+repository (``models/trained/video_qa``) with its training record; ``from_pretrained`` loads it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from data.media import PALETTE, SHAPES
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_DIR = REPO_ROOT / "models" / "trained" / "video_qa"
+VIDEO_MAX_PIXELS = 224 * 224  # a 224x224 frame stays whole: 8 x 8 merged tokens per grid step
+METRICS_FILE = "training_record.json"
+
+DEFAULTS = dict(steps=3000, batch_size=8, turns=4, lr=2e-3, warmup=100, weight_decay=0.01, aux_weight=1.0, clip=1.0,
+                seed=0, eval_size=240, eval_every=250, text_hidden=128, text_layers=4, vision_hidden=64)
+
+
+# ============================================================================= model, tokenizer, processor
+
+
+def task_lines() -> list[str]:
+    """Every question template and answer word of the task, for the tokenizer's BPE corpus."""
+    from data.video_qa import ANSWERS, DIRECTION_PHRASES, EXTRA_OPTIONS
+
+    lines = []
+    for colour in PALETTE:
+        for shape in SHAPES:
+            lines += [
+                f"Which direction does the {colour} {shape} move?",
+                f"What shape is the moving {colour} object?",
+                f"What colour is the {shape} that does not move?",
+                f"Which starts moving first, the {colour} {shape} or the {colour} {shape}?",
+            ]
+    lines += [f"What colour is the object that moves {phrase}?" for phrase in DIRECTION_PHRASES.values()]
+    lines.append("How many objects move?")
+    words = sorted({w for answers in ANSWERS.values() for w in answers} | {w for e in EXTRA_OPTIONS.values() for w in e})
+    lines += [" ".join(words)] * 4
+    return lines * 2
+
+
+def build_tokenizer():
+    from models.tiny.qwen_tokenizer import build_qwen2_tokenizer
+
+    return build_qwen2_tokenizer(task_lines())
+
+
+def video_qa_config(tokenizer, *, text_hidden: int = 128, text_layers: int = 4, vision_hidden: int = 64):
+    """Qwen2.5-VL at toy size for 224 px video: text width ``text_hidden`` (head dim 32, 2 query heads per KV
+    head, MLP 4x, M-RoPE in the 7B's 16/24/24 proportions), ViT width ``vision_hidden`` (4 blocks, 1 and 3 full)."""
+    from transformers import Qwen2_5_VLConfig
+
+    from models.tiny.qwen2_5_vl import tiny_qwen2_5_vl_config, tiny_text_config_kwargs, tiny_vision_config_kwargs
+
+    head_dim = 32
+    heads = text_hidden // head_dim
+    text = tiny_text_config_kwargs(tokenizer)
+    text.update(hidden_size=text_hidden, intermediate_size=4 * text_hidden, num_hidden_layers=text_layers,
+                max_window_layers=text_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
+    quarter = head_dim // 2 // 8  # the rotary half-dimension split 2/3/3 (7B: 16/24/24 of 64)
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [2 * quarter, 3 * quarter, 3 * quarter]}
+    vision = tiny_vision_config_kwargs(text_hidden)
+    vision.update(hidden_size=vision_hidden, intermediate_size=int(vision_hidden * 2.67), num_heads=vision_hidden // 16)
+    base = tiny_qwen2_5_vl_config(tokenizer)
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=base.image_token_id, video_token_id=base.video_token_id,
+        vision_start_token_id=base.vision_start_token_id, vision_end_token_id=base.vision_end_token_id,
+        vision_token_id=base.vision_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def build_processor(tokenizer):
+    """The real ``Qwen2_5_VLProcessor`` with a video pixel cap that keeps 224x224 frames whole."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
+
+    from models.tiny.qwen2_5_vl import (
+        MERGE_SIZE,
+        PATCH_SIZE,
+        QWEN2_VL_CHAT_TEMPLATE,
+        TEMPORAL_PATCH_SIZE,
+        VIDEO_FPS,
+        VIDEO_MIN_PIXELS,
+        build_image_processor,
+    )
+
+    video_processor = Qwen2VLVideoProcessor(
+        min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS, patch_size=PATCH_SIZE,
+        temporal_patch_size=TEMPORAL_PATCH_SIZE, merge_size=MERGE_SIZE, fps=VIDEO_FPS, cap_pixels_per_frame=True,
+    )  # fmt: skip
+    return Qwen2_5_VLProcessor(image_processor=build_image_processor(), tokenizer=tokenizer,
+                               video_processor=video_processor, chat_template=QWEN2_VL_CHAT_TEMPLATE)
+
+
+def build_untrained(seed: int, **sizes):
+    """``(model, processor)``: the upstream class with seeded weights, and its processor."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from models.tiny import seeded_init_
+    from models.tiny.qwen_tokenizer import ENDOFTEXT, IM_END
+
+    tokenizer = build_tokenizer()
+    model = Qwen2_5_VLForConditionalGeneration(video_qa_config(tokenizer, **sizes))
+    seeded_init_(model, seed=seed, std=0.02)
+    generation = model.generation_config
+    generation.bos_token_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    generation.eos_token_id = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+    generation.pad_token_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    return model, build_processor(tokenizer)
+
+
+# ============================================================================= batches
+
+
+def video_metadata():
+    from transformers.video_utils import VideoMetadata
+
+    from data.video_qa import NUM_FRAMES
+
+    return VideoMetadata(total_num_frames=NUM_FRAMES, fps=4.0)
+
+
+def chat_prompt(processor, question: str) -> str:
+    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def encode_batch(processor, samples: Sequence, with_answers: bool, frames: Sequence | None = None) -> dict:
+    """Processor inputs for ``samples`` (right padding); with answers: the answer and ``<|im_end|>`` appended and
+    ``labels`` on exactly those tokens (-100 elsewhere)."""
+    from models.tiny.qwen_tokenizer import IM_END
+
+    prompts = [chat_prompt(processor, s.question) for s in samples]
+    if with_answers:
+        prompts = [p + s.answer + IM_END for p, s in zip(prompts, samples)]
+    videos = list(frames) if frames is not None else [s.frames() for s in samples]
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "right" if with_answers else "left"
+    batch = dict(processor(videos=videos, video_metadata=[video_metadata()] * len(samples), text=prompts,
+                           padding=True, return_tensors="pt"))
+    if with_answers:
+        labels = torch.full_like(batch["input_ids"], -100)
+        for row, sample in enumerate(samples):
+            answer_ids = tokenizer(sample.answer + IM_END, add_special_tokens=False).input_ids
+            end = int(batch["attention_mask"][row].sum())
+            labels[row, end - len(answer_ids) : end] = torch.tensor(answer_ids)
+        batch["labels"] = labels
+    return batch
+
+
+def encode_conversations(processor, conversations: Sequence) -> dict:
+    """Multi-turn training batch: the video in the first user turn, every answer (+ ``<|im_end|>``) labelled."""
+    from models.tiny.qwen_tokenizer import IM_END
+
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "right"
+    texts, answer_spans = [], []
+    for conv in conversations:
+        messages = []
+        for turn, (question, answer, _) in enumerate(conv.turns):
+            content = ([{"type": "video"}] if turn == 0 else []) + [{"type": "text", "text": question}]
+            messages.append({"role": "user", "content": content})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        texts.append(processor.apply_chat_template(messages))
+        answer_spans.append([tokenizer(answer + IM_END, add_special_tokens=False).input_ids for _, answer, _ in conv.turns])
+    batch = dict(processor(videos=[c.frames() for c in conversations],
+                           video_metadata=[video_metadata()] * len(conversations), text=texts, padding=True,
+                           return_tensors="pt"))
+    labels = torch.full_like(batch["input_ids"], -100)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    for row, spans in enumerate(answer_spans):
+        ids = batch["input_ids"][row].tolist()
+        ends = [i for i, t in enumerate(ids) if t == im_end]  # system, then (user, assistant) per turn
+        for turn, span in enumerate(spans):
+            end = ends[2 + 2 * turn] + 1  # the assistant turn's <|im_end|>, inclusive
+            assert ids[end - len(span):end] == span, "answer tokens not where the chat template put them"
+            labels[row, end - len(span):end] = torch.tensor(span)
+    batch["labels"] = labels
+    return batch
+
+
+def visual_targets(samples: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(colour, shape)`` class per visual token, ``[B * NUM_STEPS * GRID * GRID]`` in the merger's order
+    (grid step, then row-major cells): 1 + palette / shape index of the object in that cell, 0 for background."""
+    from data.video_qa import GRID, NUM_STEPS
+
+    colour_index = {c: i + 1 for i, c in enumerate(PALETTE)}
+    shape_index = {s: i + 1 for i, s in enumerate(SHAPES)}
+    colours, shapes = [], []
+    for sample in samples:
+        for step in range(NUM_STEPS):
+            cells = sample.scene.object_cells(step)
+            for row in range(GRID):
+                for col in range(GRID):
+                    obj = cells.get((row, col))
+                    colours.append(colour_index[obj.colour] if obj else 0)
+                    shapes.append(shape_index[obj.shape] if obj else 0)
+    return torch.tensor(colours), torch.tensor(shapes)
+
+
+# ============================================================================= answers and accuracy
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.lower().replace(".", " ").replace(",", " ").split())
+
+
+@torch.no_grad()
+def generate_answers(model, processor, samples: Sequence, batch_size: int = 16, max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers (left padding, batched)."""
+    answers = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        batch = encode_batch(processor, chunk, with_answers=False)
+        out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
+        answers += processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [a.strip() for a in answers]
+
+
+def accuracy_report(samples: Sequence, predictions: Sequence[str]) -> dict:
+    """Exact-match accuracy overall and per question type, each with its standard error and count."""
+    from data.video_qa import QUESTION_TYPES
+
+    def summary(hits: list[bool]) -> dict:
+        n = len(hits)
+        acc = sum(hits) / n if n else float("nan")
+        return {"accuracy": acc, "accuracy_se": math.sqrt(acc * (1 - acc) / n) if n else float("nan"), "n": n}
+
+    hits = [normalize(p) == normalize(s.answer) for s, p in zip(samples, predictions, strict=True)]
+    report = {"all": summary(hits)}
+    for qtype in QUESTION_TYPES:
+        report[qtype] = summary([h for h, s in zip(hits, samples) if s.qtype == qtype])
+    return report
+
+
+def chance_report(samples: Sequence) -> dict:
+    """Chance per type: guessing uniformly among the type's answers, and always answering the most frequent one."""
+    from collections import Counter
+
+    from data.video_qa import ANSWERS, QUESTION_TYPES
+
+    out = {}
+    for qtype in QUESTION_TYPES:
+        answers = Counter(s.answer for s in samples if s.qtype == qtype)
+        total = sum(answers.values())
+        out[qtype] = {"uniform": 1 / len(ANSWERS[qtype]), "majority": max(answers.values()) / total if total else 0.0}
+    return out
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ============================================================================= training
+
+
+def evaluate(model, processor, split: str, size: int, seed: int, batch_size: int = 16) -> dict:
+    """Greedy exact match on the first ``size`` samples of ``split``, per type with standard errors."""
+    from data.video_qa import make_split
+
+    samples = make_split(split, size, seed=seed)
+    was_training = model.training
+    model.eval()
+    predictions = generate_answers(model, processor, samples, batch_size=batch_size)
+    model.train(was_training)
+    return {"split": split, "size": size, "accuracy": accuracy_report(samples, predictions),
+            "chance": chance_report(samples),
+            "examples": [{"question": s.question, "answer": s.answer, "prediction": p}
+                         for s, p in list(zip(samples, predictions))[:6]]}
+
+
+def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: float, warmup: int, weight_decay: float,
+          aux_weight: float, clip: float, seed: int, eval_size: int, eval_every: int, text_hidden: int,
+          text_layers: int, vision_hidden: int, checkpoint: Path, resume: bool = False, log=print) -> dict:
+    """Train from scratch; validation accuracy every ``eval_every`` steps (and at the end) goes to the JSON log.
+
+    ``checkpoint`` (model, probes, optimizer, scheduler, step, log, settings) is written atomically at
+    every evaluation; ``resume`` continues from it (the data are a function of the step, so a resumed run
+    sees exactly the samples the uninterrupted one would). The final model, processor and training record
+    are written to ``output_dir`` (renamed into place when complete).
+    """
+    from tqdm.auto import tqdm
+
+    from cli import atomic_path, save_torch, write_json
+    from data.video_qa import make_conversation, make_sample
+
+    settings = dict(steps=steps, batch_size=batch_size, turns=turns, lr=lr, warmup=warmup, weight_decay=weight_decay,
+                    aux_weight=aux_weight, clip=clip, seed=seed, eval_size=eval_size, eval_every=eval_every,
+                    text_hidden=text_hidden, text_layers=text_layers, vision_hidden=vision_hidden)
+    torch.manual_seed(seed)
+    model, processor = build_untrained(seed, text_hidden=text_hidden, text_layers=text_layers,
+                                       vision_hidden=vision_hidden)
+    probes = torch.nn.ModuleDict({"colour": torch.nn.Linear(text_hidden, len(PALETTE) + 1),
+                                  "shape": torch.nn.Linear(text_hidden, len(SHAPES) + 1)})
+    params = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probes.named_parameters()]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": weight_decay},
+         {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup))
+    record = {"settings": settings, "evaluations": [], "loss_every_10_steps": [], "train_seconds": 0.0}
+    start_step = 0
+    if resume and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if state["settings"] != settings:
+            raise ValueError(f"checkpoint {checkpoint} was written with other settings: {state['settings']}")
+        model.load_state_dict(state["model"])
+        probes.load_state_dict(state["probes"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        record, start_step = state["record"], state["step"]
+        log(f"resumed from {checkpoint} at step {start_step}")
+
+    captured = {}
+    hook = model.model.visual.register_forward_hook(lambda m, a, out: captured.__setitem__("tokens", out.pooler_output))
+    model.train()
+    window, aux_window = [], []
+    begin = time.perf_counter() - record["train_seconds"]
+    bar = tqdm(range(start_step, steps), desc="train step", unit="step", initial=start_step, total=steps,
+               dynamic_ncols=True)
+    try:
+        for step in bar:
+            if turns > 1:
+                samples = [make_conversation(seed, "train", step * batch_size + i, turns) for i in range(batch_size)]
+                batch = encode_conversations(processor, samples)
+            else:
+                samples = [make_sample(seed, "train", step * batch_size + i) for i in range(batch_size)]
+                batch = encode_batch(processor, samples, with_answers=True)
+            out = model(**batch)
+            loss = out.loss
+            if aux_weight > 0:
+                tokens = captured.pop("tokens")  # [B * 512, text_hidden] in grid-step, row-major order
+                colour, shape = visual_targets(samples)
+                aux = torch.nn.functional.cross_entropy(probes["colour"](tokens), colour)
+                aux = aux + torch.nn.functional.cross_entropy(probes["shape"](tokens), shape)
+                loss = loss + aux_weight * aux
+                aux_window.append(aux.item())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for _, p in params], clip)
+            optimizer.step()
+            scheduler.step()
+            window.append(out.loss.item())
+            if (step + 1) % 10 == 0:
+                record["loss_every_10_steps"].append(
+                    {"step": step + 1, "answer_loss": round(sum(window) / len(window), 4),
+                     "aux_loss": round(sum(aux_window) / len(aux_window), 4) if aux_window else None})
+                bar.set_postfix(loss=f"{sum(window) / len(window):.3f}",
+                                aux=f"{sum(aux_window) / len(aux_window):.3f}" if aux_window else "-")
+                window, aux_window = [], []
+            if (step + 1) % eval_every == 0 or step + 1 == steps:
+                record["train_seconds"] = round(time.perf_counter() - begin, 1)
+                result = evaluate(model, processor, "val", eval_size, seed)
+                result.update(step=step + 1, train_seconds=record["train_seconds"])
+                record["evaluations"].append(result)
+                acc = result["accuracy"]
+                log(f"step {step + 1}: validation accuracy {acc['all']['accuracy']:.3f} "
+                    + " ".join(f"{t} {v['accuracy']:.2f}" for t, v in acc.items() if t != "all"))
+                save_torch({"model": model.state_dict(), "probes": probes.state_dict(),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "step": step + 1, "record": record, "settings": settings}, Path(checkpoint))
+                write_json(Path(checkpoint).with_suffix(".json"), record)
+    finally:
+        hook.remove()
+    record["train_seconds"] = round(time.perf_counter() - begin, 1)
+    best = record["evaluations"][-1]
+    record["validation_accuracy"] = best["accuracy"]["all"]["accuracy"]
+    with atomic_path(Path(output_dir)) as tmp:
+        tmp.mkdir()
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_json(tmp / METRICS_FILE, record)
+    return record
+
+
+__all__ = [
+    "DEFAULTS",
+    "SHIPPED_DIR",
+    "accuracy_report",
+    "build_processor",
+    "build_tokenizer",
+    "build_untrained",
+    "chance_report",
+    "encode_batch",
+    "evaluate",
+    "generate_answers",
+    "train",
+    "video_qa_config",
+    "visual_targets",
+]
