@@ -51,7 +51,7 @@ bench-edit: $(STAMP)
 
 ## PruneVid on Qwen2.5-VL: demo video on the embedded tiny model, default preset vs the baseline (ARGS="..." for more flags).
 run-video: $(STAMP)
-	$(PY) scripts/run_video.py --compare $(ARGS)
+	$(PY) scripts/run_video.py --compare --visualize outputs_video $(ARGS)
 
 ## Speed, KV cache and memory of every PruneVid preset vs the baseline, shape-faithful scaled Qwen2.5-VL (not a test).
 bench-video: $(STAMP)

@@ -566,7 +566,8 @@ class Qwen25VLPruneVid:
             end = time.perf_counter()
         generated = out.sequences[0, input_ids.shape[1] :]
         text = self.processor.decode(generated, skip_special_tokens=True)
-        stats = dict(runtime.state_for(cache).stats) if runtime is not None else {}
+        self.last_state = runtime.state_for(cache) if runtime is not None else None  # what stage 1 / 2 decided
+        stats = dict(self.last_state.stats) if self.last_state is not None else {}
         tokens_before_stage1 = stats.get("tokens_before_stage1", video_tokens)
         tokens_after_stage1 = stats.get("tokens_after_stage1", video_tokens)
         tokens_before = stats.get("tokens_before", tokens_after_stage1)

@@ -29,6 +29,7 @@ from cli import (
     ArgumentParser,
     UserError,
     check_device,
+    check_output_dir,
     check_output_file,
     check_video_path,
     check_video_prompt_against_model,
@@ -72,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="default", help=f"one of {', '.join(PRESET_NAMES)} (default: default)")
     p.add_argument("--compare", action="store_true", help="also run the baseline in this process and compare")
     p.add_argument("--stats-json", type=Path, default=None, help="write the results as JSON to this path")
+    p.add_argument("--visualize", type=Path, default=None, metavar="DIR",
+                   help="write DIR/prunevid_tokens.png: the sampled frames with the token cells marked per stage")
     p.add_argument("--model-path", default=None, help="Qwen2.5-VL directory or hub id (default: the embedded tiny model)")
     p.add_argument("--num-frames", type=int, default=16, help="frames sampled uniformly from the video (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy decoding length (default 32)")
@@ -122,6 +125,7 @@ def validate(args) -> dict:
         raise UserError("the question is empty: pass a question after the video path")
     check_video_path(args.video)
     check_output_file(args.stats_json, "--stats-json")
+    check_output_dir(args.visualize, "--visualize")
     check_device(args.device)
     overrides = {
         name: getattr(args, name)
@@ -276,10 +280,34 @@ def main(argv=None) -> int:
             f"LLM prefill FLOPs {c['llm_prefill_flops_ratio']:.2f} of baseline, KV cache {c['kv_cache_ratio']:.2f}, "
             f"peak memory {c['peak_memory_ratio']:.2f} ({result['peak_memory_kind']})"
         )
+    if args.visualize is not None:
+        path = visualize(args.visualize, pipe, video, inputs)
+        stats["visualization"] = str(path)
+        print(f"token picture in {path}")
     if args.stats_json is not None:
         write_json(args.stats_json, stats)
         print(f"stats in {args.stats_json}")
     return 0
+
+
+def visualize(directory: Path, pipe, video, inputs) -> Path:
+    """``directory/prunevid_tokens.png`` of the last pruned run (frames, stage-1 static/dynamic and clusters, stage-2 kept)."""
+    from evaluation.video_overlay import save_overlay, token_cell_masks
+    from pruning.video.prunevid import merge_video_tokens, preset
+
+    state = pipe.last_state
+    t, h, w = (int(v) for v in inputs["video_grid_thw"][0])
+    merge = pipe.model.config.vision_config.spatial_merge_size
+    grid = (t, h // merge, w // merge)
+    if state is None:  # the baseline: nothing merged, nothing dropped
+        import torch
+
+        merged = merge_video_tokens(torch.zeros(grid[0], grid[1] * grid[2], 1), preset("baseline"))
+        masks = token_cell_masks(merged, None, grid)
+    else:
+        masks = token_cell_masks(state.merges[0], state.kept_visual, grid)
+    frames_per_step = pipe.model.config.vision_config.temporal_patch_size
+    return save_overlay(Path(directory) / "prunevid_tokens.png", video.frames, masks, frames_per_step)
 
 
 if __name__ == "__main__":

@@ -233,6 +233,19 @@ def test_run_video_compare_reports_agreement_and_ratios_and_writes_stats(run_vid
     assert "agreement with baseline" in out and "TTFT speedup" in out
 
 
+def test_run_video_visualize_writes_the_token_picture_of_the_pruned_run(run_video, video8, tmp_path, capsys):
+    from PIL import Image
+
+    code = run_video.main([str(video8), QUESTION, "--num-frames", "8", "--max-new-tokens", "2",
+                           "--visualize", str(tmp_path / "pictures"), "--stats-json", str(tmp_path / "s.json")])
+    assert code == 0
+    picture = Image.open(tmp_path / "pictures" / "prunevid_tokens.png")
+    # 4 grid steps of 112 px frames, three panels each (frame, stage 1, stage 2)
+    assert picture.size[0] > 3 * 112 and picture.size[1] > 4 * 112
+    assert json.loads((tmp_path / "s.json").read_text())["visualization"].endswith("prunevid_tokens.png")
+    assert "token picture in" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
