@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit run-video bench-video sweep-video train-video-base eval-egoschema train-llava eval-llava bench-llava
+.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit run-video bench-video sweep-video train-video-base eval-video eval-egoschema train-llava eval-llava bench-llava
 
 venv: $(STAMP)
 
@@ -65,6 +65,10 @@ sweep-video: $(STAMP)
 ## ARGS="--resume" continues runs/video_base/checkpoint.pt, ARGS="--overwrite" retrains over the shipped model).
 train-video-base: $(STAMP)
 	$(PY) scripts/train_video_base.py $(ARGS)
+
+## PruneVid's accuracy on the trained video-QA model: every preset and the alternatives at equal budgets (test split).
+eval-video: $(STAMP)
+	$(PY) scripts/eval_video.py $(ARGS)
 
 ## EgoSchema-style multiple choice, every PruneVid preset, on the generated set (embedded model: accuracy is chance).
 eval-egoschema: $(STAMP)

@@ -110,6 +110,18 @@ def qwen2_5_vl_prefill_flops(shape: Qwen2_5_VLTextShape, visual_after_stage1: in
     return float(flops)
 
 
+def llm_prefill_flops(text_config, lengths: Sequence[int]) -> float:
+    """Analytic prefill FLOPs of the decoder layers, layer ``i`` running on ``lengths[i]`` tokens.
+
+    Per layer and token: Q/K/V/O projections and the SwiGLU MLP (2 FLOPs per MAC); attention scores
+    and weighted values causally, ``~ L^2 / 2`` pairs per head dimension, Q.K and P.V.
+    """
+    d, h = text_config.hidden_size, text_config.num_attention_heads
+    head_dim, kv_heads, ffn = d // h, text_config.num_key_value_heads, text_config.intermediate_size
+    per_token = 2 * (d * h * head_dim + 2 * d * kv_heads * head_dim + h * head_dim * d + 3 * d * ffn)
+    return float(sum(length * per_token + 2 * 2 * h * head_dim * length * (length + 1) / 2 for length in lengths))
+
+
 # ----------------------------------------------------------------------------- LLaVA-1.5 (system C)
 
 

@@ -399,10 +399,12 @@ class Qwen25VLPruneVid:
         segmentation: str | None = None,
         cluster_count: str | None = None,
         *,
+        selector=None,
         _model=None,
         _processor=None,
     ):
         check_int("num_frames", num_frames, lo=1)
+        self.selector = selector  # stage 2: None = PruneVid's own selection; else any selector of pruning.selection
         if _model is None:
             check_device(device)
         overrides = {
@@ -463,7 +465,7 @@ class Qwen25VLPruneVid:
         """Another pipeline on the SAME loaded model and processor (e.g. the baseline for a comparison)."""
         derived = Qwen25VLPruneVid(
             preset=preset, num_frames=knobs.pop("num_frames", self.num_frames), verbose=knobs.pop("verbose", self.verbose),
-            _model=self.model, _processor=self.processor, **knobs,
+            selector=knobs.pop("selector", None), _model=self.model, _processor=self.processor, **knobs,
         )  # fmt: skip
         derived.model_path = self.model_path
         return derived
@@ -554,7 +556,11 @@ class Qwen25VLPruneVid:
         )  # fmt: skip
         from pruning.video.runtime import prunevid
 
-        attached = prunevid(self.model, self.config, verbose=self.verbose) if self.prunes else contextlib.nullcontext()
+        attached = (
+            prunevid(self.model, self.config, verbose=self.verbose, selector=self.selector)
+            if self.prunes
+            else contextlib.nullcontext()
+        )
         with attached as runtime, _PeakMemory(self.device) as memory:
             start = time.perf_counter()
             out = self.model.generate(

@@ -78,8 +78,17 @@ def register_selector(name: str) -> Callable:
     return register
 
 
+BUILTIN_SELECTOR_MODULES = ("pruning.llava.baselines", "pruning.video.prunevid")
+"""Modules whose selectors register themselves when imported (random, fastv, divprune; prunevid, last_token_attention)."""
+
+
 def make_selector(name: str, **kwargs) -> Selector:
-    """A registered selector, built with ``kwargs`` (e.g. ``keep=64``)."""
+    """A registered selector, built with ``kwargs`` (e.g. ``keep=64``); the built-in ones are imported on first use."""
+    if name not in SELECTORS:
+        import importlib
+
+        for module in BUILTIN_SELECTOR_MODULES:
+            importlib.import_module(module)
     if name not in SELECTORS:
         raise ValueError(f"unknown selector {name!r}; registered: {', '.join(sorted(SELECTORS)) or 'none'}")
     return SELECTORS[name](**kwargs)

@@ -161,18 +161,6 @@ def check_against_model(args, overrides: dict, video):
                                             overrides.get("pruning_layer"))
 
 
-def llm_prefill_flops(text_config, lengths: list[int]) -> float:
-    """Analytic prefill FLOPs of the decoder layers, layer ``i`` running on ``lengths[i]`` tokens.
-
-    Per layer and token: Q/K/V/O projections and the SwiGLU MLP (2 FLOPs per MAC); attention scores
-    and weighted values causally, ``~ L^2 / 2`` pairs per head dimension, Q.K and P.V.
-    """
-    d, h = text_config.hidden_size, text_config.num_attention_heads
-    head_dim, kv_heads, ffn = d // h, text_config.num_key_value_heads, text_config.intermediate_size
-    per_token = 2 * (d * h * head_dim + 2 * d * kv_heads * head_dim + h * head_dim * d + 3 * d * ffn)
-    return float(sum(length * per_token + 2 * 2 * h * head_dim * length * (length + 1) / 2 for length in lengths))
-
-
 def layer_lengths(result: dict, num_layers: int) -> list[int]:
     """Tokens each decoder layer processes in prefill."""
     prompt = result["prompt_tokens"]
@@ -228,6 +216,8 @@ def main(argv=None) -> int:
         runs["baseline"] = pipe.with_config("baseline").generate_from_inputs(inputs, max_new_tokens=args.max_new_tokens)
     runs[args.preset] = pipe.generate_from_inputs(inputs, max_new_tokens=args.max_new_tokens)
     result = runs[args.preset]
+
+    from evaluation.flops import llm_prefill_flops
 
     text_config = pipe.model.config.get_text_config()
     flops = {name: llm_prefill_flops(text_config, layer_lengths(r, pipe.num_layers)) for name, r in runs.items()}

@@ -81,6 +81,7 @@ __all__ = [
     "visual_token_importance",
     "select_keep_indices",
     "PruneVidSelector",
+    "LastTokenAttentionSelector",
     "question_query_positions",
 ]
 
@@ -734,6 +735,30 @@ class PruneVidSelector:
             groups = ctx.groups[row] if ctx.groups is not None else None
             kept = select_keep_indices(ctx.question_attention[row], self.keep_ratio, groups, self.grouping)
             keep[row, kept] = 1.0
+        return keep
+
+
+@register_selector("last_token_attention")
+class LastTokenAttentionSelector:
+    """FastV's criterion at the pruning layer: the ``keep`` vision tokens that the prompt's last token attends to
+    most (max over heads), for system B, whose runtime computes that attention from layer K's own queries."""
+
+    name = "last_token_attention"
+    needs_question_attention = True
+    question_rows = "last"  # the runtime scores with the last question row only
+
+    def __init__(self, keep: int) -> None:
+        check_int("keep", keep, lo=1)
+        self.keep = keep
+
+    def __call__(self, ctx: SelectionContext) -> torch.Tensor:
+        if ctx.question_attention is None:
+            raise ValueError("last_token_attention needs ctx.question_attention (the last token's attention per token)")
+        keep = torch.zeros_like(ctx.alive)
+        for row in range(keep.shape[0]):
+            k = min(self.keep, int((ctx.alive[row] > 0.5).sum()))
+            scores = ctx.question_attention[row].float().masked_fill(ctx.alive[row] <= 0.5, float("-inf"))
+            keep[row, torch.sort(scores, descending=True, stable=True).indices[:k]] = 1.0
         return keep
 
 

@@ -377,9 +377,17 @@ class PruneVidState:
             and self.visual_positions.numel() > 0
         )
 
+    @property
+    def scored_question_positions(self) -> torch.Tensor:
+        """``[Q]`` stage-1 rows whose attention scores the visual tokens: every question row, or only the last one
+        for a selector with ``question_rows = "last"`` (FastV's criterion)."""
+        if getattr(self.selector, "question_rows", "all") == "last":
+            return self.question_positions[-1:]
+        return self.question_positions
+
     def record_question_queries(self, query_states: torch.Tensor, scaling: float) -> None:
-        """Layer K's queries (after q_proj and RoPE) at the question rows: ``[1, H, L1, d] -> [1, H, Q, d]``."""
-        self.question_queries = query_states[:, :, self.question_positions.to(query_states.device)].detach()
+        """Layer K's queries (after q_proj and RoPE) at the scored question rows: ``[1, H, L1, d] -> [1, H, Q, d]``."""
+        self.question_queries = query_states[:, :, self.scored_question_positions.to(query_states.device)].detach()
         self.attention_scaling = scaling
 
     def acts_after_layer(self, layer_idx: int) -> bool:
@@ -428,10 +436,16 @@ class PruneVidState:
         cos, sin = position_embeddings  # [1, L1, d]
         vpos = self.visual_positions.to(device)  # [V] stage-1 rows of the visual tokens
         qpos = self.question_positions.to(device) if self.question_positions is not None else vpos[:0]
+        scored = self.scored_question_positions.to(device) if self.question_positions is not None else vpos[:0]
         with torch.no_grad():  # the selection is discrete; the slicing below stays differentiable
             importance, how = None, None
             if self.needs_question_attention:
-                importance, how = self._question_attention(layer_idx, hidden_states.shape[1], qpos, cache)
+                importance, how = self._question_attention(layer_idx, hidden_states.shape[1], scored, cache)
+            elif getattr(self.selector, "needs_previous_layer_attention", False):
+                raise ValueError(
+                    "this selector ranks by the previous layer's attention, which system B does not record: use "
+                    "'last_token_attention' (FastV's criterion at the pruning layer itself)"
+                )
             ctx = SelectionContext(
                 layer_idx=layer_idx,
                 mode="drop",
