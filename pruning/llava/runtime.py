@@ -304,6 +304,37 @@ class VisionTokenPruning(nn.Module):
 
 
 @dataclass
+class DropRows:
+    """Row bookkeeping of an inference prefill (``mode="drop"``): what each current row of the sequence is."""
+
+    num_vision: int  # V: image tokens of the prompt
+    attention_mask: torch.Tensor | None  # [B, T_cur] 2-D padding mask of the current rows (None: no padding)
+    rows: torch.Tensor  # [B, T_cur] original row of each current row
+    is_vision: torch.Tensor  # [B, T_cur] an image token still in the sequence
+    is_question: torch.Tensor  # [B, T_cur] a question token
+    alive_cols: torch.Tensor  # [B, Vc] index among the V image tokens of each surviving one
+
+    def gather(self, sel: torch.Tensor) -> None:
+        """Keep the current rows ``sel [B, T_new]``."""
+        self.rows, self.is_vision = _gather_rows(self.rows, sel), _gather_rows(self.is_vision, sel)
+        self.is_question = _gather_rows(self.is_question, sel)
+        self.attention_mask = _gather_rows(self.attention_mask, sel)
+
+
+@dataclass
+class MaskRows:
+    """Row bookkeeping of a training prefill (``mode="mask"``): the full sequence with a differentiable keep policy."""
+
+    num_vision: int  # V
+    length: int  # T
+    vision_rows: torch.Tensor  # [B, V] rows of the image tokens
+    attention_mask: torch.Tensor | None  # [B, T] 2-D padding mask (None: no padding)
+    question_mask: torch.Tensor  # [B, T] question tokens
+    policy: torch.Tensor  # [B, V] cumulative keep (straight-through), 1 before any selection
+    base_bias: torch.Tensor  # [B, 1, T, T] causal + padding additive mask
+
+
+@dataclass
 class LayerInputs:
     """What the forked Llama decoder loop feeds layer ``l`` after :meth:`LlavaPruningPass.before_layer`."""
 
@@ -347,7 +378,7 @@ class LlavaPruningPass:
         self.kept_rows: torch.Tensor | None = None  # [B, T_out] prompt rows of the returned sequence (drop mode)
         self.prefill = False  # set by begin_language_model: a prompt with images is being pruned
         self.attention_layers: set[int] = set()  # layers whose last-row attention a selector needs
-        self._rows: dict[str, Any] = {}  # per-row bookkeeping of this prefill (only this class reads it)
+        self.row_state: DropRows | MaskRows | None = None  # per-row bookkeeping of this prefill
 
     # ------------------------------------------------------------------ stage 1 (LlavaModel.forward)
 
@@ -456,25 +487,23 @@ class LlavaPruningPass:
         self.attention_layers = {layer - 1 for layer in layers if layer >= 1 and getattr(
             pruning.selectors.get(layer), "needs_previous_layer_attention", False)}
         self.groups: list[tuple[int, torch.Tensor]] = []
-        rows = self._rows
-        rows["v"], rows["t"] = v, t
-        rows["vision_rows0"] = vision_rows
-        rows["attention_mask"] = am
         if mode == "drop":
-            rows["rows"] = torch.arange(t, device=device).expand(b, t)  # original row of each current row
-            rows["is_vision"] = torch.zeros(b, t, dtype=torch.bool, device=device).scatter_(1, vision_rows, True)
-            rows["is_question"] = question_mask
-            rows["alive_cols"] = torch.arange(v, device=device).expand(b, v)
+            self.row_state = DropRows(
+                num_vision=v, attention_mask=am, rows=torch.arange(t, device=device).expand(b, t),
+                is_vision=torch.zeros(b, t, dtype=torch.bool, device=device).scatter_(1, vision_rows, True),
+                is_question=question_mask, alive_cols=torch.arange(v, device=device).expand(b, v),
+            )  # fmt: skip
         else:
-            rows["question_mask"] = question_mask
-            rows["policy"] = (torch.ones(b, v, dtype=inputs_embeds.dtype, device=device) if merge_keep is None
-                              else merge_keep.to(inputs_embeds.dtype))
             pad = am.bool() if am is not None else torch.ones(b, t, dtype=torch.bool, device=device)
             ar = torch.arange(t, device=device)
             allowed = (ar[None, :, None] >= ar[None, None, :]) & pad[:, None, :]  # [B, T(q), T(k)]
             dtype = inputs_embeds.dtype
-            rows["base"] = torch.zeros(b, 1, t, t, dtype=dtype, device=device).masked_fill(
-                ~allowed[:, None], torch.finfo(dtype).min)
+            self.row_state = MaskRows(
+                num_vision=v, length=t, vision_rows=vision_rows, attention_mask=am, question_mask=question_mask,
+                policy=(torch.ones(b, v, dtype=dtype, device=device) if merge_keep is None else merge_keep.to(dtype)),
+                base_bias=torch.zeros(b, 1, t, t, dtype=dtype, device=device).masked_fill(
+                    ~allowed[:, None], torch.finfo(dtype).min),
+            )  # fmt: skip
         if past_key_values is not None:
             pruning.cache_states[past_key_values] = PrunedCacheState(mode, t, t, self.groups)
 
@@ -540,74 +569,69 @@ class LlavaPruningPass:
 
     def _before_layer_drop(self, i, hidden, position_ids, position_embeddings) -> LayerInputs | None:
         """Inference: physical removal (see the module docstring, ``mode="drop"``)."""
-        r, trace = self._rows, self.trace
+        r, trace = self.row_state, self.trace
         b, device = hidden.shape[0], hidden.device
-        v = r["v"]
-        state = {"hidden": hidden, "pos": position_ids, "cos_sin": position_embeddings, "am": r["attention_mask"]}
+        state = {"hidden": hidden, "pos": position_ids, "cos_sin": position_embeddings}
         changed = False
 
         def drop(keep_vision: torch.Tensor) -> None:
             """``[B, Vc]`` keep over the current vision rows: remove every other vision row."""
-            keep_rows = torch.ones_like(r["is_vision"])
-            keep_rows[r["is_vision"]] = keep_vision.reshape(-1).bool()
+            keep_rows = torch.ones_like(r.is_vision)
+            keep_rows[r.is_vision] = keep_vision.reshape(-1).bool()
             counts = keep_rows.sum(1)
             if not bool((counts == counts[0]).all()):
                 raise ValueError(f"a selector kept different token counts per row: {counts.tolist()}")
             sel = keep_rows.nonzero()[:, 1].view(b, int(counts[0]))
-            for key in ("rows", "is_vision", "is_question"):
-                r[key] = _gather_rows(r[key], sel)
+            r.gather(sel)
             state["hidden"], state["pos"] = _gather_rows(state["hidden"], sel), _gather_rows(state["pos"], sel)
-            state["am"] = _gather_rows(state["am"], sel) if state["am"] is not None else None
             cos, sin = state["cos_sin"]
             state["cos_sin"] = (_gather_rows(cos, sel), _gather_rows(sin, sel))
-            r["attention_mask"] = state["am"]
             self.last_row_attention.clear()  # recorded on rows that no longer exist
 
         if i == 0 and self.merge_keep is not None:  # stage 1 leftovers: placeholders without a merged token
-            drop(self.merge_keep.gather(1, r["alive_cols"]))
-            r["alive_cols"] = r["alive_cols"][self.merge_keep].view(b, -1)
+            drop(self.merge_keep.gather(1, r.alive_cols))
+            r.alive_cols = r.alive_cols[self.merge_keep].view(b, -1)
             changed = True
         if i in self.selection_layers:
-            vis_rows = r["is_vision"].nonzero()[:, 1].view(b, -1)
+            vis_rows = r.is_vision.nonzero()[:, 1].view(b, -1)
             ctx = self._context(i, state["hidden"], vis_rows,
                                 torch.ones(vis_rows.shape, dtype=hidden.dtype, device=device),
-                                r["alive_cols"], r["is_question"], state["am"], state["cos_sin"])
+                                r.alive_cols, r.is_question, r.attention_mask, state["cos_sin"])
             with torch.no_grad():
                 keep_vis = self.pruning.select(ctx).detach() > 0.5
-            full = torch.zeros(b, v, dtype=torch.bool, device=device)
-            full.scatter_(1, r["alive_cols"], keep_vis)
+            full = torch.zeros(b, r.num_vision, dtype=torch.bool, device=device)
+            full.scatter_(1, r.alive_cols, keep_vis)
             trace.keep[i] = full
             drop(keep_vis)
-            r["alive_cols"] = r["alive_cols"][keep_vis].view(b, -1)
-            trace.num_vision_tokens.append(r["alive_cols"].shape[1])
+            r.alive_cols = r.alive_cols[keep_vis].view(b, -1)
+            trace.num_vision_tokens.append(r.alive_cols.shape[1])
             trace.stage_names.append(f"layer {i}")
             changed = True
         if changed or i == 0:  # a new group of layers with its own cached rows (layer 0 always starts one)
-            self.groups.append((i, r["rows"]))
-        self.kept_rows = trace.kept_rows = r["rows"]
+            self.groups.append((i, r.rows))
+        self.kept_rows = trace.kept_rows = r.rows
         trace.layer_tokens.append(state["hidden"].shape[1])
         if not changed:
             return None
-        mask_2d = state["am"] if state["am"] is not None else torch.ones(r["rows"].shape, dtype=torch.bool, device=device)
+        mask_2d = r.attention_mask if r.attention_mask is not None else torch.ones(r.rows.shape, dtype=torch.bool, device=device)
         return LayerInputs(state["hidden"], state["pos"], state["cos_sin"], mask_2d)
 
     def _before_layer_mask(self, i, hidden, position_ids, position_embeddings) -> LayerInputs | None:
         """Training: differentiable masking (see the module docstring, ``mode="mask"``)."""
-        r, trace = self._rows, self.trace
-        b, t, device, dtype = hidden.shape[0], r["t"], hidden.device, hidden.dtype
-        v, vision_rows0 = r["v"], r["vision_rows0"]
+        r, trace = self.row_state, self.trace
+        b, t, device, dtype = hidden.shape[0], r.length, hidden.device, hidden.dtype
         changed = i == 0 and self.merge_keep is not None
         if i in self.selection_layers:
-            cols = torch.arange(v, device=device).expand(b, v)
-            ctx = self._context(i, hidden, vision_rows0, r["policy"], cols, r["question_mask"], r["attention_mask"],
+            cols = torch.arange(r.num_vision, device=device).expand(b, r.num_vision)
+            ctx = self._context(i, hidden, r.vision_rows, r.policy, cols, r.question_mask, r.attention_mask,
                                 position_embeddings)
-            r["policy"] = self.pruning.select(ctx)
-            trace.keep[i] = r["policy"]
-            trace.num_vision_tokens.append(int((r["policy"][0].detach() > 0.5).sum()))
+            r.policy = self.pruning.select(ctx)
+            trace.keep[i] = r.policy
+            trace.num_vision_tokens.append(int((r.policy[0].detach() > 0.5).sum()))
             trace.stage_names.append(f"layer {i}")
             changed = True
-        policy = r["policy"]
-        trace.layer_tokens.append(t - v + int((policy[0].detach() > 0.5).sum()))
+        policy = r.policy
+        trace.layer_tokens.append(t - r.num_vision + int((policy[0].detach() > 0.5).sum()))
         if i == 0 and not changed:
             self.groups.append((0, torch.ones(b, t, dtype=torch.bool, device=device)))
         if not changed:
@@ -618,10 +642,10 @@ class LlavaPruningPass:
         # dominate. Values are unchanged: kept 0, dropped -46.
         log_keep = torch.log(policy.float() + MASK_EPS)
         log_keep = torch.where(policy.detach() > 0.5, log_keep, log_keep.detach())
-        key_bias = torch.zeros(b, t, dtype=torch.float32, device=device).scatter(1, vision_rows0, log_keep)
-        hard = torch.ones(b, t, dtype=torch.bool, device=device).scatter(1, vision_rows0, policy.detach() > 0.5)
+        key_bias = torch.zeros(b, t, dtype=torch.float32, device=device).scatter(1, r.vision_rows, log_keep)
+        hard = torch.ones(b, t, dtype=torch.bool, device=device).scatter(1, r.vision_rows, policy.detach() > 0.5)
         self.groups.append((i, hard))
-        bias = r["base"] + key_bias.to(dtype)[:, None, None, :]
+        bias = r.base_bias + key_bias.to(dtype)[:, None, None, :]
         return LayerInputs(hidden, position_ids, position_embeddings, None, attention_bias=bias)
 
     # ------------------------------------------------------------------ attention probe (forked LlamaAttention)
@@ -642,7 +666,7 @@ class LlavaPruningPass:
         Padding keys are masked with the current 2-D padding mask (the last row sees every earlier row).
         """
         scores = (query @ key.transpose(-1, -2)).squeeze(2).float() * scaling  # [B, H, T_l]
-        pad = self._rows.get("attention_mask")
+        pad = self.row_state.attention_mask if self.row_state is not None else None
         if pad is not None:
             scores = scores.masked_fill(~pad.bool().to(scores.device)[:, None, :], float("-inf"))
         self.last_row_attention[layer_idx] = scores.softmax(-1).mean(1)
