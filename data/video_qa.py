@@ -309,6 +309,25 @@ def make_conversation(seed: int, split: str, index: int, turns: int = 4) -> Vide
     return VideoQAConversation(scene, tuple(asked), f"{split}-{seed}-{index:06d}-c")
 
 
+DEMO_INDEX = 0
+"""The test sample ``make run-video`` shows the trained model (a direction question: motion must be read)."""
+
+
+def demo_sample() -> VideoQASample:
+    return make_sample(0, "test", DEMO_INDEX)
+
+
+def demo_video_path() -> "Path":
+    """The demo sample's video as a lossless AVI in the embedded-model cache (written on first use)."""
+    from data.demo_video import write_avi
+    from models.tiny import cache_root
+
+    path = cache_root() / f"video_qa_demo-v{VERSION}-{DEMO_INDEX}.avi"
+    if not path.exists():
+        write_avi(path, demo_sample().frames())
+    return path
+
+
 def make_split(split: str, size: int, seed: int = 0) -> list[VideoQASample]:
     check_int("size", size, lo=0)
     return [make_sample(seed, split, i) for i in range(size)]
@@ -334,6 +353,8 @@ __all__ = [
     "VideoScene",
     "cell_box",
     "chance_levels",
+    "demo_sample",
+    "demo_video_path",
     "make_conversation",
     "make_sample",
     "make_split",

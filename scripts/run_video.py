@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Answer a question about a video with PruneVid on Qwen2.5-VL (``make run-video``).
 
-Default: the generated demo video (a static scene with two moving objects) on the embedded tiny
-Qwen2.5-VL, on CPU, in seconds. Real weights on a GPU::
+Default: the shipped video-QA model (``models/trained/video_qa``, the real architecture at toy size,
+trained on ``data/video_qa.py``) answers the task's demo question about the demo video (a test
+sample: 16 frames of 224 px), on CPU, in seconds, and says whether each answer is right. Without the
+shipped model: the generated demo video on the embedded tiny Qwen2.5-VL with random weights. Real
+weights on a GPU::
 
     python scripts/run_video.py clip.mp4 "What is the person doing?" \\
         --model-path Qwen/Qwen2.5-VL-7B-Instruct --preset default --compare --device cuda
@@ -67,7 +70,8 @@ def parse_args(argv=None):
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("video", nargs="?", type=Path, default=None, help="video file (default: the generated demo video)")
-    p.add_argument("question", nargs="?", default=DEFAULT_QUESTION, help=f"default: {DEFAULT_QUESTION!r}")
+    p.add_argument("question", nargs="?", default=None,
+                   help="default: the demo question (the trained model), or " + repr(DEFAULT_QUESTION))
     p.add_argument("-q", "--question", dest="question_option", default=None,
                    help="the question (same as the positional one; handy with the default demo video)")
     p.add_argument("--preset", default="default", help=f"one of {', '.join(PRESET_NAMES)} (default: default)")
@@ -106,6 +110,19 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.question_option is not None:
         args.question = args.question_option
+    args.expected_answer = None
+    from models.tiny.video_qa import SHIPPED_DIR
+
+    if args.model_path is None and (SHIPPED_DIR / "config.json").is_file():  # the trained testbed and its demo
+        args.model_path = str(SHIPPED_DIR)
+        if args.video is None:
+            from data.video_qa import demo_sample, demo_video_path
+
+            args.video = demo_video_path()
+            if args.question is None:
+                args.question, args.expected_answer = demo_sample().question, demo_sample().answer
+    if args.question is None:
+        args.question = DEFAULT_QUESTION
     return args
 
 
@@ -168,6 +185,15 @@ def layer_lengths(result: dict, num_layers: int) -> list[int]:
     after_stage2 = after_stage1 - (result["tokens_before"] - result["tokens_after"])
     k = result["pruning_layer"]
     return [after_stage1 if k is None or i <= k else after_stage2 for i in range(num_layers)]
+
+
+def verdict(answer: str, expected: str | None) -> str:
+    """`` (right)`` / `` (wrong: the answer is X)`` for the demo question; nothing when the answer is unknown."""
+    if expected is None:
+        return ""
+    from models.tiny.video_qa import normalize
+
+    return " (right)" if normalize(answer) == normalize(expected) else f" (wrong: the answer is {expected!r})"
 
 
 def summary(label: str, r: dict) -> str:
@@ -257,9 +283,11 @@ def main(argv=None) -> int:
             "llm_prefill_flops_ratio": flops[args.preset] / flops["baseline"],
         }
         print(summary("baseline", base))
-        print(f"  answer: {base['generated_text']!r}")
+        print(f"  answer: {base['generated_text']!r}{verdict(base['generated_text'], args.expected_answer)}")
     print(summary(args.preset, result))
-    print(f"  answer: {result['generated_text']!r}")
+    print(f"  answer: {result['generated_text']!r}{verdict(result['generated_text'], args.expected_answer)}")
+    if args.expected_answer is not None:
+        stats["expected_answer"] = args.expected_answer
     if "comparison" in stats:
         c = stats["comparison"]
         ratio = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731

@@ -233,6 +233,26 @@ def test_run_video_compare_reports_agreement_and_ratios_and_writes_stats(run_vid
     assert "agreement with baseline" in out and "TTFT speedup" in out
 
 
+def test_run_video_defaults_to_the_shipped_model_on_its_demo_question_and_says_whether_each_answer_is_right(
+    run_video, tmp_path, monkeypatch, capsys
+):
+    import models.tiny.video_qa as video_qa
+    from data.video_qa import demo_sample
+
+    model, processor = video_qa.build_untrained(0, text_hidden=32, text_layers=2, vision_hidden=16)
+    model.save_pretrained(tmp_path / "shipped")
+    processor.save_pretrained(tmp_path / "shipped")
+    monkeypatch.setattr(video_qa, "SHIPPED_DIR", tmp_path / "shipped")  # stands in for models/trained/video_qa
+    code = run_video.main(["--compare", "--max-new-tokens", "2", "--threads", "1", "--stats-json", str(tmp_path / "s.json")])
+    assert code == 0
+    stats = json.loads((tmp_path / "s.json").read_text())
+    demo = demo_sample()
+    assert stats["model_path"] == str(tmp_path / "shipped") and stats["question"] == demo.question
+    assert stats["expected_answer"] == demo.answer and stats["runs"]["default"]["tokens_before_stage1"] == 512
+    out = capsys.readouterr().out
+    assert out.count("(right)") + out.count(f"(wrong: the answer is {demo.answer!r})") == 2  # baseline and default
+
+
 def test_run_video_visualize_writes_the_token_picture_of_the_pruned_run(run_video, video8, tmp_path, capsys):
     from PIL import Image
 

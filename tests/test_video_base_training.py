@@ -70,6 +70,7 @@ def test_bad_arguments_are_refused_before_any_work(script, tmp_path, capsys):
         (["--resume", "--checkpoint", str(tmp_path / "none.pt")], "--resume: no checkpoint"),
     ]
     for argv, message in cases:
+        argv = argv if "--checkpoint" in argv else [*argv, "--checkpoint", str(tmp_path / "ck.pt")]
         with pytest.raises(SystemExit) as exit_info:
             script.run_cli(lambda: script.main([*argv, "--output-dir", str(tmp_path / "o")]))
         assert exit_info.value.code == 2
@@ -77,5 +78,5 @@ def test_bad_arguments_are_refused_before_any_work(script, tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(SystemExit):
-        script.run_cli(lambda: script.main(["--output-dir", str(tmp_path / "full")]))
+        script.run_cli(lambda: script.main(["--output-dir", str(tmp_path / "full"), "--checkpoint", str(tmp_path / "c.pt")]))
     assert "is not empty: pass --overwrite" in capsys.readouterr().err

@@ -27,8 +27,9 @@ SHIPPED_DIR = REPO_ROOT / "models" / "trained" / "video_qa"
 VIDEO_MAX_PIXELS = 224 * 224  # a 224x224 frame stays whole: 8 x 8 merged tokens per grid step
 METRICS_FILE = "training_record.json"
 
-DEFAULTS = dict(steps=3000, batch_size=8, turns=4, lr=2e-3, warmup=100, weight_decay=0.01, aux_weight=1.0, clip=1.0,
-                seed=0, eval_size=240, eval_every=250, text_hidden=128, text_layers=4, vision_hidden=64)
+DEFAULTS = dict(steps=2500, batch_size=8, turns=4, lr=2e-3, warmup=100, weight_decay=0.01, aux_weight=1.0, clip=1.0,
+                embed_std=1.0, qk_std=0.1, seed=0, eval_size=240, eval_every=250, text_hidden=128, text_layers=4,
+                vision_hidden=64)
 
 
 # ============================================================================= model, tokenizer, processor
@@ -106,8 +107,14 @@ def build_processor(tokenizer):
                                video_processor=video_processor, chat_template=QWEN2_VL_CHAT_TEMPLATE)
 
 
-def build_untrained(seed: int, **sizes):
-    """``(model, processor)``: the upstream class with seeded weights, and its processor."""
+def build_untrained(seed: int, embed_std: float | None = None, qk_std: float | None = None, **sizes):
+    """``(model, processor)``: the upstream class with seeded weights, and its processor.
+
+    ``embed_std`` / ``qk_std`` redraw the text embeddings and the language model's q/k projections with
+    that std (seeded). The seeded init (std 0.02) leaves the question's embeddings ~100x smaller than the
+    visual tokens the merger learns to emit (rms ~5 after a few hundred steps), and the model then answers
+    from the question type alone, at chance; unit-scale embeddings and larger q/k let attention become
+    content-based from the start (the same recipe as the shapes-VQA LLaVA base)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from models.tiny import seeded_init_
@@ -116,6 +123,15 @@ def build_untrained(seed: int, **sizes):
     tokenizer = build_tokenizer()
     model = Qwen2_5_VLForConditionalGeneration(video_qa_config(tokenizer, **sizes))
     seeded_init_(model, seed=seed, std=0.02)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        if embed_std is not None:
+            weight = model.model.language_model.embed_tokens.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * embed_std)
+        if qk_std is not None:
+            for layer in model.model.language_model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                    proj.weight.copy_(torch.randn(proj.weight.shape, generator=generator) * qk_std)
     generation = model.generation_config
     generation.bos_token_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     generation.eos_token_id = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
@@ -287,7 +303,7 @@ def evaluate(model, processor, split: str, size: int, seed: int, batch_size: int
 
 
 def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: float, warmup: int, weight_decay: float,
-          aux_weight: float, clip: float, seed: int, eval_size: int, eval_every: int, text_hidden: int,
+          aux_weight: float, clip: float, embed_std: float, qk_std: float, seed: int, eval_size: int, eval_every: int, text_hidden: int,
           text_layers: int, vision_hidden: int, checkpoint: Path, resume: bool = False, log=print) -> dict:
     """Train from scratch; validation accuracy every ``eval_every`` steps (and at the end) goes to the JSON log.
 
@@ -302,11 +318,11 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
     from data.video_qa import make_conversation, make_sample
 
     settings = dict(steps=steps, batch_size=batch_size, turns=turns, lr=lr, warmup=warmup, weight_decay=weight_decay,
-                    aux_weight=aux_weight, clip=clip, seed=seed, eval_size=eval_size, eval_every=eval_every,
+                    aux_weight=aux_weight, clip=clip, embed_std=embed_std, qk_std=qk_std, seed=seed, eval_size=eval_size, eval_every=eval_every,
                     text_hidden=text_hidden, text_layers=text_layers, vision_hidden=vision_hidden)
     torch.manual_seed(seed)
-    model, processor = build_untrained(seed, text_hidden=text_hidden, text_layers=text_layers,
-                                       vision_hidden=vision_hidden)
+    model, processor = build_untrained(seed, embed_std=embed_std or None, qk_std=qk_std or None,
+                                       text_hidden=text_hidden, text_layers=text_layers, vision_hidden=vision_hidden)
     probes = torch.nn.ModuleDict({"colour": torch.nn.Linear(text_hidden, len(PALETTE) + 1),
                                   "shape": torch.nn.Linear(text_hidden, len(SHAPES) + 1)})
     params = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probes.named_parameters()]
@@ -346,6 +362,8 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
             loss = out.loss
             if aux_weight > 0:
                 tokens = captured.pop("tokens")  # [B * 512, text_hidden] in grid-step, row-major order
+                # probes see the tokens at unit rms, so the auxiliary loss cannot be lowered by inflating their norm
+                tokens = tokens * torch.rsqrt(tokens.pow(2).mean(-1, keepdim=True) + 1e-6)
                 colour, shape = visual_targets(samples)
                 aux = torch.nn.functional.cross_entropy(probes["colour"](tokens), colour)
                 aux = aux + torch.nn.functional.cross_entropy(probes["shape"](tokens), shape)
