@@ -34,6 +34,7 @@ different sizes share their first samples and the splits use disjoint seed strea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -317,7 +318,7 @@ def demo_sample() -> VideoQASample:
     return make_sample(0, "test", DEMO_INDEX)
 
 
-def demo_video_path() -> "Path":
+def demo_video_path() -> Path:
     """The demo sample's video as a lossless AVI in the embedded-model cache (written on first use)."""
     from data.demo_video import write_avi
     from models.tiny import cache_root
@@ -331,11 +332,6 @@ def demo_video_path() -> "Path":
 def make_split(split: str, size: int, seed: int = 0) -> list[VideoQASample]:
     check_int("size", size, lo=0)
     return [make_sample(seed, split, i) for i in range(size)]
-
-
-def chance_levels() -> dict[str, float]:
-    """Accuracy of guessing among the five options, per type (0.2), and of guessing the answer vocabulary."""
-    return {qtype: 1 / NUM_OPTIONS for qtype in QUESTION_TYPES}
 
 
 __all__ = [
@@ -352,7 +348,6 @@ __all__ = [
     "VideoQASample",
     "VideoScene",
     "cell_box",
-    "chance_levels",
     "demo_sample",
     "demo_video_path",
     "make_conversation",

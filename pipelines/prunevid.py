@@ -405,6 +405,7 @@ class Qwen25VLPruneVid:
     ):
         check_int("num_frames", num_frames, lo=1)
         self.selector = selector  # stage 2: None = PruneVid's own selection; else any selector of pruning.selection
+        self.last_state = None  # the PruneVidState of the last generate (None: nothing attached yet, or the baseline)
         if _model is None:
             check_device(device)
         overrides = {
@@ -516,7 +517,7 @@ class Qwen25VLPruneVid:
     @property
     def prunes(self) -> bool:
         """Any PruneVid stage on (else generation runs the upstream path with nothing attached)."""
-        return bool(self.config.enable_stage1 or self.config.enable_pruning)
+        return self.config.any_stage_on
 
     @torch.no_grad()
     def generate_from_inputs(self, inputs: dict[str, torch.Tensor], max_new_tokens: int = 64) -> dict[str, Any]:

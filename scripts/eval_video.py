@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from data.video_qa import NUM_FRAMES, make_split
+    from data.video_qa import FRAMES_PER_STEP, GRID, NUM_FRAMES, NUM_STEPS, make_split
     from evaluation.flops import Qwen2_5_VLTextShape, llm_prefill_flops, qwen2_5_vl_prefill_flops
     from pipelines.prunevid import Qwen25VLPruneVid
     from pipelines.video_io import uniform_frame_indices
@@ -136,6 +136,8 @@ def main(argv=None) -> int:
     pipe.generate_from_inputs(full_inputs[0], max_new_tokens=1)  # warm-up
 
     real = Qwen2_5_VLTextShape()
+    tokens_per_step = GRID * GRID  # visual tokens of one grid step (2 frames)
+    full_visual = NUM_STEPS * tokens_per_step  # 512: every frame
 
     def flops(results, pruning_layer_real: int | None) -> tuple[float, float]:
         """(tiny, 7B) prefill FLOPs ratios to the baseline, averaged over the questions."""
@@ -143,10 +145,10 @@ def main(argv=None) -> int:
         for r in results:
             k = r["pruning_layer"]
             prompt, v0, v1, v2 = r["prompt_tokens"], r["tokens_before_stage1"], r["tokens_after_stage1"], r["tokens_after"]
-            full = prompt - v0 + NUM_FRAMES // 2 * 64  # the baseline's prompt: 16 frames
+            full = prompt - v0 + full_visual  # the baseline's prompt: every frame
             lengths = [prompt - v0 + (v1 if k is None or i <= k else v2) for i in range(num_layers)]
             tiny.append(llm_prefill_flops(text_config, lengths) / llm_prefill_flops(text_config, [full] * num_layers))
-            scale = real.visual_tokens / (NUM_FRAMES // 2 * 64)
+            scale = real.visual_tokens / full_visual
             shape = real if pruning_layer_real is None else Qwen2_5_VLTextShape(pruning_layer=pruning_layer_real)
             big.append(qwen2_5_vl_prefill_flops(shape, round(v1 * scale), round(v2 * scale))
                        / qwen2_5_vl_prefill_flops(real, real.visual_tokens, real.visual_tokens))
@@ -171,13 +173,13 @@ def main(argv=None) -> int:
     for name in ("default", "aggressive"):
         budgets[name] = max(1, round(sum(r["tokens_after"] for r in runs[name]["results"]) / len(samples)))
     for fraction in FRACTION_BUDGETS:
-        budgets[f"{round(100 * fraction)}pct"] = max(1, round(fraction * (NUM_FRAMES // 2) * 64))
-    layer = scale_layer_index(0, 28, num_layers)  # the earliest selection point of system B
-    fastv_layer = scale_layer_index(2, 32, num_layers)
+        budgets[f"{round(100 * fraction)}pct"] = max(1, round(fraction * full_visual))
+    layer = 0  # random / divprune: the earliest place system B selects (after layer 0)
+    fastv_layer = scale_layer_index(2, 32, num_layers)  # FastV's layer 2 of 32 at the same depth
     for label, keep in budgets.items():
         if wanted is None or "frame_subsample" in wanted:
-            steps = max(1, min(NUM_FRAMES // 2, round(keep / 64)))
-            indices = uniform_frame_indices(NUM_FRAMES, 2 * steps)
+            steps = max(1, min(NUM_STEPS, round(keep / tokens_per_step)))
+            indices = uniform_frame_indices(NUM_FRAMES, FRAMES_PER_STEP * steps)
             sub_inputs = [pipe.prepare_inputs(loaded(f, indices), s.question) for f, s in zip(frames, samples)]
             runs[f"frame_subsample_{label}"] = run(f"frame_subsample_{label}", pipe, sub_inputs)
         for method, selector, at in (("random", "random", layer), ("divprune", "divprune", layer),

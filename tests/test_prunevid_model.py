@@ -430,3 +430,19 @@ def test_a_selector_from_the_shared_protocol_replaces_stage2_selection_at_layer_
     keep[visual[::3]] = True
     assert torch.equal(state.stage2_kept, keep.nonzero().flatten())
     assert state.stats["selector"] == "every_third"
+
+
+@torch.no_grad()
+def test_last_token_attention_keeps_the_visual_tokens_the_last_prompt_row_attends_to_most_at_layer_k(fork, fork_eager, inputs):
+    """FastV's criterion in system B, against layer K's eager attention probabilities of the last row."""
+    from pruning.selection import make_selector
+
+    out = fork_eager(**inputs, output_attentions=True)
+    visual = video_positions(fork, inputs)
+    received = out.attentions[K][0][:, -1, visual].amax(dim=0)  # [V]: max over heads, the last row
+    expected = torch.sort(torch.sort(received, descending=True, stable=True).indices[:20]).values
+    with attached(fork, stage2(), selector=make_selector("last_token_attention", keep=20)) as (cache, state_of):
+        fork(**inputs, past_key_values=cache, use_cache=True)
+        state = state_of()
+    assert state.question_queries is None and state.stats["selector"] == "last_token_attention"
+    assert torch.equal(state.kept_visual, expected)

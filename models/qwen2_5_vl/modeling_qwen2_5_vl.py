@@ -1303,15 +1303,11 @@ class Qwen2_5_VLModel(Qwen2_5_VLPreTrainedModel):
         # and takes that token's original (t, h, w) M-RoPE position (applied to the position ids below). With stage
         # 1 off this only records the video/question positions stage 2 needs. Saves (L - L1) tokens in every layer.
         # (generate() pre-encodes the video and drops video_grid_thw; the grid is then read from its position ids.)
-        # The state: a fresh one on an empty cache (prefill; the cache upstream's text model would create is created
-        # here, so the state can be registered under it), the cache's own in a decoding forward, else None.
+        # The state: a fresh one on an empty cache (prefill), the cache's own in a decoding forward, else None. With no
+        # cache given, the runtime creates the DynamicCache upstream's text model would, so the state has a key.
         prunevid_state = None
         if getattr(self, "prunevid", None) is not None:
-            if past_key_values is None:
-                if use_cache is False:
-                    raise ValueError("PruneVid needs the KV cache: call the model with use_cache=True (the default)")
-                past_key_values = DynamicCache(config=self.config)
-            prunevid_state = self.prunevid.state_for_forward(past_key_values)
+            prunevid_state, past_key_values = self.prunevid.state_for_forward(past_key_values, use_cache, self.config)
         if prunevid_state is not None and prunevid_state.in_prefill:
             inputs_embeds = prunevid_state.begin_prefill(
                 input_ids=input_ids,

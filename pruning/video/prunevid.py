@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from pruning.common import check_int, round_half_up
-from pruning.selection import SelectionContext, register_selector
+from pruning.selection import SelectionContext, register_selector, topk_keep
 from pruning.video.dpc_knn import cluster
 
 __all__ = [
@@ -167,6 +167,11 @@ class PruneVidConfig:
                 "enable_cache_compression=True needs enable_pruning=True "
                 "(stage 3 compresses the KV cache to the tokens stage 2 keeps)"
             )
+
+    @property
+    def any_stage_on(self) -> bool:
+        """Stage 1 or stage 2 on (with both off, the model runs the upstream path with nothing attached)."""
+        return bool(self.enable_stage1 or self.enable_pruning)
 
     def validate_for_model(self, num_layers: int) -> "PruneVidConfig":
         """Check ``pruning_layer`` against a model with ``num_layers`` decoder layers; returns self.
@@ -754,12 +759,7 @@ class LastTokenAttentionSelector:
     def __call__(self, ctx: SelectionContext) -> torch.Tensor:
         if ctx.question_attention is None:
             raise ValueError("last_token_attention needs ctx.question_attention (the last token's attention per token)")
-        keep = torch.zeros_like(ctx.alive)
-        for row in range(keep.shape[0]):
-            k = min(self.keep, int((ctx.alive[row] > 0.5).sum()))
-            scores = ctx.question_attention[row].float().masked_fill(ctx.alive[row] <= 0.5, float("-inf"))
-            keep[row, torch.sort(scores, descending=True, stable=True).indices[:k]] = 1.0
-        return keep
+        return topk_keep(ctx.question_attention, ctx.alive, min(self.keep, int((ctx.alive[0] > 0.5).sum())))
 
 
 def question_query_positions(

@@ -48,7 +48,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
 from pruning.selection import SelectionContext, Selector, make_selector
 from pruning.video.prunevid import (
@@ -622,20 +622,26 @@ class PruneVid:
     @property
     def active(self) -> bool:
         """Any stage on (else the fork runs the upstream path, bit-identical to transformers)."""
-        return bool(self.config.enable_stage1 or self.config.enable_pruning)
+        return self.config.any_stage_on
 
-    def state_for_forward(self, past_key_values: Cache) -> PruneVidState | None:
-        """The state this forward works with: a new one on an empty cache (a prefill), registered under the
+    def state_for_forward(self, past_key_values: Cache | None, use_cache: bool | None, model_config
+                          ) -> tuple[PruneVidState | None, Cache | None]:
+        """``(state, cache)`` for one forward: a new state on an empty cache (a prefill), registered under the
         cache; the cache's own in a decoding forward; ``None`` when PruneVid is off or the cache was filled
-        without it (then the forward runs upstream)."""
+        without it (then the forward runs upstream). With no cache given, the ``DynamicCache`` that upstream's
+        text model would create is created here, so the state has a key."""
         if not self.active:
-            return None
+            return None, past_key_values
+        if past_key_values is None:
+            if use_cache is False:
+                raise ValueError("PruneVid needs the KV cache: call the model with use_cache=True (the default)")
+            past_key_values = DynamicCache(config=model_config)
         if past_key_values.get_seq_length() == 0:
             state = PruneVidState(config=self.config, selector=self.selector, num_layers=self.num_layers,
                                   verbose=self.verbose)
             self.states[past_key_values] = state
-            return state
-        return self.states.get(past_key_values)
+            return state, past_key_values
+        return self.states.get(past_key_values), past_key_values
 
     def state_for(self, cache: Cache) -> PruneVidState:
         """The state of the generation that filled ``cache`` (its ``stats``, kept indices, ...)."""
