@@ -3,10 +3,12 @@
 Each sample is a video of ``NUM_FRAMES = 16`` frames of ``FRAME_SIZE = 224`` px and one question with a
 one- or two-word answer. For Qwen2.5-VL (14 px patches, 2x2 merge, 2 frames per temporal step) a video
 is ``8 grid steps x 8 x 8 = 512`` visual tokens, and the scene is laid out on that token grid: every
-object fills one ``CELL = 28`` px cell (one merged token), stays in its cell for both frames of a grid
-step, and a moving object jumps one cell per grid step. So stage 1 of PruneVid has real static regions
-to merge (the background texture and the static objects never change) and real dynamic tokens (the
-moving objects' cells), token by token.
+object fills one ``CELL = 28`` px cell (one merged token) for both frames of a grid step, and a moving
+object advances one cell per grid step. Within a step in which it travels, its two frames show it
+``MARGIN`` px behind and ahead of the cell's centre, so the motion is visible inside one temporal patch,
+as it is in real video (the ViT's patch embedding sees both frames). So stage 1 of PruneVid has real
+static regions to merge (the background texture and the static objects never change) and real dynamic
+tokens (the moving objects' cells), token by token.
 
 A scene (:class:`VideoScene`): a static background (a colour gradient with grey decorations in some
 cells, never in a cell an object visits), one to three **moving** objects and one to three **static**
@@ -22,11 +24,12 @@ shape       What shape is the moving red object?                        circle
 direction   Which direction does the red circle move?                   left | right | up | down
 count       How many objects move?                                      one | two | three
 order       Which starts moving first, the red circle or the blue ...?  red (the first one's colour)
-static      What colour is the square that does not move?               green (a unique static shape)
+static      What colour is the square that does not move?               green (a shape no other object has)
 ==========  ==========================================================  =============================
 
 Every sample is also an EgoSchema-format record (:meth:`VideoQASample.egoschema_record`: question,
-five options of the answer's kind, answer index, video id). Everything is deterministic from
+five options of the answer's kind, answer index, video id), and :func:`evidence_cells` names the cells
+that hold a question's answer. Everything is deterministic from
 ``(seed, split, index)``: sample ``i`` of a split has its own ``numpy`` generator, so splits of
 different sizes share their first samples and the splits use disjoint seed streams.
 """
@@ -42,7 +45,7 @@ from PIL import Image, ImageDraw
 from data.media import PALETTE, SHAPES, draw_shape
 from pruning.common import check_int
 
-VERSION = 1
+VERSION = 2  # 2: motion visible within a temporal patch; static questions name a shape no other object has
 """Bump whenever anything below changes the generated samples."""
 
 FRAME_SIZE = 224
@@ -92,6 +95,10 @@ class VideoObject:
         travelled = min(max(step - self.start_step, 0), MOVE_STEPS)
         d_row, d_col = DIRECTIONS[self.direction]
         return self.row + d_row * travelled, self.col + d_col * travelled
+
+    def moving_at(self, step: int) -> bool:
+        """Whether it travels during grid step ``step`` (it is in the next cell at ``step + 1``)."""
+        return self.moves and self.start_step <= step < self.start_step + MOVE_STEPS
 
     def name(self) -> str:
         return f"{self.colour} {self.shape}"
@@ -171,17 +178,27 @@ def cell_box(row: int, col: int) -> tuple[int, int, int, int]:
     return (col * CELL + MARGIN, row * CELL + MARGIN, (col + 1) * CELL - 1 - MARGIN, (row + 1) * CELL - 1 - MARGIN)
 
 
+def shifted_box(box: tuple[int, int, int, int], direction: str, pixels: int) -> tuple[int, int, int, int]:
+    d_row, d_col = DIRECTIONS[direction]
+    return box[0] + d_col * pixels, box[1] + d_row * pixels, box[2] + d_col * pixels, box[3] + d_row * pixels
+
+
 def render_frames(scene: VideoScene) -> np.ndarray:
-    """``uint8 [NUM_FRAMES, H, W, 3]``: the background, then every object in its cell of that frame's grid step."""
+    """``uint8 [NUM_FRAMES, H, W, 3]``: the background, then every object in its cell of that frame's grid step;
+    an object travelling during the step is drawn ``MARGIN`` px behind its cell's centre in the step's first
+    frame and ``MARGIN`` px ahead in the second (it never leaves the cell)."""
     background = _background(scene.background_seed, scene.occupied())
     frames = []
     for step in range(NUM_STEPS):
-        frame = background.copy()
-        draw = ImageDraw.Draw(frame)
-        for obj in scene.objects:
-            draw_shape(draw, obj.shape, cell_box(*obj.cell(step)), PALETTE[obj.colour])
-        array = np.asarray(frame)
-        frames.extend([array] * FRAMES_PER_STEP)
+        for half in range(FRAMES_PER_STEP):
+            frame = background.copy()
+            draw = ImageDraw.Draw(frame)
+            for obj in scene.objects:
+                box = cell_box(*obj.cell(step))
+                if obj.moving_at(step):
+                    box = shifted_box(box, obj.direction, MARGIN if half else -MARGIN)
+                draw_shape(draw, obj.shape, box, PALETTE[obj.colour])
+            frames.append(np.asarray(frame))
     return np.stack(frames)
 
 
@@ -236,11 +253,36 @@ def _question(rng: np.random.Generator, scene: VideoScene, qtype: str) -> tuple[
         named = [first, later] if rng.random() < 0.5 else [later, first]
         return f"Which starts moving first, the {named[0].name()} or the {named[1].name()}?", first.colour
     if qtype == "static":
-        unique = [o for o in statics if sum(s.shape == o.shape for s in statics) == 1]
+        unique = [o for o in statics if sum(s.shape == o.shape for s in scene.objects) == 1]
         if not unique:
             return None
         target = unique[int(rng.integers(len(unique)))]
         return f"What colour is the {target.shape} that does not move?", target.colour
+    raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
+
+
+def evidence_cells(scene: VideoScene, qtype: str, question: str, answer: str) -> tuple[tuple[int, int, int], ...]:
+    """``(step, row, col)`` of the visual tokens that hold the answer to ``question``: the asked object's
+    cells while it travels (colour, direction), at every step (shape, static), every mover's travelling
+    cells (count), the first mover's cell in its first travelling step (order)."""
+    by_colour = {o.colour: o for o in scene.objects}
+    words = set(question.rstrip("?").split())
+
+    def cells(obj: VideoObject, moving_only: bool) -> list[tuple[int, int, int]]:
+        return [(step, *obj.cell(step)) for step in range(NUM_STEPS) if obj.moving_at(step) or not moving_only]
+
+    if qtype == "colour":
+        return tuple(cells(by_colour[answer], moving_only=True))
+    if qtype in ("shape", "direction"):
+        (colour,) = [c for c in by_colour if c in words]
+        return tuple(cells(by_colour[colour], moving_only=qtype == "direction"))
+    if qtype == "count":
+        return tuple(cell for obj in scene.movers for cell in cells(obj, moving_only=True))
+    if qtype == "order":
+        first = by_colour[answer]
+        return ((first.start_step, *first.cell(first.start_step)),)
+    if qtype == "static":
+        return tuple(cells(by_colour[answer], moving_only=False))
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
 
 
@@ -350,6 +392,7 @@ __all__ = [
     "cell_box",
     "demo_sample",
     "demo_video_path",
+    "evidence_cells",
     "make_conversation",
     "make_sample",
     "make_split",

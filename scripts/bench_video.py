@@ -10,6 +10,13 @@ processor and the demo video. Every preset runs in the same process as the basel
 next to the analytic FLOP ratio of the same shapes and of the real 7B shapes (with this run's
 token fractions).
 
+Next to each preset runs its **oracle**: transformers' own (upstream, unforked) text model holding the
+same weights, run on random embeddings of exactly the lengths the preset's layers process (layers
+0..K on the ``text + stage-1`` tokens, layers K+1.. on the ``text + stage-2`` tokens, each half with its
+own KV cache), with no scoring, no clustering and no index bookkeeping: the time the kept lengths cost
+by themselves. TTFT is broken down into the vision encoder, stage 1 (plus assembling the LLM's inputs:
+the time between the vision encoder's end and the language model's start) and the LLM prefill.
+
     python scripts/bench_video.py
 """
 
@@ -67,6 +74,69 @@ def build_scaled_model(save_dir: Path, scale: int) -> None:
     processor.save_pretrained(save_dir)
 
 
+class Oracle:
+    """The upstream text model in two halves (layers ``0..K`` and ``K+1..``), sharing the benchmarked model's weights
+    by copy, timed on random embeddings of given lengths: ``prefill_s(first_length, rest_length)``."""
+
+    def __init__(self, language_model, pruning_layer: int | None):
+        import copy
+
+        import torch
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+
+        config = language_model.config
+        num_layers = config.num_hidden_layers
+        split = num_layers if pruning_layer is None else pruning_layer + 1
+        self.halves = []
+        for first, last in ((0, split), (split, num_layers)):
+            if first == last:
+                continue
+            half_config = copy.deepcopy(config)
+            half_config.num_hidden_layers = last - first
+            half_config.layer_types = config.layer_types[first:last]
+            half = Qwen2_5_VLTextModel(half_config).to(dtype=language_model.dtype, device=language_model.device)
+            state = {}
+            for key, value in language_model.state_dict().items():
+                if key.startswith("layers.") and first <= int(key.split(".")[1]) < last:
+                    _, index, rest = key.split(".", 2)
+                    state[f"layers.{int(index) - first}.{rest}"] = value
+            state.update({k: v for k, v in language_model.state_dict().items() if k.startswith("norm.")})
+            missing, unexpected = half.load_state_dict(state, strict=False)
+            assert not unexpected and all(k.startswith("embed_tokens") for k in missing), (missing, unexpected)
+            if last < num_layers:
+                half.norm = torch.nn.Identity()  # the norm runs once, after the last layer
+            self.halves.append(half.eval())
+        self.hidden = config.hidden_size
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, embeds, rest_length: int):
+        """``[1, first_length, D]`` embeddings -> ``[1, rest_length, D]`` last hidden state (the first ``rest_length``
+        rows go on after layer K)."""
+        import torch
+        from transformers import DynamicCache
+
+        hidden = embeds
+        for index, half in enumerate(self.halves):
+            if index:
+                hidden = hidden[:, :rest_length]
+            positions = torch.arange(hidden.shape[1], device=hidden.device).view(1, 1, -1).expand(3, 1, -1)
+            hidden = half(inputs_embeds=hidden, position_ids=positions, past_key_values=DynamicCache(),
+                          use_cache=True).last_hidden_state
+        return hidden
+
+    def prefill_s(self, first_length: int, rest_length: int) -> float:
+        import torch
+
+        weight = self.halves[0].layers[0].self_attn.q_proj.weight
+        embeds = torch.randn(1, first_length, self.hidden, generator=self.generator).to(weight.device, weight.dtype)
+        with torch.no_grad():  # as generate()
+            start = time.perf_counter()
+            hidden = self.forward(embeds, rest_length)
+            if hidden.device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     presets = [p for p in args.presets.split(",") if p]
@@ -110,21 +180,42 @@ def main(argv=None) -> int:
     def after(*_):
         marks["calls"].append(time.perf_counter() - marks["start"])  # first call: prefill; then one per decode step
 
-    handles = [language_model.register_forward_pre_hook(before), language_model.register_forward_hook(after)]
+    vision = base.model.model.visual
+
+    def vision_start(*_):
+        marks["vision_start"] = time.perf_counter()
+
+    def vision_end(*_):
+        marks["vision_end"] = time.perf_counter()
+
+    handles = [language_model.register_forward_pre_hook(before), language_model.register_forward_hook(after),
+               vision.register_forward_pre_hook(vision_start), vision.register_forward_hook(vision_end)]
+    oracles: dict = {}
 
     def run(name: str) -> dict:
         marks["calls"] = []
         result = pipes[name].generate_from_inputs(inputs, max_new_tokens=args.max_new_tokens)
         result["llm_prefill_s"] = marks["calls"][0]
         result["llm_decode_step_s"] = statistics.median(marks["calls"][1:]) if len(marks["calls"]) > 1 else None
+        result["vision_s"] = marks["vision_end"] - marks["vision_start"]
+        result["stage1_s"] = marks["start"] - marks["vision_end"] if len(marks["calls"]) == 1 else None
         return result
 
-    for name in presets:  # warm-up
-        run(name)
+    def run_oracle(name: str, result: dict) -> float:
+        layer = result["pruning_layer"] if result["tokens_after"] < result["tokens_after_stage1"] else None
+        if layer not in oracles:
+            oracles[layer] = Oracle(language_model, layer)
+        text = result["prompt_tokens"] - result["tokens_before_stage1"]
+        return oracles[layer].prefill_s(text + result["tokens_after_stage1"], text + result["tokens_after"])
+
     results: dict[str, list[dict]] = {name: [] for name in presets}
-    for _ in tqdm(range(args.repeats), desc="repeat (every preset once)", unit="repeat"):
+    for name in presets:  # warm-up
+        run_oracle(name, run(name))
+    for _ in tqdm(range(args.repeats), desc="repeat (every preset and its oracle once)", unit="repeat"):
         for name in presets:
-            results[name].append(run(name))
+            result = run(name)
+            result["oracle_prefill_s"] = run_oracle(name, result)
+            results[name].append(result)
     for handle in handles:
         handle.remove()
 
@@ -154,6 +245,7 @@ def main(argv=None) -> int:
         rows.append(dict(
             preset=name, visual_tokens=[v0, v1, v2], kept_fraction=f2,
             llm_prefill_s=med(name, "llm_prefill_s"), ttft_s=med(name, "ttft_s"),
+            oracle_prefill_s=med(name, "oracle_prefill_s"), vision_s=med(name, "vision_s"), stage1_s=med(name, "stage1_s"),
             decode_tokens_per_s=med(name, "decode_tokens_per_s"), kv_cache_bytes=r0["kv_cache_bytes"],
             peak_memory_bytes=max(r["peak_memory_bytes"] for r in results[name]), peak_memory_kind=r0["peak_memory_kind"],
             flops_ratio_scaled=flops_scaled, flops_ratio_real=flops_real,
@@ -166,17 +258,26 @@ def main(argv=None) -> int:
         r["decode_speedup"] = (r["decode_tokens_per_s"] or 0) / b["decode_tokens_per_s"] if b["decode_tokens_per_s"] else None
         r["kv_cache_ratio"] = r["kv_cache_bytes"] / b["kv_cache_bytes"]
         r["prefill_fraction_of_bound"] = r["prefill_speedup"] * r["flops_ratio_scaled"]
+        r["prefill_over_oracle"] = r["llm_prefill_s"] / r["oracle_prefill_s"]
+        r["ttft_over_oracle_plus_vision"] = r["ttft_s"] / (r["oracle_prefill_s"] + r["vision_s"])
 
     print(f"\nscale 1/{args.scale}: hidden {scaled.hidden} ({scaled.num_heads} heads, {scaled.num_kv_heads} KV), MLP "
           f"{scaled.intermediate}, {scaled.num_layers} layers; prompt {first['prompt_tokens']} tokens = "
           f"{first['tokens_before_stage1']} visual + {text_tokens} text; torch threads {torch.get_num_threads()}")
     print(f"{'preset':<13} {'visual tokens':<16} {'prefill':>8} {'speedup':>8} {'bound':>6} {'of bound':>8} "
-          f"{'TTFT x':>7} {'decode x':>8} {'KV':>6} {'bound 7B':>8}")
+          f"{'oracle':>7} {'/oracle':>7} {'TTFT x':>7} {'decode x':>8} {'KV':>6} {'bound 7B':>8}")
     for r in rows:
         v = "->".join(map(str, r["visual_tokens"]))
         print(f"{r['preset']:<13} {v:<16} {r['llm_prefill_s']:>7.3f}s {r['prefill_speedup']:>7.2f}x "
-              f"{1 / r['flops_ratio_scaled']:>5.2f}x {r['prefill_fraction_of_bound']:>7.0%} {r['ttft_speedup']:>6.2f}x "
+              f"{1 / r['flops_ratio_scaled']:>5.2f}x {r['prefill_fraction_of_bound']:>7.0%} {r['oracle_prefill_s']:>6.3f}s "
+              f"{r['prefill_over_oracle']:>7.2f} {r['ttft_speedup']:>6.2f}x "
               f"{(r['decode_speedup'] or 0):>7.2f}x {r['kv_cache_ratio']:>6.2f} {1 / r['flops_ratio_real']:>7.2f}x")
+    print(f"\nTTFT breakdown (s): {'preset':<13} {'vision':>7} {'stage 1':>8} {'LLM prefill':>11} {'rest':>6} {'TTFT':>6} "
+          f"{'TTFT / (oracle + vision)':>25}")
+    for r in rows:
+        rest = r["ttft_s"] - r["vision_s"] - (r["stage1_s"] or 0) - r["llm_prefill_s"]
+        print(f"{'':<20} {r['preset']:<13} {r['vision_s']:>7.3f} {(r['stage1_s'] or 0):>8.3f} {r['llm_prefill_s']:>11.3f} "
+              f"{rest:>6.3f} {r['ttft_s']:>6.3f} {r['ttft_over_oracle_plus_vision']:>25.2f}")
     write_json(args.stats_json, dict(
         command="python scripts/bench_video.py " + " ".join(argv or []),
         machine=dict(platform=platform.platform(), processor=platform.processor(), torch=torch.__version__,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cli import ArgumentParser, UserError, check_output_dir, check_output_file, run_cli, set_torch_threads
 
-MINIMUMS = dict(steps=1, batch_size=1, turns=1, warmup=0, weight_decay=0.0, aux_weight=0.0, clip=0.0, embed_std=0.0,
+MINIMUMS = dict(steps=1, batch_size=1, turns=1, warmup=0, weight_decay=0.0, aux_weight=0.0, attention_weight=0.0, readout_weight=0.0, clip=0.0, embed_std=0.0,
                 qk_std=0.0, seed=0, eval_size=1,
                 eval_every=1, text_hidden=32, text_layers=1, vision_hidden=16)
 

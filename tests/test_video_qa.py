@@ -13,10 +13,12 @@ from data.video_qa import (
     DIRECTIONS,
     FRAMES_PER_STEP,
     GRID,
+    MARGIN,
     MOVE_STEPS,
     NUM_FRAMES,
     NUM_STEPS,
     QUESTION_TYPES,
+    evidence_cells,
     make_sample,
     make_split,
 )
@@ -41,11 +43,19 @@ def test_every_object_is_drawn_in_its_cell_at_every_step_and_nothing_else_change
         assert frames.shape == (NUM_FRAMES, GRID * CELL, GRID * CELL, 3) and frames.dtype == np.uint8
         for step in range(NUM_STEPS):
             first, second = frames[FRAMES_PER_STEP * step], frames[FRAMES_PER_STEP * step + 1]
-            assert np.array_equal(first, second)  # both frames of a Qwen temporal step are the same
+            travelling = {o.cell(step) for o in sample.scene.objects if o.moving_at(step)}
             for obj in sample.scene.objects:
                 row, col = obj.cell(step)
-                centre = first[row * CELL + CELL // 2, col * CELL + CELL // 2 + 2]
-                assert tuple(centre) == PALETTE[obj.colour], (sample.video_id, obj, step)
+                for frame, behind_or_ahead in ((first, -1), (second, 1)):
+                    d_row, d_col = DIRECTIONS[obj.direction] if obj.moving_at(step) else (0, 0)
+                    y = row * CELL + CELL // 2 + d_row * MARGIN * behind_or_ahead
+                    x = col * CELL + CELL // 2 + 2 + d_col * MARGIN * behind_or_ahead
+                    assert tuple(frame[y, x]) == PALETTE[obj.colour], (sample.video_id, obj, step)
+            # the two frames of a Qwen temporal step differ exactly in the cells of objects travelling then
+            differs = {(r, c) for r in range(GRID) for c in range(GRID)
+                       if not np.array_equal(first[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL],
+                                             second[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL])}
+            assert differs == travelling
         # the static part: cells no object ever visits are identical in every frame
         visited = sample.scene.occupied()
         for row in range(GRID):
@@ -89,7 +99,22 @@ def test_answers_follow_from_the_scene(samples):
         else:
             (target,) = [o for o in statics if o.colour == s.answer]
             assert f"the {target.shape} that does not move" in s.question
-            assert sum(o.shape == target.shape for o in statics) == 1
+            assert sum(o.shape == target.shape for o in s.scene.objects) == 1
+
+
+def test_evidence_cells_hold_the_object_the_answer_is_read_from(samples):
+    for s in samples:
+        cells = evidence_cells(s.scene, s.qtype, s.question, s.answer)
+        at = [s.scene.object_cells(step).get((row, col)) for step, row, col in cells]
+        assert cells and all(obj is not None for obj in at), s.video_id
+        if s.qtype in ("colour", "order", "static"):
+            assert {o.colour for o in at} == {s.answer}
+        if s.qtype in ("colour", "direction", "count", "order"):
+            assert all(o.moving_at(step) for o, (step, _, _) in zip(at, cells))
+        if s.qtype == "count":
+            assert len({o.colour for o in at}) == len(s.scene.movers)
+        if s.qtype == "order":
+            assert cells[0][0] == min(o.start_step for o in s.scene.movers if o.colour in s.question)
 
 
 def test_question_types_and_answers_are_balanced_and_every_record_has_five_options(samples):

@@ -4,11 +4,27 @@ It is the model system B's quality is measured on: without learned weights, prun
 cost anything. Everything here is the real Qwen2.5-VL (windowed ViT with full-attention blocks, 2x2
 merger, M-RoPE, GQA) built from a config, with the real ``Qwen2_5_VLProcessor`` around a tiny BPE
 tokenizer whose corpus includes the task's questions. Training (``scripts/train_video_base.py``,
-``make train-video-base``): the answer tokens' cross-entropy, plus an auxiliary cross-entropy of two
-linear probes on the merger's output tokens (which palette colour and which shape fills each token's
-cell at that grid step, 0 = background), which teaches the vision tower the cell contents early so the
-language model can learn motion and order from them. The trained directory is shipped in the
-repository (``models/trained/video_qa``) with its training record; ``from_pretrained`` loads it.
+``make train-video-base``) minimises the answer tokens' cross-entropy plus auxiliary supervision that
+gives a from-scratch toy the structure a pretrained model brings:
+
+* **Per-token probes** (linear, on unit-rms features, discarded after training): on the merger's output
+  tokens, which palette colour, which shape and which direction of travel fill each token's cell at that
+  grid step (0 = background / not travelling); on the language model's hidden states after its first
+  layer, each visual token's grid step. They teach the vision tower the cell contents and the language
+  model the time of every token, early.
+* **Attention supervision**: at the position that predicts each answer, head 0 of the middle layers
+  (1 and 2 of 4) is trained to put its attention on the answer's evidence tokens
+  (:func:`data.video_qa.evidence_cells`), by ``-log`` of the attention mass there. Without it, retrieval
+  among 512 visual tokens was not learned in an hour (docs/BENCHMARKS.md: two failed attempts, and a
+  language model trained on perfect per-token features that stayed near chance). Head 0 of the first
+  layer is likewise trained to look at the question's key words (:func:`key_words`).
+* **Readout supervision**: the answer's cross-entropy also from the second-to-last layer's hidden state,
+  through the model's own final norm and ``lm_head``. Without it the retrieved evidence reached the
+  residual stream but the last layer buried it under a large answer prior (docs/BENCHMARKS.md).
+
+The supervision shapes how the model reads the video; it does not hand it the answer: at test time
+the model has only the pixels and the question. The trained directory is shipped in the repository
+(``models/trained/video_qa``) with its training record; ``from_pretrained`` loads it.
 """
 
 from __future__ import annotations
@@ -27,8 +43,8 @@ SHIPPED_DIR = REPO_ROOT / "models" / "trained" / "video_qa"
 VIDEO_MAX_PIXELS = 224 * 224  # a 224x224 frame stays whole: 8 x 8 merged tokens per grid step
 METRICS_FILE = "training_record.json"
 
-DEFAULTS = dict(steps=2500, batch_size=8, turns=4, lr=2e-3, warmup=100, weight_decay=0.01, aux_weight=1.0, clip=1.0,
-                embed_std=1.0, qk_std=0.1, seed=0, eval_size=240, eval_every=250, text_hidden=128, text_layers=4,
+DEFAULTS = dict(steps=2000, batch_size=8, turns=4, lr=2e-3, warmup=100, weight_decay=0.01, aux_weight=1.0,
+                attention_weight=1.0, readout_weight=1.0, clip=1.0, embed_std=1.0, qk_std=0.1, seed=0, eval_size=240, eval_every=250, text_hidden=128, text_layers=4,
                 vision_hidden=64)
 
 
@@ -52,6 +68,7 @@ def task_lines() -> list[str]:
     lines.append("How many objects move?")
     words = sorted({w for answers in ANSWERS.values() for w in answers} | {w for e in EXTRA_OPTIONS.values() for w in e})
     lines += [" ".join(words)] * 4
+    lines += [word for word in words for _ in range(8)]  # an answer opens the assistant turn: one token, no space
     return lines * 2
 
 
@@ -112,9 +129,7 @@ def build_untrained(seed: int, embed_std: float | None = None, qk_std: float | N
 
     ``embed_std`` / ``qk_std`` redraw the text embeddings and the language model's q/k projections with
     that std (seeded), the recipe of the shapes-VQA LLaVA base: with the seeded init (std 0.02) the
-    merger's tokens outgrew the question's embeddings during training. Neither setting has yet taught
-    this model to read the video (docs/BENCHMARKS.md, the video QA testbed): with std-1.0 embeddings
-    the std-0.02 value/output projections leave the video little influence on the answer at init."""
+    merger's tokens outgrew the question's embeddings during training."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from models.tiny import seeded_init_
@@ -209,14 +224,16 @@ def encode_conversations(processor, conversations: Sequence) -> dict:
     return batch
 
 
-def visual_targets(samples: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(colour, shape)`` class per visual token, ``[B * NUM_STEPS * GRID * GRID]`` in the merger's order
-    (grid step, then row-major cells): 1 + palette / shape index of the object in that cell, 0 for background."""
-    from data.video_qa import GRID, NUM_STEPS
+def visual_targets(samples: Sequence) -> dict[str, torch.Tensor]:
+    """Per visual token, ``[B * NUM_STEPS * GRID * GRID]`` in the merger's order (grid step, then row-major cells):
+    ``colour`` / ``shape`` (1 + palette / shape index of the object in that cell, 0 for background), ``motion``
+    (1 + direction index while the object travels during that step, else 0) and ``step`` (the grid step)."""
+    from data.video_qa import DIRECTIONS, GRID, NUM_STEPS
 
     colour_index = {c: i + 1 for i, c in enumerate(PALETTE)}
     shape_index = {s: i + 1 for i, s in enumerate(SHAPES)}
-    colours, shapes = [], []
+    direction_index = {d: i + 1 for i, d in enumerate(DIRECTIONS)}
+    colours, shapes, motions = [], [], []
     for sample in samples:
         for step in range(NUM_STEPS):
             cells = sample.scene.object_cells(step)
@@ -225,7 +242,73 @@ def visual_targets(samples: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
                     obj = cells.get((row, col))
                     colours.append(colour_index[obj.colour] if obj else 0)
                     shapes.append(shape_index[obj.shape] if obj else 0)
-    return torch.tensor(colours), torch.tensor(shapes)
+                    motions.append(direction_index[obj.direction] if obj and obj.moving_at(step) else 0)
+    steps = torch.arange(NUM_STEPS).repeat_interleave(GRID * GRID).repeat(len(samples))
+    return {"colour": torch.tensor(colours), "shape": torch.tensor(shapes), "motion": torch.tensor(motions),
+            "step": steps}
+
+
+def conversation_turns(conversation) -> list[tuple[str, list[int]]]:
+    """Per turn of a :class:`~data.video_qa.VideoQAConversation` (or one :class:`~data.video_qa.VideoQASample`):
+    ``(question, evidence)``, with the indices (into its 512 visual tokens, the merger's order) of the tokens
+    that hold the answer (:func:`data.video_qa.evidence_cells`)."""
+    from data.video_qa import GRID, evidence_cells
+
+    turns = conversation.turns if hasattr(conversation, "turns") else [
+        (conversation.question, conversation.answer, conversation.qtype)]
+    return [(question, [step * GRID * GRID + row * GRID + col
+                        for step, row, col in evidence_cells(conversation.scene, qtype, question, answer)])
+            for question, answer, qtype in turns]
+
+
+def key_words(question: str) -> list[str]:
+    """The words of ``question`` that say which object it asks about (a colour, a shape, a direction) or, for
+    "How many objects move?", ``many``."""
+    from data.video_qa import DIRECTIONS
+
+    keys = set(PALETTE) | set(SHAPES) | set(DIRECTIONS) | {"many"}
+    return [word for word in question.rstrip("?").replace(",", "").split() if word in keys]
+
+
+def supervision_targets(input_ids: torch.Tensor, labels: torch.Tensor, tokenizer, video_token_id: int,
+                        turns: Sequence[Sequence[tuple[str, Sequence[int]]]]) -> dict[str, torch.Tensor]:
+    """Where the attention supervision looks, one entry per answer in the batch.
+
+    ``turns[b]``: per answer of row ``b``, ``(question, evidence)`` with ``evidence`` the indices of its
+    evidence tokens among the row's visual tokens. Returns ``rows`` and ``queries`` (``[N]``: the row and the
+    position that predicts the answer's first token), and ``[N, L]`` masks: ``evidence`` (those visual
+    tokens) and ``question`` (the question's :func:`key_words` in that turn)."""
+    rows, queries, evidence_masks, question_masks = [], [], [], []
+    for row in range(input_ids.shape[0]):
+        ids = input_ids[row]
+        visual = (ids == video_token_id).nonzero().squeeze(1)
+        labelled = labels[row] != -100
+        starts = (labelled & ~torch.cat([labelled.new_zeros(1), labelled[:-1]])).nonzero().squeeze(1).tolist()
+        turn_begin = int(visual[-1]) + 1 if len(visual) else 0
+        for start, (question, evidence) in zip(starts, turns[row], strict=True):
+            evidence_mask = torch.zeros(ids.shape[0])
+            evidence_mask[visual[list(evidence)]] = 1.0
+            question_mask = torch.zeros(ids.shape[0])
+            for word in key_words(question):
+                (token,) = tokenizer(" " + word, add_special_tokens=False).input_ids
+                question_mask[turn_begin:start][ids[turn_begin:start] == token] = 1.0
+            rows.append(row)
+            queries.append(start - 1)
+            evidence_masks.append(evidence_mask)
+            question_masks.append(question_mask)
+            turn_begin = start
+    return {"rows": torch.tensor(rows), "queries": torch.tensor(queries), "evidence": torch.stack(evidence_masks),
+            "question": torch.stack(question_masks)}
+
+
+def attention_mass_loss(attentions: Sequence[torch.Tensor], rows: torch.Tensor, queries: torch.Tensor,
+                        target: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+    """``-log`` of the attention mass head 0 of each of ``layers`` puts on ``target`` (``[N, L]``, 1 on the target
+    positions) from ``queries`` (``[N]`` positions in rows ``rows``), averaged over queries and layers.
+
+    ``attentions[l]``: ``[B, H, L, L]`` softmax probabilities."""
+    losses = [-torch.log((attentions[layer][rows, 0, queries] * target).sum(-1).clamp_min(1e-6)) for layer in layers]
+    return torch.stack(losses).mean()
 
 
 # ============================================================================= answers and accuracy
@@ -303,7 +386,7 @@ def evaluate(model, processor, split: str, size: int, seed: int, batch_size: int
 
 
 def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: float, warmup: int, weight_decay: float,
-          aux_weight: float, clip: float, embed_std: float, qk_std: float, seed: int, eval_size: int, eval_every: int, text_hidden: int,
+          aux_weight: float, attention_weight: float, readout_weight: float, clip: float, embed_std: float, qk_std: float, seed: int, eval_size: int, eval_every: int, text_hidden: int,
           text_layers: int, vision_hidden: int, checkpoint: Path, resume: bool = False, log=print) -> dict:
     """Train from scratch; validation accuracy every ``eval_every`` steps (and at the end) goes to the JSON log.
 
@@ -318,13 +401,22 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
     from data.video_qa import make_conversation, make_sample
 
     settings = dict(steps=steps, batch_size=batch_size, turns=turns, lr=lr, warmup=warmup, weight_decay=weight_decay,
-                    aux_weight=aux_weight, clip=clip, embed_std=embed_std, qk_std=qk_std, seed=seed, eval_size=eval_size, eval_every=eval_every,
+                    aux_weight=aux_weight, attention_weight=attention_weight, readout_weight=readout_weight, clip=clip, embed_std=embed_std, qk_std=qk_std, seed=seed, eval_size=eval_size, eval_every=eval_every,
                     text_hidden=text_hidden, text_layers=text_layers, vision_hidden=vision_hidden)
     torch.manual_seed(seed)
     model, processor = build_untrained(seed, embed_std=embed_std or None, qk_std=qk_std or None,
                                        text_hidden=text_hidden, text_layers=text_layers, vision_hidden=vision_hidden)
+    from data.video_qa import DIRECTIONS, NUM_STEPS
+
     probes = torch.nn.ModuleDict({"colour": torch.nn.Linear(text_hidden, len(PALETTE) + 1),
-                                  "shape": torch.nn.Linear(text_hidden, len(SHAPES) + 1)})
+                                  "shape": torch.nn.Linear(text_hidden, len(SHAPES) + 1),
+                                  "motion": torch.nn.Linear(text_hidden, len(DIRECTIONS) + 1),
+                                  "step": torch.nn.Linear(text_hidden, NUM_STEPS)})
+    # at the position that predicts an answer, head 0 of the first layer learns to look at the question's key words
+    # and head 0 of the middle layers at the answer's evidence among the visual tokens
+    evidence_layers = tuple(range(1, text_layers - 1)) if text_layers >= 3 else (text_layers - 1,)
+    text_config = model.config.text_config
+    video_token_id = model.config.video_token_id
     params = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probes.named_parameters()]
     optimizer = torch.optim.AdamW(
         [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -347,7 +439,8 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
     captured = {}
     hook = model.model.visual.register_forward_hook(lambda m, a, out: captured.__setitem__("tokens", out.pooler_output))
     model.train()
-    window, aux_window = [], []
+    text_config._attn_implementation = "eager"  # attention probabilities for the supervision loss
+    window, aux_window, attention_window, readout_window = [], [], [], []
     begin = time.perf_counter() - record["train_seconds"]
     bar = tqdm(range(start_step, steps), desc="train step", unit="step", initial=start_step, total=steps,
                dynamic_ncols=True)
@@ -359,17 +452,36 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
             else:
                 samples = [make_sample(seed, "train", step * batch_size + i) for i in range(batch_size)]
                 batch = encode_batch(processor, samples, with_answers=True)
-            out = model(**batch)
+            out = model(**batch, output_attentions=attention_weight > 0,
+                        output_hidden_states=aux_weight > 0 or readout_weight > 0)
             loss = out.loss
             if aux_weight > 0:
+                targets = visual_targets(samples)
                 tokens = captured.pop("tokens")  # [B * 512, text_hidden] in grid-step, row-major order
-                # probes see the tokens at unit rms, so the auxiliary loss cannot be lowered by inflating their norm
-                tokens = tokens * torch.rsqrt(tokens.pow(2).mean(-1, keepdim=True) + 1e-6)
-                colour, shape = visual_targets(samples)
-                aux = torch.nn.functional.cross_entropy(probes["colour"](tokens), colour)
-                aux = aux + torch.nn.functional.cross_entropy(probes["shape"](tokens), shape)
+                after_first_layer = out.hidden_states[1][batch["input_ids"] == video_token_id]  # same order
+                aux = 0.0
+                for name, features in (("colour", tokens), ("shape", tokens), ("motion", tokens),
+                                       ("step", after_first_layer)):
+                    # probes see unit-rms features, so the auxiliary loss cannot be lowered by inflating their norm
+                    features = features * torch.rsqrt(features.pow(2).mean(-1, keepdim=True) + 1e-6)
+                    aux = aux + torch.nn.functional.cross_entropy(probes[name](features), targets[name])
                 loss = loss + aux_weight * aux
                 aux_window.append(aux.item())
+            where = supervision_targets(batch["input_ids"], batch["labels"], processor.tokenizer, video_token_id,
+                                        [conversation_turns(sample) for sample in samples])
+            if readout_weight > 0:
+                # the answer read out of the second-to-last layer by the model's own final norm and lm_head
+                hidden = out.hidden_states[-2][where["rows"], where["queries"]]  # [answers in the batch, D]
+                logits = model.lm_head(model.model.language_model.norm(hidden))
+                readout = torch.nn.functional.cross_entropy(logits, batch["input_ids"][where["rows"], where["queries"] + 1])
+                loss = loss + readout_weight * readout
+                readout_window.append(readout.item())
+            if attention_weight > 0:
+                attention = attention_mass_loss(out.attentions, where["rows"], where["queries"], where["question"],
+                                                [0]) + attention_mass_loss(
+                    out.attentions, where["rows"], where["queries"], where["evidence"], evidence_layers)
+                loss = loss + attention_weight * attention
+                attention_window.append(attention.item())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip > 0:
@@ -378,15 +490,19 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
             scheduler.step()
             window.append(out.loss.item())
             if (step + 1) % 10 == 0:
-                record["loss_every_10_steps"].append(
-                    {"step": step + 1, "answer_loss": round(sum(window) / len(window), 4),
-                     "aux_loss": round(sum(aux_window) / len(aux_window), 4) if aux_window else None})
-                bar.set_postfix(loss=f"{sum(window) / len(window):.3f}",
-                                aux=f"{sum(aux_window) / len(aux_window):.3f}" if aux_window else "-")
-                window, aux_window = [], []
+                mean = lambda values: round(sum(values) / len(values), 4) if values else None  # noqa: E731
+                record["loss_every_10_steps"].append({"step": step + 1, "answer_loss": mean(window),
+                                                      "aux_loss": mean(aux_window),
+                                                      "attention_loss": mean(attention_window),
+                                                      "readout_loss": mean(readout_window)})
+                bar.set_postfix(loss=mean(window), aux=mean(aux_window), attention=mean(attention_window),
+                                readout=mean(readout_window))
+                window, aux_window, attention_window, readout_window = [], [], [], []
             if (step + 1) % eval_every == 0 or step + 1 == steps:
                 record["train_seconds"] = round(time.perf_counter() - begin, 1)
+                text_config._attn_implementation = "sdpa"
                 result = evaluate(model, processor, "val", eval_size, seed)
+                text_config._attn_implementation = "eager"
                 result.update(step=step + 1, train_seconds=record["train_seconds"])
                 record["evaluations"].append(result)
                 acc = result["accuracy"]
@@ -398,6 +514,7 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
                 write_json(Path(checkpoint).with_suffix(".json"), record)
     finally:
         hook.remove()
+        text_config._attn_implementation = "sdpa"
     record["train_seconds"] = round(time.perf_counter() - begin, 1)
     record["validation_accuracy"] = record["evaluations"][-1]["accuracy"]["all"]["accuracy"]
     with atomic_path(Path(output_dir)) as tmp:
