@@ -4,9 +4,10 @@
 The model is the real Qwen2.5-VL architecture at toy size (``models/tiny/video_qa.py``: windowed ViT
 with full-attention blocks, 2x2 merger, M-RoPE, GQA), trained on a deterministic stream of
 ``data/video_qa.py`` samples (16 frames of 224x224 px = 512 visual tokens, six question types) with
-the answer's cross-entropy plus an auxiliary loss of linear probes that predict, for every visual
-token, the colour and the shape filling its cell at that grid step (the probes are discarded).
-AdamW, linear warm-up then cosine decay, gradient clipping. Every ``--eval-every`` steps: greedy
+the answer's cross-entropy plus auxiliary supervision (``models/tiny/video_qa.py`` says what and why):
+per-token probes (``--aux-weight``), attention supervision of the question's key words and of the
+answer's evidence tokens (``--attention-weight``), and the answer read out one layer early
+(``--readout-weight``). AdamW, linear warm-up then cosine decay, gradient clipping. Every ``--eval-every`` steps: greedy
 exact-match accuracy per question type on the validation split, written to the JSON log next to the
 checkpoint, and a checkpoint (``--resume`` continues from it, on exactly the samples the uninterrupted
 run would have seen).

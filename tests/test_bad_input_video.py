@@ -87,7 +87,7 @@ CLI_CASES = [
     pytest.param("run_video.py", ["--preset", "stage1_only", "--no-cache-compression"],
                  ["--no-cache-compression would be ignored", "stage 2"], id="run_video-stage1_only-ignores-no-cache-compression"),
     # ------------------------------------------------------------------ run_video.py: ranges and the model's limits
-    pytest.param("run_video.py", ["--pruning-layer", "99"], ["--pruning-layer", "pruning_layer=99", "6 layers", "0..5"],
+    pytest.param("run_video.py", ["--pruning-layer", "99"], ["--pruning-layer", "pruning_layer=99", "4 layers", "0..3"],
                  id="run_video-pruning-layer-past-the-model"),
     pytest.param("run_video.py", ["--keep-ratio", "1.5"], ["--keep-ratio", "(0, 1]"], id="run_video-keep-ratio-out-of-range"),
     pytest.param("run_video.py", ["--num-frames", "0"], ["--num-frames must be >= 1"], id="run_video-num-frames-zero"),
