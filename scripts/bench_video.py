@@ -87,6 +87,7 @@ class Oracle:
         config = language_model.config
         num_layers = config.num_hidden_layers
         split = num_layers if pruning_layer is None else pruning_layer + 1
+        weights = language_model.state_dict()
         self.halves = []
         for first, last in ((0, split), (split, num_layers)):
             if first == last:
@@ -96,11 +97,11 @@ class Oracle:
             half_config.layer_types = config.layer_types[first:last]
             half = Qwen2_5_VLTextModel(half_config).to(dtype=language_model.dtype, device=language_model.device)
             state = {}
-            for key, value in language_model.state_dict().items():
+            for key, value in weights.items():
                 if key.startswith("layers.") and first <= int(key.split(".")[1]) < last:
                     _, index, rest = key.split(".", 2)
                     state[f"layers.{int(index) - first}.{rest}"] = value
-            state.update({k: v for k, v in language_model.state_dict().items() if k.startswith("norm.")})
+            state.update({k: v for k, v in weights.items() if k.startswith("norm.")})
             missing, unexpected = half.load_state_dict(state, strict=False)
             assert not unexpected and all(k.startswith("embed_tokens") for k in missing), (missing, unexpected)
             if last < num_layers:

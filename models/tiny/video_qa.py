@@ -469,8 +469,9 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
                     aux = aux + torch.nn.functional.cross_entropy(probes[name](features), targets[name])
                 loss = loss + aux_weight * aux
                 aux_window.append(aux.item())
-            where = supervision_targets(batch["input_ids"], batch["labels"], processor.tokenizer, video_token_id,
-                                        [conversation_turns(sample) for sample in samples])
+            if attention_weight > 0 or readout_weight > 0:
+                where = supervision_targets(batch["input_ids"], batch["labels"], processor.tokenizer, video_token_id,
+                                            [conversation_turns(sample) for sample in samples])
             if readout_weight > 0:
                 # the answer read out of the second-to-last layer by the model's own final norm and lm_head
                 hidden = out.hidden_states[-2][where["rows"], where["queries"]]  # [answers in the batch, D]
