@@ -314,25 +314,52 @@ def load_reference_image(path: Path | None):
         raise UserError(f"cannot read image {str(path)!r} ({type(error).__name__}): pass a PNG/JPEG file") from None
 
 
-def load_edit_pipeline(args):
-    """``(pipeline, model path, device)`` for edit-script ``args``: ``--model-path`` (default: the embedded tiny
-    model), ``--lora`` / ``--lora-weight-name``, ``--device``, ``--cpu-offload``, ``--vae-tiling``."""
-    import torch
+def edit_pipeline_choice(args):
+    """``(pipeline class, model path)`` for edit-script ``args``, read before any weights: ``--model-path`` (default:
+    the embedded tiny model) and ``--pipeline`` (``auto``: the class ``model_index.json`` names; for the embedded
+    model, Qwen-Image-Edit for one ``-i`` image and the Edit-2509 layout for several; ``edit`` / ``plus``: that one).
+    A choice the directory or the images contradict: one-line ``UserError``."""
+    from pipelines.qwenimage_edit import (
+        TokenPruningQwenImageEditPipeline,
+        TokenPruningQwenImageEditPlusPipeline,
+        edit_pipeline_class,
+    )
 
-    from pipelines.qwenimage_edit import TokenPruningQwenImageEditPipeline
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    choice = getattr(args, "pipeline", "auto")
+    inputs = getattr(args, "input", None)
+    num_images = len(inputs) if isinstance(inputs, list) else 1
+    wanted = {"edit": TokenPruningQwenImageEditPipeline, "plus": TokenPruningQwenImageEditPlusPipeline}.get(choice)
     if args.model_path is None:
-        from models.tiny.qwenimage_edit import tiny_qwenimage_edit_dir
+        from models.tiny.qwenimage_edit import tiny_qwenimage_edit_dir, tiny_qwenimage_edit_plus_dir
 
-        model_path = str(tiny_qwenimage_edit_dir())
+        plus = choice == "plus" or (choice == "auto" and num_images > 1)
+        model_path = str(tiny_qwenimage_edit_plus_dir() if plus else tiny_qwenimage_edit_dir())
+        pipeline_class = TokenPruningQwenImageEditPlusPipeline if plus else TokenPruningQwenImageEditPipeline
     else:
         model_path = args.model_path
+        pipeline_class = load_or_explain("the Qwen-Image-Edit pipeline", model_path,
+                                         lambda: edit_pipeline_class(model_path))
+        if wanted is not None and pipeline_class is not wanted:
+            raise UserError(f"--pipeline {choice}: {model_path!r} holds a {pipeline_class.stock_class.__name__} "
+                            f"(model_index.json); pass --pipeline auto or a {wanted.stock_class.__name__} model")
+    if num_images > 1 and pipeline_class is TokenPruningQwenImageEditPipeline:
+        raise UserError(f"{num_images} -i images, but Qwen-Image-Edit takes one reference image: pass one, or use "
+                        "an Edit-2509 / 2511 model (--pipeline plus for the embedded one)")
+    return pipeline_class, model_path
+
+
+def load_edit_pipeline(args):
+    """``(pipeline, model path, device)`` for edit-script ``args``: the pipeline of :func:`edit_pipeline_choice`,
+    ``--lora`` / ``--lora-weight-name``, ``--device``, ``--cpu-offload``, ``--vae-tiling``."""
+    import torch
+
+    pipeline_class, model_path = edit_pipeline_choice(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     pipe = load_or_explain(
-        "the Qwen-Image-Edit pipeline",
+        f"the {pipeline_class.stock_class.__name__}",
         model_path,
-        lambda: TokenPruningQwenImageEditPipeline.from_pretrained(
+        lambda: pipeline_class.from_pretrained(
             model_path, lora=args.lora, lora_weight_name=args.lora_weight_name, dtype=dtype
         ),
     )

@@ -1,6 +1,7 @@
-"""``TokenPruningQwenImageEditPipeline``: the stock diffusers edit pipeline on the forked transformer.
+"""``TokenPruningQwenImageEditPipeline`` and ``TokenPruningQwenImageEditPlusPipeline``: the stock diffusers edit
+pipelines (Qwen-Image-Edit; Qwen-Image-Edit-2509 / 2511, one or several reference images) on the forked transformer.
 
-Everything the stock ``QwenImageEditPipeline`` takes still works; ``__call__`` adds
+Everything the stock ``QwenImageEditPipeline`` / ``QwenImageEditPlusPipeline`` takes still works; ``__call__`` adds
 ``pruning_mode`` (``"none" | "mlp" | "full" | "kv"``, see ``pruning/edit/reference_reuse.py``) and
 ``refresh_steps``. With ``pruning_mode="none"`` the call *is* the stock call (bit-identical
 output, tested). Otherwise the call runs inside ``reference_reuse(self.transformer, ...)``: a diffusers
@@ -8,9 +9,13 @@ hook on the forked transformer keeps one cache per true-CFG branch (the stock pi
 ``cache_context("cond")`` / ``("uncond")``) and is removed, caches freed, when the call ends, also on
 an exception. Statistics of the last call: ``pipe.last_reuse_stats``.
 
+In the Plus pipeline every reference image's tokens are reference tokens: the stock call concatenates
+their latents after the noisy latents (``[B, L_denoise + L_reference_1 + L_reference_2 + ..., C]``), so one
+cache holds them all. :func:`edit_pipeline_class` picks the class from a directory's ``model_index.json``.
+
 Inputs are checked before any work, each failure one ``ValueError`` line that names the argument and
 the rule (``pipelines/qwenimage_edit_limits.py`` says where every limit comes from): ``image`` must be
-a PIL image; ``height``/``width`` ``None`` or a positive multiple of 16 (the stock call rounds 17 down
+a PIL image (Plus: or a list of them); ``height``/``width`` ``None`` or a positive multiple of 16 (the stock call rounds 17 down
 to 16 and turns 0 into ~1024 px); at most the scheduler's ``max_image_seq_len`` output tokens; the
 prompt and the image grids within the transformer's 4096 RoPE positions. A prompt longer than
 ``max_sequence_length`` tokens (default 512, at most 1024) is truncated to it with a warning, where
@@ -29,7 +34,7 @@ import threading
 from typing import Any
 
 import PIL.Image
-from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageEditPlusPipeline
 
 from models.qwenimage.transformer_qwenimage import QwenImageTransformer2DModel
 from pipelines.qwenimage_edit_limits import (
@@ -67,8 +72,7 @@ LIGHTNING_SCHEDULER_CONFIG: dict[str, Any] = {
     "use_karras_sigmas": False,
 }
 
-STOCK_DEFAULT_STEPS = 50  # QwenImageEditPipeline.__call__'s default num_inference_steps
-_STOCK_CALL = inspect.signature(QwenImageEditPipeline.__call__)
+STOCK_DEFAULT_STEPS = 50  # QwenImageEditPipeline.__call__'s (and the Plus pipeline's) default num_inference_steps
 
 
 @contextlib.contextmanager
@@ -89,9 +93,11 @@ def _ctrl_c_held():
         signal.signal(signal.SIGINT, previous)
 
 
-class TokenPruningQwenImageEditPipeline(QwenImageEditPipeline):
-    """``QwenImageEditPipeline`` whose transformer is the fork with reference-token reuse."""
+class _ReferenceReuseEditPipeline:
+    """What both token-pruning edit pipelines add to their stock class (the next class in the MRO): loading with
+    the forked transformer, input checks before any work, and ``pruning_mode`` / ``refresh_steps`` on ``__call__``."""
 
+    stock_class: type  # the diffusers pipeline it extends
     last_reuse_stats: dict[str, Any] | None = None
 
     @classmethod
@@ -146,33 +152,25 @@ class TokenPruningQwenImageEditPipeline(QwenImageEditPipeline):
             signal.raise_signal(signal.SIGINT)  # now to the usual handler: KeyboardInterrupt
         return bar
 
+    def _reference_images(self, call: dict[str, Any]) -> list[PIL.Image.Image]:
+        """The call's reference images, checked (``call["image"]`` normalised from a tuple to a list)."""
+        raise NotImplementedError
+
     def _check_call(self, call: dict[str, Any]) -> None:
         """Every argument rule of an edit, before any work (``EditInputError``, a ``ValueError``, one line)."""
-        image = call.get("image")
-        if isinstance(image, (list, tuple)) and len(image) > 1:
-            raise EditInputError(
-                f"QwenImageEditPipeline edits one reference image, got {len(image)}; "
-                "pass a single image (multi-image editing is QwenImageEditPlusPipeline)"
-            )
-        if isinstance(image, tuple):
-            call["image"] = image = list(image)
-        first = image[0] if isinstance(image, list) and image else image
-        if not isinstance(first, PIL.Image.Image):
-            got = "None" if image is None else ("an empty list" if isinstance(image, list) and not image
-                                                else type(first).__name__)
-            raise EditInputError(
-                f"image must be the reference image as a PIL.Image.Image (or a list of one), got {got}"
-            )
+        images = self._reference_images(call)
         steps = call.get("num_inference_steps", STOCK_DEFAULT_STEPS)
         check_int("num_inference_steps", steps, lo=1, error=EditInputError)
         per_prompt = call.get("num_images_per_prompt", 1)
         check_int("num_images_per_prompt", per_prompt, lo=1, error=EditInputError)
         check_max_sequence_length(call.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
         max_tokens = int(self.scheduler.config.get("max_image_seq_len", 4096))  # the stock calculate_shift default
-        height, width = output_size(call.get("height"), call.get("width"), first.size, max_tokens)
+        # the output size follows the last reference image (the Plus pipeline's rule; the Edit pipeline has one)
+        height, width = output_size(call.get("height"), call.get("width"), images[-1].size, max_tokens)
         pos_embed = getattr(self.transformer, "pos_embed", None)
         if hasattr(pos_embed, "pos_freqs") and hasattr(pos_embed, "scale_rope"):
-            extent = rope_image_extent([(height, width), reference_dims(first.size)[::-1]], pos_embed.scale_rope)
+            sizes = [(height, width)] + [reference_dims(image.size)[::-1] for image in images]
+            extent = rope_image_extent(sizes, pos_embed.scale_rope)
             self._rope_check = (extent, int(pos_embed.pos_freqs.shape[0]))
 
     def _truncate_prompt(self, prompt, max_length: int, name: str):
@@ -216,10 +214,11 @@ class TokenPruningQwenImageEditPipeline(QwenImageEditPipeline):
         validate_mode(pruning_mode)
         if not isinstance(self.transformer, QwenImageTransformer2DModel):
             raise TypeError(
-                "TokenPruningQwenImageEditPipeline needs the forked transformer "
+                f"{type(self).__name__} needs the forked transformer "
                 "(models.qwenimage.transformer_qwenimage.QwenImageTransformer2DModel); load it with from_pretrained"
             )
-        call = dict(_STOCK_CALL.bind(self, *args, **kwargs).arguments)  # every argument by name
+        stock_call = inspect.signature(self.stock_class.__call__)
+        call = dict(stock_call.bind(self, *args, **kwargs).arguments)  # every argument by name
         del call["self"]
         self._rope_check = None
         self._check_call(call)
@@ -249,4 +248,80 @@ class TokenPruningQwenImageEditPipeline(QwenImageEditPipeline):
             self._rope_check = None
 
 
-__all__ = ["TokenPruningQwenImageEditPipeline", "LIGHTNING_SCHEDULER_CONFIG", "MODES", "EditInputError", "LoRALoadError"]
+class TokenPruningQwenImageEditPipeline(_ReferenceReuseEditPipeline, QwenImageEditPipeline):
+    """``QwenImageEditPipeline`` (Qwen-Image-Edit: one reference image) on the fork with reference-token reuse."""
+
+    stock_class = QwenImageEditPipeline
+
+    def _reference_images(self, call: dict[str, Any]) -> list[PIL.Image.Image]:
+        image = call.get("image")
+        if isinstance(image, (list, tuple)) and len(image) > 1:
+            raise EditInputError(
+                f"QwenImageEditPipeline edits one reference image, got {len(image)}; pass a single image, or use "
+                "TokenPruningQwenImageEditPlusPipeline (Qwen-Image-Edit-2509 / 2511) for several"
+            )
+        if isinstance(image, tuple):
+            call["image"] = image = list(image)
+        first = image[0] if isinstance(image, list) and image else image
+        if not isinstance(first, PIL.Image.Image):
+            got = "None" if image is None else ("an empty list" if isinstance(image, list) and not image
+                                                else type(first).__name__)
+            raise EditInputError(
+                f"image must be the reference image as a PIL.Image.Image (or a list of one), got {got}"
+            )
+        return [first]
+
+
+class TokenPruningQwenImageEditPlusPipeline(_ReferenceReuseEditPipeline, QwenImageEditPlusPipeline):
+    """``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509 / 2511: one or several reference images) on the fork with
+    reference-token reuse: the tokens of every reference image are cached on refresh steps and reused on the others."""
+
+    stock_class = QwenImageEditPlusPipeline
+
+    def _reference_images(self, call: dict[str, Any]) -> list[PIL.Image.Image]:
+        image = call.get("image")
+        if isinstance(image, tuple):
+            call["image"] = image = list(image)
+        images = image if isinstance(image, list) else [image]
+        if not images:
+            raise EditInputError("image must be one or several reference images (PIL.Image.Image), got an empty list")
+        for index, each in enumerate(images):
+            if not isinstance(each, PIL.Image.Image):
+                where = "image" if not isinstance(image, list) else f"image[{index}]"
+                raise EditInputError(
+                    f"{where} must be a reference image as a PIL.Image.Image, got {type(each).__name__}"
+                )
+        return images
+
+
+EDIT_PIPELINES = {
+    "QwenImageEditPipeline": TokenPruningQwenImageEditPipeline,
+    "QwenImageEditPlusPipeline": TokenPruningQwenImageEditPlusPipeline,
+}
+"""The stock class a diffusers directory's ``model_index.json`` names -> the token-pruning pipeline that extends it."""
+
+
+def edit_pipeline_class(pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> type:
+    """The token-pruning pipeline for a Qwen-Image-Edit directory or hub id, from its ``model_index.json``
+    (``_class_name``): Qwen-Image-Edit -> :class:`TokenPruningQwenImageEditPipeline`, Edit-2509 / 2511 ->
+    :class:`TokenPruningQwenImageEditPlusPipeline`. Another pipeline: one-line ``ValueError``."""
+    config = DiffusionPipeline.load_config(pretrained_model_name_or_path, **kwargs)
+    name = config.get("_class_name")
+    if name not in EDIT_PIPELINES:
+        raise ValueError(
+            f"{str(pretrained_model_name_or_path)!r} holds a {name!r} pipeline (model_index.json), not one of "
+            f"{', '.join(EDIT_PIPELINES)}: pass a Qwen-Image-Edit, Edit-2509 or Edit-2511 model"
+        )
+    return EDIT_PIPELINES[name]
+
+
+__all__ = [
+    "EDIT_PIPELINES",
+    "LIGHTNING_SCHEDULER_CONFIG",
+    "MODES",
+    "EditInputError",
+    "LoRALoadError",
+    "TokenPruningQwenImageEditPipeline",
+    "TokenPruningQwenImageEditPlusPipeline",
+    "edit_pipeline_class",
+]

@@ -11,6 +11,10 @@ and of the real shapes.
 
     python scripts/bench_edit.py                      # Edit-2509/2511 proportions, scale 8
     python scripts/bench_edit.py --text-len 1400      # the original Edit prompt template
+    python scripts/bench_edit.py --references 1 2 3   # Edit-2509/2511 with one, two and three reference images
+
+With several reference images (the Plus pipeline) every reference is a 1024x1024 image (L_image tokens), all
+concatenated after the noisy latents, and all of them are reference tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--scale", type=int, default=8, help="divide width, token counts and depth by this factor")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--text-len", type=int, default=200, help="real-model text tokens (200: Edit-2509/2511, 1400: Edit)")
+    p.add_argument("--references", type=int, nargs="+", default=[1],
+                   help="numbers of reference images to time (Edit-2509/2511 take several), e.g. 1 2 3")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--modes", default="mlp,full,kv")
     p.add_argument("--schedules", default="alternate,once")
@@ -45,6 +51,8 @@ def main(argv=None) -> int:
         raise UserError(f"--scale must divide 24 heads and 4096 tokens (1, 2, 4, 8), got {args.scale}")
     if args.steps < 1 or args.repeats < 1:
         raise UserError("--steps and --repeats must be >= 1")
+    if any(n < 1 for n in args.references):
+        raise UserError(f"--references must be >= 1, got {args.references}")
     if args.text_len < 1:
         raise UserError(f"--text-len must be >= 1, got {args.text_len}")
     if args.threads is not None and args.threads < 1:
@@ -84,15 +92,15 @@ def main(argv=None) -> int:
         num_attention_heads=heads, joint_attention_dim=3584 // s, axes_dims_rope=axes,
     ).eval()
     dim = heads * head_dim
-    reference = torch.randn(1, l_img, 64)
     text = torch.randn(1, text_len, 3584 // s)
     mask = torch.ones(1, text_len, dtype=torch.long)
-    img_shapes = [[(1, h, w), (1, h, w)]]
 
     @torch.no_grad()
-    def edit(mode: str, schedule: str | None) -> float:
+    def edit(mode: str, schedule: str | None, num_references: int) -> float:
         """Transformer time (s) of one whole edit: ``args.steps`` calls, fresh noisy latents each step."""
         generator = torch.Generator().manual_seed(1)
+        reference = torch.randn(1, num_references * l_img, 64, generator=torch.Generator().manual_seed(2))
+        img_shapes = [[(1, h, w)] + [(1, h, w)] * num_references]
         total = 0.0
         with contextlib.ExitStack() as stack:
             if mode != "none":
@@ -110,46 +118,45 @@ def main(argv=None) -> int:
                 total += time.perf_counter() - start
         return total
 
-    configs = [("none", None)] + [(m, sch) for sch in args.schedules.split(",") if sch for m in modes]
-    for _, sch in configs:
-        if sch is not None:
-            try:
-                resolve_refresh_steps(sch, args.steps)
-            except ValueError as error:
-                raise UserError(f"--schedules: {error}") from None
-    times: dict[tuple[str, str | None], list[float]] = {c: [] for c in configs}
-    for c in tqdm(configs, desc="warm-up (mode x schedule)"):
+    configs = [(mode, sch, n) for n in args.references
+               for mode, sch in [("none", None)] + [(m, sch) for sch in args.schedules.split(",") if sch for m in modes]]
+    times: dict[tuple[str, str | None, int], list[float]] = {c: [] for c in configs}
+    for c in tqdm(configs, desc="warm-up (references x mode x schedule)"):
         edit(*c)
-    for _ in tqdm(range(args.repeats), desc="timed repeats (all modes)"):
+    for _ in tqdm(range(args.repeats), desc="timed repeats (all configurations)"):
         for c in configs:  # interleaved, so drift in machine speed hits every mode alike
             times[c].append(edit(*c))
 
-    scaled = QwenImageShape(num_blocks=blocks, dim=dim, denoise_len=l_img, reference_len=l_img, text_len=text_len)
-    real = QwenImageShape(text_len=args.text_len)
-    baseline = statistics.median(times[("none", None)])
-    rows = []
-    for mode, sch in configs:
-        median = statistics.median(times[(mode, sch)])
+    rows, shapes = [], {}
+    for mode, sch, n in configs:
+        scaled = QwenImageShape(num_blocks=blocks, dim=dim, denoise_len=l_img, reference_len=n * l_img,
+                                text_len=text_len)
+        real = QwenImageShape(reference_len=n * QwenImageShape.reference_len, text_len=args.text_len)
+        shapes[n] = dict(scaled=vars(scaled), real=vars(real))
+        baseline = statistics.median(times[("none", None, n)])
+        median = statistics.median(times[(mode, sch, n)])
         refresh = resolve_refresh_steps(sch, args.steps) if sch else tuple(range(1, args.steps + 1))
         bound_scaled = 1 / qwenimage_edit_flops_ratio(scaled, mode, refresh, args.steps)
         bound_real = 1 / qwenimage_edit_flops_ratio(real, mode, refresh, args.steps)
         speedup = baseline / median
-        rows.append(dict(mode=mode, schedule=sch or "-", refresh_steps=list(refresh), median_s=median,
+        rows.append(dict(references=n, mode=mode, schedule=sch or "-", refresh_steps=list(refresh), median_s=median,
                          speedup=speedup, flops_bound_scaled=bound_scaled, flops_bound_real=bound_real,
-                         fraction_of_bound=speedup / bound_scaled, times_s=times[(mode, sch)]))
+                         fraction_of_bound=speedup / bound_scaled, times_s=times[(mode, sch, n)]))
 
-    header = f"{'mode':<5} {'schedule':<10} {'refresh':<8} {'time s':>7} {'speedup':>8} {'bound(scaled)':>14} {'bound(real)':>12} {'of bound':>9}"
-    print(f"\nscale 1/{s}: D={dim} ({heads}x{head_dim}), blocks={blocks}, L_denoise=L_image={l_img}, text={text_len}, "
-          f"steps={args.steps}, torch threads={torch.get_num_threads()}")
+    header = (f"{'refs':>4} {'mode':<5} {'schedule':<10} {'refresh':<8} {'time s':>7} {'speedup':>8} "
+              f"{'bound(scaled)':>14} {'bound(real)':>12} {'of bound':>9}")
+    print(f"\nscale 1/{s}: D={dim} ({heads}x{head_dim}), blocks={blocks}, L_denoise=L_image={l_img} per image, "
+          f"text={text_len}, steps={args.steps}, torch threads={torch.get_num_threads()}")
     print(header)
     for r in rows:
-        print(f"{r['mode']:<5} {r['schedule']:<10} {','.join(map(str, r['refresh_steps'])):<8} {r['median_s']:>7.3f} "
-              f"{r['speedup']:>7.2f}x {r['flops_bound_scaled']:>13.2f}x {r['flops_bound_real']:>11.2f}x {r['fraction_of_bound']:>8.0%}")
+        print(f"{r['references']:>4} {r['mode']:<5} {r['schedule']:<10} {','.join(map(str, r['refresh_steps'])):<8} "
+              f"{r['median_s']:>7.3f} {r['speedup']:>7.2f}x {r['flops_bound_scaled']:>13.2f}x "
+              f"{r['flops_bound_real']:>11.2f}x {r['fraction_of_bound']:>8.0%}")
     write_json(args.stats_json, dict(
         command="python scripts/bench_edit.py " + " ".join(argv or []),
         machine=dict(platform=platform.platform(), processor=platform.processor(), torch=torch.__version__,
                      threads=torch.get_num_threads()),
-        scaled_shape=vars(scaled), real_shape=vars(real), steps=args.steps, repeats=args.repeats, rows=rows,
+        shapes_per_references=shapes, steps=args.steps, repeats=args.repeats, rows=rows,
     ))
     print(f"stats in {args.stats_json}")
     return 0

@@ -8,6 +8,9 @@ machine. Real weights::
         --lora lightx2v/Qwen-Image-Lightning --lora-weight-name Qwen-Image-Edit-Lightning-4steps-V1.0.safetensors \\
         -i photo.jpg -p "make the car red" --compare
 
+Qwen-Image-Edit-2509 / 2511 (``QwenImageEditPlusPipeline``, picked from the model's ``model_index.json``) take
+one or several reference images, one ``-i`` each; ``--pipeline plus`` selects the embedded tiny Plus pipeline.
+
 Writes into ``--output_dir``: ``output_pruning_<timestamp>.png``, ``latest_pruning.png``,
 ``latest_baseline.png`` (with ``--compare`` or ``--no-pruning``) and the stats JSON.
 
@@ -34,6 +37,7 @@ from cli import (
     check_device,
     check_output_dir,
     check_output_file,
+    edit_pipeline_choice,
     load_edit_pipeline,
     load_reference_image,
     run_cli,
@@ -56,7 +60,11 @@ MODES = ("none", "mlp", "full", "kv")
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-i", "--input", type=Path, default=None, help="reference image (default: a generated sample)")
+    p.add_argument("-i", "--input", type=Path, action="append", default=None,
+                   help="reference image; repeat for several (Edit-2509 / 2511); default: a generated sample")
+    p.add_argument("--pipeline", default="auto", choices=("auto", "edit", "plus"),
+                   help="auto: the class the model's model_index.json names (embedded model: edit for one -i image, "
+                        "plus for several); edit: QwenImageEditPipeline; plus: QwenImageEditPlusPipeline (2509 / 2511)")
     p.add_argument("-p", "--prompt", default="Change the red circle to blue and add a yellow star.")
     p.add_argument("-o", "--output_dir", type=Path, default=Path("outputs_pruning"))
     p.add_argument("-s", "--steps", type=int, default=4, help="denoising steps (4 with the Lightning LoRA)")
@@ -105,9 +113,12 @@ def validate(args) -> tuple[str, tuple[int, ...]]:
         refresh = resolve_refresh_steps(args.refresh_steps, args.steps)
     except ValueError as error:
         raise UserError(f"--refresh-steps: {error}") from None
-    if args.input is not None:
-        if not args.input.is_file():
-            raise UserError(f"input image {str(args.input)!r} does not exist: pass an existing image file with -i")
+    for path in args.input or []:
+        if not path.is_file():
+            raise UserError(f"input image {str(path)!r} does not exist: pass an existing image file with -i")
+    if args.input and len(args.input) > 1 and args.pipeline == "edit":
+        raise UserError(f"--pipeline edit takes one -i image, got {len(args.input)}: Qwen-Image-Edit-2509 / 2511 "
+                        "(--pipeline plus) take several")
     check_output_dir(args.output_dir, "-o/--output_dir")
     check_output_file(args.stats_json, "--stats-json")
     check_device(args.device, "--device")
@@ -119,7 +130,7 @@ def validate(args) -> tuple[str, tuple[int, ...]]:
 
 
 def check_size(args, image) -> None:
-    """``--height``/``--width`` (or the size the reference image implies) within the pipeline's limits."""
+    """``--height``/``--width`` (or the size the last reference image implies) within the pipeline's limits."""
     try:
         output_size(args.height, args.width, image.size, max_image_seq_len_of(args.model_path, args.lora),
                     names=("--height", "--width"), unset="unset")
@@ -130,8 +141,9 @@ def check_size(args, image) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     mode, refresh = validate(args)
-    image = load_reference_image(args.input)
-    check_size(args, image)
+    images = [load_reference_image(path) for path in args.input] if args.input else [load_reference_image(None)]
+    check_size(args, images[-1])
+    edit_pipeline_choice(args)  # reads model_index.json only: a contradiction fails before any weights load
 
     import torch
 
@@ -150,7 +162,7 @@ def main(argv=None) -> int:
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         with stopwatch() as total, explained_limits():
             result = pipe(
-                image=image,
+                image=images if len(images) > 1 else images[0],
                 prompt=args.prompt,
                 negative_prompt=args.negative_prompt if args.cfg > 1.0 else None,
                 true_cfg_scale=args.cfg,
@@ -179,6 +191,8 @@ def main(argv=None) -> int:
     width, height = out_image.size
     stats = {
         "mode": mode,
+        "pipeline": type(pipe).__name__,
+        "references": len(images),
         "refresh_steps": list(refresh) if mode != "none" else list(range(1, args.steps + 1)),
         "steps": args.steps,
         "cfg": args.cfg,
@@ -228,7 +242,7 @@ def main(argv=None) -> int:
             f"PSNR {stats['psnr_db']:.2f} dB, SSIM {stats['ssim']:.4f}, cache {stats['cache_bytes'] / 2**20:.1f} MiB"
         )
     if args.model_path is None:
-        print("embedded tiny Qwen-Image-Edit with random weights: the images are noise by design; "
+        print(f"embedded tiny {type(pipe).stock_class.__name__} with random weights: the images are noise by design; "
               "read the times, PSNR/SSIM against the baseline and the FLOP ratio (--model-path for real weights)")
     print(f"images in {args.output_dir}/, stats in {stats_path}")
     return 0

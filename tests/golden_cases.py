@@ -152,6 +152,47 @@ def qwenimage_edit_kv_once():
     return _edit_case("kv", "once")
 
 
+@lru_cache(maxsize=2)
+def _edit_plus_pipe(zero_cond_t: bool):
+    from models.tiny.qwenimage_edit import tiny_qwenimage_edit_plus_dir
+    from pipelines.qwenimage_edit import TokenPruningQwenImageEditPlusPipeline
+
+    pipe = TokenPruningQwenImageEditPlusPipeline.from_pretrained(tiny_qwenimage_edit_plus_dir(zero_cond_t))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _edit_plus_case(mode: str, refresh_steps=None, zero_cond_t: bool = False) -> dict:
+    """Qwen-Image-Edit-2509 layout (2511 with ``zero_cond_t``), two reference images of different sizes."""
+    from data.media import make_sample_image
+
+    pipe = _edit_plus_pipe(zero_cond_t)
+    images = [make_sample_image((192, 128), seed=1), make_sample_image((96, 96), seed=2)]
+    image = pipe(
+        image=images, prompt="put the circle of picture 1 into picture 2", num_inference_steps=4, height=64,
+        width=64, true_cfg_scale=1.0, output_type="pt", pruning_mode=mode, refresh_steps=refresh_steps,
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    stats = pipe.last_reuse_stats
+    return {"image": summarize(image), "refresh_steps": stats["refresh_steps"], "cache_bytes": stats["cache_bytes"],
+            "tokens": stats.get("tokens")}
+
+
+@golden_case("qwenimage_edit_plus_none")
+def qwenimage_edit_plus_none():
+    return _edit_plus_case("none")
+
+
+@golden_case("qwenimage_edit_plus_kv_once")
+def qwenimage_edit_plus_kv_once():
+    return _edit_plus_case("kv", "once")
+
+
+@golden_case("qwenimage_edit_plus_2511_full")
+def qwenimage_edit_plus_2511_full():
+    return _edit_plus_case("full", zero_cond_t=True)
+
+
 # ----------------------------------------------------------------------------- PruneVid (Qwen2.5-VL)
 
 

@@ -5,7 +5,8 @@ refresh steps are the baseline bit for bit; a reuse step's denoise output equals
 independent plain-torch computation from the block weights and the cached states; `full` and
 `kv` do no query/MLP work for the reference tokens; the cache has the stated size; CFG
 branches (diffusers' cache_context names) keep separate caches; schedules are validated;
-the hook attaches and detaches cleanly.
+the hook attaches and detaches cleanly. Where it matters, the properties are proven for one reference image and
+for two of different sizes (the Plus pipeline's layout: every reference's tokens after the noisy latents).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from pruning.edit.reference_reuse import (
 BATCH, TEXT_LEN = 2, 7
 DENOISE_HW, REFERENCE_HW = (4, 4), (6, 4)  # reference image of another size than the output
 L1, L2 = DENOISE_HW[0] * DENOISE_HW[1], REFERENCE_HW[0] * REFERENCE_HW[1]
+TWO_REFERENCES_HW = (REFERENCE_HW, (2, 4))  # Qwen-Image-Edit-2509 / 2511 with two reference images
+REFERENCE_LAYOUTS = pytest.mark.parametrize("references", [(REFERENCE_HW,), TWO_REFERENCES_HW], ids=["1ref", "2refs"])
 CONFIG = dict(
     patch_size=2, in_channels=16, out_channels=4, num_layers=3, attention_head_dim=16,
     num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6),
@@ -45,9 +48,14 @@ def build_pair(zero_cond_t: bool):
     return upstream, fork
 
 
-def make_inputs(seed: int, timestep: float, text_seed: int = 100):
+def reference_len(references=(REFERENCE_HW,)) -> int:
+    return sum(h * w for h, w in references)
+
+
+def make_inputs(seed: int, timestep: float, text_seed: int = 100, references=(REFERENCE_HW,)):
     g = torch.Generator().manual_seed(seed)
-    reference = torch.randn(BATCH, L2, CONFIG["in_channels"], generator=torch.Generator().manual_seed(7))
+    reference = torch.randn(BATCH, reference_len(references), CONFIG["in_channels"],
+                            generator=torch.Generator().manual_seed(7))
     noisy = torch.randn(BATCH, L1, CONFIG["in_channels"], generator=g)
     gt = torch.Generator().manual_seed(text_seed)
     text = torch.randn(BATCH, TEXT_LEN, CONFIG["joint_attention_dim"], generator=gt)
@@ -58,7 +66,7 @@ def make_inputs(seed: int, timestep: float, text_seed: int = 100):
         encoder_hidden_states=text,
         encoder_hidden_states_mask=mask,
         timestep=torch.full((BATCH,), timestep),
-        img_shapes=[[(1, *DENOISE_HW), (1, *REFERENCE_HW)]] * BATCH,
+        img_shapes=[[(1, *DENOISE_HW), *[(1, *hw) for hw in references]]] * BATCH,
         return_dict=False,
     )
 
@@ -109,13 +117,14 @@ def test_unknown_mode_is_rejected():
 # ------------------------------------------------------------------------ refresh = baseline
 
 
+@REFERENCE_LAYOUTS
 @pytest.mark.parametrize("zero_cond_t", [False, True])
 @pytest.mark.parametrize("mode", ["none", "mlp", "full", "kv"])
-def test_refresh_step_equals_baseline_transformer_call_bit_exactly(mode, zero_cond_t):
+def test_refresh_step_equals_baseline_transformer_call_bit_exactly(mode, zero_cond_t, references):
     upstream, fork = build_pair(zero_cond_t)
     controller = ReferenceTokenReuse(mode, num_steps=4)
     for step, t in enumerate((0.9, 0.7, 0.5), start=1):  # refresh, reuse, refresh
-        inputs = make_inputs(seed=step, timestep=t)
+        inputs = make_inputs(seed=step, timestep=t, references=references)
         out = call(fork, inputs, controller)
         if step in controller.refresh_steps:
             assert torch.equal(out, call(upstream, inputs)), f"step {step}"
@@ -198,7 +207,7 @@ def independent_block_denoise_output(block, inputs, mode, cache, block_index, im
     v = torch.cat([_heads(_linear(txt_mod, attn.add_v_proj), attn), v_den, v_ref], 1)
 
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
-    key_ok = torch.cat([mask.bool(), torch.ones(batch, L1 + L2, dtype=torch.bool)], dim=1)
+    key_ok = torch.cat([mask.bool(), torch.ones(batch, k.shape[1] - txt.shape[1], dtype=torch.bool)], dim=1)
     scores = scores.masked_fill(~key_ok[:, None, None, :], float("-inf"))
     out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).flatten(2)
     den = den + gate1 * _linear(out[:, txt.shape[1]:], attn.to_out[0])
@@ -209,12 +218,13 @@ def independent_block_denoise_output(block, inputs, mode, cache, block_index, im
     return den + gate2 * mlp
 
 
+@REFERENCE_LAYOUTS
 @pytest.mark.parametrize("zero_cond_t", [False, True])
 @pytest.mark.parametrize("mode", ["full", "kv"])
-def test_reuse_step_denoise_output_matches_independent_reference(mode, zero_cond_t):
+def test_reuse_step_denoise_output_matches_independent_reference(mode, zero_cond_t, references):
     _, fork = build_pair(zero_cond_t)
     controller = ReferenceTokenReuse(mode, num_steps=4)
-    call(fork, make_inputs(1, 0.9), controller)
+    call(fork, make_inputs(1, 0.9, references=references), controller)
     cache = controller.branches["cond"].cache
 
     captured = {}
@@ -232,13 +242,13 @@ def test_reuse_step_denoise_output_matches_independent_reference(mode, zero_cond
     for index, block in enumerate(fork.transformer_blocks):
         pre, post = capture(index)
         handles += [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post, with_kwargs=True)]
-    inputs = make_inputs(2, 0.7)
+    inputs = make_inputs(2, 0.7, references=references)
     call(fork, inputs, controller)
     for handle in handles:
         handle.remove()
 
     img_freqs, txt_freqs = fork.pos_embed(inputs["img_shapes"], max_txt_seq_len=TEXT_LEN, device=torch.device("cpu"))
-    ref_index = torch.ones(BATCH, L2, dtype=torch.int) if zero_cond_t else None
+    ref_index = torch.ones(BATCH, reference_len(references), dtype=torch.int) if zero_cond_t else None
     with torch.no_grad():
         for index, block in enumerate(fork.transformer_blocks):
             block_in = captured[index]["in"]  # hidden_states [B, L1, D]: the stream holds denoise rows only
@@ -288,31 +298,34 @@ def count_rows(model, names):
     return rows, handles
 
 
-@pytest.mark.parametrize("mode, ref_kv_rows", [("full", L2), ("kv", 0), ("mlp", L2)])
-def test_reuse_step_linear_rows_show_no_query_or_mlp_work_for_reference_tokens(mode, ref_kv_rows):
+@REFERENCE_LAYOUTS
+@pytest.mark.parametrize("mode", ["full", "kv", "mlp"])
+def test_reuse_step_linear_rows_show_no_query_or_mlp_work_for_reference_tokens(mode, references):
     _, fork = build_pair(False)
     controller = ReferenceTokenReuse(mode, num_steps=4)
-    call(fork, make_inputs(1, 0.9), controller)
+    call(fork, make_inputs(1, 0.9, references=references), controller)
     rows, handles = count_rows(fork, ["to_q", "to_k", "to_v", "to_out", "img_mlp"])
-    call(fork, make_inputs(2, 0.7), controller)
+    call(fork, make_inputs(2, 0.7, references=references), controller)
     for h in handles:
         h.remove()
-    blocks = CONFIG["num_layers"]
-    query_rows = L1 + L2 if mode == "mlp" else L1
+    blocks, l2 = CONFIG["num_layers"], reference_len(references)
+    ref_kv_rows = 0 if mode == "kv" else l2  # `full` projects K/V from the cached block input; `mlp` runs attention
+    query_rows = L1 + l2 if mode == "mlp" else L1
     assert rows["to_q"] == blocks * BATCH * query_rows
     assert rows["to_out"] == blocks * BATCH * query_rows
     assert rows["img_mlp"] == blocks * BATCH * L1
     assert rows["to_k"] == rows["to_v"] == blocks * BATCH * (L1 + ref_kv_rows)
 
 
+@REFERENCE_LAYOUTS
 @pytest.mark.parametrize("mode, factor", [("mlp", 1), ("full", 1), ("kv", 2)])
-def test_cache_bytes_equal_blocks_times_image_tokens_times_width(mode, factor):
+def test_cache_bytes_equal_blocks_times_reference_tokens_times_width(mode, factor, references):
     _, fork = build_pair(False)
     controller = ReferenceTokenReuse(mode, num_steps=4)
-    call(fork, make_inputs(1, 0.9), controller)
+    call(fork, make_inputs(1, 0.9, references=references), controller)
     dim = CONFIG["num_attention_heads"] * CONFIG["attention_head_dim"]
     assert controller.cache_bytes() == controller.peak_cache_bytes
-    assert controller.cache_bytes() == CONFIG["num_layers"] * BATCH * L2 * dim * 4 * factor
+    assert controller.cache_bytes() == CONFIG["num_layers"] * BATCH * reference_len(references) * dim * 4 * factor
     controller.clear()
     assert controller.cache_bytes() == 0
 

@@ -87,3 +87,40 @@ def test_plain_baseline_run_writes_baseline_image_only(tmp_path):
     assert "latest_baseline.png" in names and "latest_pruning.png" not in names
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["mode"] == "none" and stats["time_pruned_s"] is None and stats["time_baseline_s"] > 0
+
+
+@pytest.fixture()
+def two_images(tmp_path):
+    from data.media import make_sample_image
+
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    make_sample_image(size=(192, 128), seed=1).save(paths[0])
+    make_sample_image(size=(128, 128), seed=2).save(paths[1])
+    return paths
+
+
+def test_two_images_run_the_plus_pipeline_with_every_reference_cached(tmp_path, two_images):
+    """``make run-edit ARGS="-i a.png -i b.png"``: the embedded Edit-2509-layout pipeline, both images reference tokens."""
+    proc = run("-i", str(two_images[0]), "-i", str(two_images[1]), "--compare", "-o", str(tmp_path / "out"),
+               "--height", "64", "--width", "64", "-s", "2", "--pruning-mode", "kv", "--refresh-steps", "once",
+               "--stats-json", str(tmp_path / "stats.json"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["pipeline"] == "TokenPruningQwenImageEditPlusPipeline" and stats["references"] == 2
+    # 1248x832 and 1024x1024 px at the VAE: 78 x 52 + 64 x 64 tokens of 16 x 16 px
+    assert stats["tokens"]["reference"] == 78 * 52 + 64 * 64 and stats["tokens"]["denoise"] == 16
+    assert 0 < stats["flops_ratio"] < 1 and stats["psnr_db"] is not None
+
+
+def test_pipeline_choices_the_model_or_the_images_contradict_are_one_line(tmp_path, two_images):
+    from models.tiny.qwenimage_edit import tiny_qwenimage_edit_dir
+
+    out = tmp_path / "out"
+    proc = run("--pipeline", "edit", "-i", str(two_images[0]), "-i", str(two_images[1]), "-o", str(out), cwd=tmp_path)
+    assert proc.returncode == 2 and "--pipeline edit takes one -i image, got 2" in proc.stderr
+    proc = run("--pipeline", "plus", "--model-path", str(tiny_qwenimage_edit_dir()), "-o", str(out), cwd=tmp_path)
+    assert proc.returncode == 2 and "holds a QwenImageEditPipeline" in proc.stderr
+    proc = run("-i", str(two_images[0]), "-i", str(two_images[1]), "--model-path", str(tiny_qwenimage_edit_dir()),
+               "-o", str(out), cwd=tmp_path)
+    assert proc.returncode == 2 and "Qwen-Image-Edit takes one reference image" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()

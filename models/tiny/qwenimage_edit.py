@@ -17,6 +17,11 @@ that ``diffusers.QwenImageEditPipeline.from_pretrained(dir)`` loads like the rea
 * ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` with Qwen-Image's scheduler config
   (dynamic exponential shifting, ``shift_terminal`` 0.02).
 
+``build_tiny_qwenimage_edit_plus`` writes the same components in the layout of
+``Qwen/Qwen-Image-Edit-2509`` (``model_index.json`` naming ``QwenImageEditPlusPipeline``: one or several
+reference images, each VAE-encoded at ~1 MP and shown to the text encoder at 384x384 px); ``zero_cond_t=True``
+gives the Edit-2511 variant (reference tokens modulated at t = 0).
+
 Weights come from ``seeded_init_`` with fixed seeds. The VAE's RMS norms keep their scale in a
 parameter named ``gamma`` (not ``weight``), which ``seeded_init_`` draws around 0; it is moved to
 1 + N(0, std) like every other norm weight, otherwise the VAE would output a constant.
@@ -31,6 +36,7 @@ from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
     QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImageTransformer2DModel,
 )
 from transformers import Qwen2Tokenizer, Qwen2VLProcessor
@@ -149,17 +155,18 @@ def build_qwen2_vl_processor(tokenizer: Qwen2Tokenizer) -> Qwen2VLProcessor:
     )
 
 
-def build_tiny_qwenimage_edit_pipeline() -> QwenImageEditPipeline:
-    """The stock ``QwenImageEditPipeline`` assembled from the seeded tiny components (in memory)."""
+def build_tiny_qwenimage_edit_pipeline(pipeline_class: type = QwenImageEditPipeline, zero_cond_t: bool = False):
+    """The stock ``pipeline_class`` (``QwenImageEditPipeline`` or ``QwenImageEditPlusPipeline``) assembled from the
+    seeded tiny components (in memory); ``zero_cond_t``: the transformer of Qwen-Image-Edit-2511."""
     tokenizer = build_qwen2_tokenizer()
     text_encoder = build_seeded_qwen2_5_vl(tokenizer, seed=TEXT_ENCODER_SEED)
-    return QwenImageEditPipeline(
+    return pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         vae=build_tiny_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         processor=build_qwen2_vl_processor(tokenizer),
-        transformer=build_tiny_transformer(text_encoder.config.text_config.hidden_size),
+        transformer=build_tiny_transformer(text_encoder.config.text_config.hidden_size, zero_cond_t=zero_cond_t),
     )
 
 
@@ -171,3 +178,14 @@ def build_tiny_qwenimage_edit(save_dir: Path) -> None:
 def tiny_qwenimage_edit_dir() -> Path:
     """Directory of the embedded tiny Qwen-Image-Edit pipeline (built once into the cache)."""
     return cached_model_dir("qwenimage_edit", VERSION, build_tiny_qwenimage_edit)
+
+
+def build_tiny_qwenimage_edit_plus(save_dir: Path, zero_cond_t: bool = False) -> None:
+    """Write the tiny pipeline in the layout of Qwen-Image-Edit-2509 (``zero_cond_t``: 2511)."""
+    build_tiny_qwenimage_edit_pipeline(QwenImageEditPlusPipeline, zero_cond_t=zero_cond_t).save_pretrained(save_dir)
+
+
+def tiny_qwenimage_edit_plus_dir(zero_cond_t: bool = False) -> Path:
+    """Directory of the embedded tiny Qwen-Image-Edit-2509 pipeline (``zero_cond_t``: 2511), built once into the cache."""
+    name = "qwenimage_edit_plus_2511" if zero_cond_t else "qwenimage_edit_plus"
+    return cached_model_dir(name, VERSION, lambda save_dir: build_tiny_qwenimage_edit_plus(save_dir, zero_cond_t))
