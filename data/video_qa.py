@@ -261,29 +261,33 @@ def _question(rng: np.random.Generator, scene: VideoScene, qtype: str) -> tuple[
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
 
 
+def asked_object(scene: VideoScene, qtype: str, question: str, answer: str) -> VideoObject | None:
+    """The one object ``question`` is about (for order: the one that starts first), or None for count questions."""
+    by_colour = {o.colour: o for o in scene.objects}
+    if qtype in ("colour", "order", "static"):
+        return by_colour[answer]
+    if qtype in ("shape", "direction"):
+        (colour,) = [c for c in by_colour if c in question.rstrip("?").split()]
+        return by_colour[colour]
+    if qtype == "count":
+        return None
+    raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
+
+
 def evidence_cells(scene: VideoScene, qtype: str, question: str, answer: str) -> tuple[tuple[int, int, int], ...]:
     """``(step, row, col)`` of the visual tokens that hold the answer to ``question``: the asked object's
     cells while it travels (colour, direction), at every step (shape, static), every mover's travelling
     cells (count), the first mover's cell in its first travelling step (order)."""
-    by_colour = {o.colour: o for o in scene.objects}
-    words = set(question.rstrip("?").split())
 
     def cells(obj: VideoObject, moving_only: bool) -> list[tuple[int, int, int]]:
         return [(step, *obj.cell(step)) for step in range(NUM_STEPS) if obj.moving_at(step) or not moving_only]
 
-    if qtype == "colour":
-        return tuple(cells(by_colour[answer], moving_only=True))
-    if qtype in ("shape", "direction"):
-        (colour,) = [c for c in by_colour if c in words]
-        return tuple(cells(by_colour[colour], moving_only=qtype == "direction"))
     if qtype == "count":
         return tuple(cell for obj in scene.movers for cell in cells(obj, moving_only=True))
+    target = asked_object(scene, qtype, question, answer)
     if qtype == "order":
-        first = by_colour[answer]
-        return ((first.start_step, *first.cell(first.start_step)),)
-    if qtype == "static":
-        return tuple(cells(by_colour[answer], moving_only=False))
-    raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
+        return ((target.start_step, *target.cell(target.start_step)),)
+    return tuple(cells(target, moving_only=qtype in ("colour", "direction")))
 
 
 def _options(rng: np.random.Generator, qtype: str, answer: str, scene: VideoScene) -> tuple[str, ...]:

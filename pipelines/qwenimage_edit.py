@@ -118,6 +118,11 @@ class _ReferenceReuseEditPipeline:
         ``LoRALoadError`` naming the LoRA (a missing local one before the model is loaded).
         """
         check_lora_source(lora, lora_weight_name)
+        config_kwargs = {k: kwargs[k] for k in ("local_files_only", "revision") if k in kwargs}
+        named = DiffusionPipeline.load_config(pretrained_model_name_or_path, **config_kwargs).get("_class_name")
+        if named in EDIT_PIPELINES and named != cls.stock_class.__name__:  # e.g. Edit-2509 weights in the Edit pipeline
+            raise ValueError(f"{str(pretrained_model_name_or_path)!r} is a {named} model: load it with "
+                             f"{EDIT_PIPELINES[named].__name__} (edit_pipeline_class picks the right one)")
         transformer = kwargs.pop("transformer", None)
         if transformer is None:
             transformer_kwargs = {k: kwargs[k] for k in ("dtype", "torch_dtype", "local_files_only", "revision") if k in kwargs}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cli import ArgumentParser, UserError, check_output_dir, check_output_file, run_cli, set_torch_threads
 
-MINIMUMS = dict(steps=1, batch_size=1, turns=1, warmup=0, weight_decay=0.0, aux_weight=0.0, attention_weight=0.0, readout_weight=0.0, clip=0.0, embed_std=0.0,
+MINIMUMS = dict(steps=1, batch_size=1, turns=1, warmup=0, weight_decay=0.0, aux_weight=0.0, motion_weight=0.0, attention_weight=0.0, readout_weight=0.0, value_weight=0.0, clip=0.0, embed_std=0.0,
                 qk_std=0.0, seed=0, eval_size=1,
                 eval_every=1, text_hidden=32, text_layers=1, vision_hidden=16)
 
@@ -37,6 +37,8 @@ def parse_args(argv=None):
                    help="checkpoint written at every evaluation (its JSON log beside it)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir when training ends")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from the weights of this trained directory (same sizes) instead of a seeded init")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     for key, value in DEFAULTS.items():
         p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
@@ -54,6 +56,8 @@ def validate(args) -> None:
         raise UserError(f"--text-hidden must be a multiple of 32 (head dim 32), got {args.text_hidden}")
     if args.vision_hidden % 16:
         raise UserError(f"--vision-hidden must be a multiple of 16 (head dim 16), got {args.vision_hidden}")
+    if args.init_from is not None and not (args.init_from / "config.json").is_file():
+        raise UserError(f"--init-from: no trained model (config.json) in {str(args.init_from)!r}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     check_output_dir(args.output_dir, "--output-dir")
@@ -72,7 +76,7 @@ def main(argv=None) -> int:
     set_torch_threads(args.threads)
     from models.tiny.video_qa import DEFAULTS, train
 
-    record = train(args.output_dir, checkpoint=args.checkpoint, resume=args.resume,
+    record = train(args.output_dir, checkpoint=args.checkpoint, resume=args.resume, init_from=args.init_from,
                    **{key: getattr(args, key) for key in DEFAULTS})
     print(f"validation accuracy {record['validation_accuracy']:.3f} after {record['settings']['steps']} steps "
           f"({record['train_seconds']:.0f} s); saved to {args.output_dir}")

@@ -140,6 +140,8 @@ def test_bad_reference_images_fail_before_any_work(pipe, image, message):
 def test_model_index_picks_the_pipeline(tmp_path):
     assert edit_pipeline_class(tiny_qwenimage_edit_dir()) is TokenPruningQwenImageEditPipeline
     assert edit_pipeline_class(tiny_qwenimage_edit_plus_dir()) is TokenPruningQwenImageEditPlusPipeline
+    with pytest.raises(ValueError, match="load it with TokenPruningQwenImageEditPlusPipeline"):
+        TokenPruningQwenImageEditPipeline.from_pretrained(tiny_qwenimage_edit_plus_dir())
     (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1"}')
     with pytest.raises(ValueError, match="'FluxPipeline' pipeline"):
         edit_pipeline_class(tmp_path)

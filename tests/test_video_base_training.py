@@ -63,11 +63,24 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_ends_with_the_uninterrup
     assert [e["step"] for e in log["evaluations"]] == [1, 2]
 
 
+def test_a_warm_start_begins_from_the_given_model_and_records_it(script, tmp_path):
+    from safetensors.torch import load_file
+
+    script.main([*TINY, "--output-dir", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "a.pt")])
+    script.main([*TINY, "--lr", "1e-12", "--init-from", str(tmp_path / "a"), "--output-dir", str(tmp_path / "b"),
+                 "--checkpoint", str(tmp_path / "b.pt")])
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # two steps at lr 1e-12 from a's weights
+    record = json.loads((tmp_path / "b" / "training_record.json").read_text())
+    assert record["settings"]["init_from"] == str(tmp_path / "a")
+
+
 def test_bad_arguments_are_refused_before_any_work(script, tmp_path, capsys):
     cases = [
         (["--steps", "0"], "--steps must be >= 1"),
         (["--text-hidden", "48"], "--text-hidden must be a multiple of 32"),
         (["--resume", "--checkpoint", str(tmp_path / "none.pt")], "--resume: no checkpoint"),
+        (["--init-from", str(tmp_path / "no_model")], "--init-from: no trained model"),
     ]
     for argv, message in cases:
         argv = argv if "--checkpoint" in argv else [*argv, "--checkpoint", str(tmp_path / "ck.pt")]

@@ -87,3 +87,36 @@ def test_evidence_indices_are_the_evidence_cells_in_the_mergers_token_order():
         cells = evidence_cells(conversation.scene, qtype, question, answer)
         assert asked == question and indices == [s * GRID * GRID + r * GRID + c for s, r, c in cells]
         assert all(colour[i] > 0 for i in indices)  # every evidence token holds an object
+
+
+def test_asked_attributes_name_the_object_each_question_is_about_read_from_its_own_words():
+    """The value supervision's targets: for each turn the asked object's colour, shape and motion, found independently
+    here from the question's words and the answer (count questions, about several objects, are ignored)."""
+    from data.media import SHAPES
+    from models.tiny.video_qa import asked_attributes
+
+    for index in range(40):
+        conversation = make_conversation(0, "train", index, 4)
+        targets = asked_attributes(conversation)
+        assert all(len(v) == len(conversation.turns) for v in targets.values())
+        for turn, (question, answer, qtype) in enumerate(conversation.turns):
+            if qtype == "count":
+                assert [int(targets[k][turn]) for k in ("colour", "shape", "motion")] == [-100] * 3
+                continue
+            words = question.rstrip("?").replace(",", "").split()
+            if qtype in ("colour", "order", "static"):
+                (obj,) = [o for o in conversation.scene.objects if o.colour == answer]
+            else:  # shape, direction: the colour the question names
+                (obj,) = [o for o in conversation.scene.objects if o.colour in words]
+            if qtype == "static":
+                assert obj.shape in words and not obj.moves
+            if qtype == "direction":
+                assert obj.shape in words and obj.direction == answer
+            if qtype == "shape":
+                assert obj.shape == answer
+            assert list(PALETTE)[int(targets["colour"][turn])] == obj.colour
+            assert SHAPES[int(targets["shape"][turn])] == obj.shape
+            motion = int(targets["motion"][turn])
+            assert (motion == 0) == (not obj.moves)
+            if obj.moves:
+                assert list(DIRECTIONS)[motion - 1] == obj.direction

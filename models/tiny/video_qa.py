@@ -8,21 +8,29 @@ tokenizer whose corpus includes the task's questions. Training (``scripts/train_
 gives a from-scratch toy the structure a pretrained model brings:
 
 * **Per-token probes** (linear, on unit-rms features, discarded after training; weight ``aux_weight``):
-  on the merger's output tokens, which palette colour, which shape and which direction of travel fill
-  each token's cell at that grid step (0 = background / not travelling); on the language model's hidden
-  states after its first layer, each visual token's grid step.
+  on the merger's output tokens, which palette colour and which shape fill each token's cell at that
+  grid step (0 = background); on the language model's hidden states after its first layer, each visual
+  token's grid step. The **motion probe** (weight ``motion_weight``) reads, over the tokens that hold an
+  object, whether it is still or travelling and in which direction (with ``motion_weight=0`` it runs over
+  all tokens at ``aux_weight``, where "not travelling" is right for 99% of them and the vision tower
+  learned little motion).
 * **Attention supervision** (weight ``attention_weight``): at the position that predicts each answer,
   head 0 of the first layer is trained to look at the question's key words (:func:`key_words`) and head
   0 of the middle layers (1 and 2 of 4) at the answer's evidence tokens
   (:func:`data.video_qa.evidence_cells`), by ``-log`` of the attention mass there.
 * **Readout supervision** (weight ``readout_weight``): the answer's cross-entropy also from the
   second-to-last layer's hidden state, through the model's own final norm and ``lm_head``.
+* **Value supervision** (weight ``value_weight``): what head 0 of those middle layers carries from the
+  evidence to the answer position: linear probes on its output (before ``o_proj``) must read the asked
+  object's colour, shape and motion (:func:`asked_attributes`). Attention supervision says where to look,
+  value supervision what to bring back.
 
 What made training work, as far as it was tested (docs/BENCHMARKS.md, the video QA testbed): without
 any of these, and with the probes and attention supervision at weight 1, the answers stayed at each
 question type's prior for hundreds of steps; with probes and attention supervision at 0.1 and the
-readout at 1 (the defaults) validation accuracy left chance by step 500. What each part contributes
-alone was not isolated.
+readout at 1 validation accuracy left chance by step 500, but direction and shape stayed at chance; the
+object-token motion probe at weight 1 and the value supervision (the defaults) taught direction. What each
+part contributes alone was not isolated.
 
 The supervision shapes how the model reads the video; it does not hand it the answer: at test time
 the model has only the pixels and the question. The trained directory is shipped in the repository
@@ -40,13 +48,15 @@ import torch
 
 from data.media import PALETTE, SHAPES
 
+PALETTE_INDEX = {colour: i for i, colour in enumerate(PALETTE)}
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_DIR = REPO_ROOT / "models" / "trained" / "video_qa"
 VIDEO_MAX_PIXELS = 224 * 224  # a 224x224 frame stays whole: 8 x 8 merged tokens per grid step
 METRICS_FILE = "training_record.json"
 
-DEFAULTS = dict(steps=2000, batch_size=8, turns=4, lr=2e-3, warmup=100, weight_decay=0.01, aux_weight=0.1,
-                attention_weight=0.1, readout_weight=1.0, clip=1.0, embed_std=1.0, qk_std=0.1, seed=0, eval_size=120,
+DEFAULTS = dict(steps=2400, batch_size=8, turns=4, lr=2e-3, warmup=100, weight_decay=0.01, aux_weight=0.1,
+                motion_weight=1.0, attention_weight=0.1, readout_weight=1.0, value_weight=1.0, clip=1.0, embed_std=1.0, qk_std=0.1, seed=0, eval_size=120,
                 eval_every=250, text_hidden=128, text_layers=4, vision_hidden=64)
 
 
@@ -263,6 +273,23 @@ def conversation_turns(conversation) -> list[tuple[str, list[int]]]:
             for question, answer, qtype in turns]
 
 
+def asked_attributes(conversation) -> dict[str, torch.Tensor]:
+    """Per turn of a conversation (or one sample), in :func:`conversation_turns`' order, the asked object's
+    (:func:`data.video_qa.asked_object`) ``colour`` / ``shape`` (palette / shape index) and ``motion`` (0 for a
+    static object, 1 + direction index for a mover); -100 (ignored by the loss) for count questions."""
+    from data.video_qa import DIRECTIONS, asked_object
+
+    turns = conversation.turns if hasattr(conversation, "turns") else [
+        (conversation.question, conversation.answer, conversation.qtype)]
+    colours, shapes, motions = [], [], []
+    for question, answer, qtype in turns:
+        obj = asked_object(conversation.scene, qtype, question, answer)
+        colours.append(PALETTE_INDEX[obj.colour] if obj else -100)
+        shapes.append(SHAPES.index(obj.shape) if obj else -100)
+        motions.append((1 + list(DIRECTIONS).index(obj.direction) if obj.moves else 0) if obj else -100)
+    return {"colour": torch.tensor(colours), "shape": torch.tensor(shapes), "motion": torch.tensor(motions)}
+
+
 def key_words(question: str) -> list[str]:
     """The words of ``question`` that say which object it asks about (a colour, a shape, a direction) or, for
     "How many objects move?", ``many``."""
@@ -388,8 +415,11 @@ def evaluate(model, processor, split: str, size: int, seed: int, batch_size: int
 
 
 def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: float, warmup: int, weight_decay: float,
-          aux_weight: float, attention_weight: float, readout_weight: float, clip: float, embed_std: float, qk_std: float, seed: int, eval_size: int, eval_every: int, text_hidden: int,
-          text_layers: int, vision_hidden: int, checkpoint: Path, resume: bool = False, log=print) -> dict:
+          aux_weight: float, motion_weight: float, attention_weight: float, readout_weight: float,
+          value_weight: float, clip: float,
+          embed_std: float, qk_std: float, seed: int, eval_size: int, eval_every: int, text_hidden: int,
+          text_layers: int, vision_hidden: int, checkpoint: Path, resume: bool = False, init_from: Path | None = None,
+          log=print) -> dict:
     """Train from scratch; validation accuracy every ``eval_every`` steps (and at the end) goes to the JSON log.
 
     ``checkpoint`` (model, probes, optimizer, scheduler, step, log, settings) is written atomically at
@@ -403,8 +433,12 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
     from data.video_qa import make_conversation, make_sample
 
     settings = dict(steps=steps, batch_size=batch_size, turns=turns, lr=lr, warmup=warmup, weight_decay=weight_decay,
-                    aux_weight=aux_weight, attention_weight=attention_weight, readout_weight=readout_weight, clip=clip, embed_std=embed_std, qk_std=qk_std, seed=seed, eval_size=eval_size, eval_every=eval_every,
-                    text_hidden=text_hidden, text_layers=text_layers, vision_hidden=vision_hidden)
+                    aux_weight=aux_weight, motion_weight=motion_weight, attention_weight=attention_weight,
+                    readout_weight=readout_weight, value_weight=value_weight, clip=clip, embed_std=embed_std, qk_std=qk_std, seed=seed,
+                    eval_size=eval_size, eval_every=eval_every, text_hidden=text_hidden, text_layers=text_layers,
+                    vision_hidden=vision_hidden)
+    if init_from is not None:
+        settings["init_from"] = str(init_from)
     torch.manual_seed(seed)
     model, processor = build_untrained(seed, embed_std=embed_std or None, qk_std=qk_std or None,
                                        text_hidden=text_hidden, text_layers=text_layers, vision_hidden=vision_hidden)
@@ -414,9 +448,19 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
                                   "shape": torch.nn.Linear(text_hidden, len(SHAPES) + 1),
                                   "motion": torch.nn.Linear(text_hidden, len(DIRECTIONS) + 1),
                                   "step": torch.nn.Linear(text_hidden, NUM_STEPS)})
+    if init_from is not None:  # a warm start: the weights of a trained directory (same sizes)
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        model.load_state_dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(init_from).state_dict())
     # at the position that predicts an answer, head 0 of the first layer learns to look at the question's key words
     # and head 0 of the middle layers at the answer's evidence among the visual tokens
     evidence_layers = tuple(range(1, text_layers - 1)) if text_layers >= 3 else (text_layers - 1,)
+    # what head 0 of those layers carries from the evidence: the asked object's colour, shape and motion
+    head_dim = text_hidden // model.config.text_config.num_attention_heads
+    for layer in evidence_layers:
+        probes.update({f"value{layer}_colour": torch.nn.Linear(head_dim, len(PALETTE)),
+                       f"value{layer}_shape": torch.nn.Linear(head_dim, len(SHAPES)),
+                       f"value{layer}_motion": torch.nn.Linear(head_dim, len(DIRECTIONS) + 1)})
     text_config = model.config.text_config
     video_token_id = model.config.video_token_id
     params = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probes.named_parameters()]
@@ -439,10 +483,14 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
         log(f"resumed from {checkpoint} at step {start_step}")
 
     captured = {}
-    hook = model.model.visual.register_forward_hook(lambda m, a, out: captured.__setitem__("tokens", out.pooler_output))
+    hooks = [model.model.visual.register_forward_hook(
+        lambda module, args, out: captured.__setitem__("tokens", out.pooler_output))]
+    for layer in evidence_layers:  # the heads' outputs, [B, L, heads * head_dim], before o_proj
+        hooks.append(model.model.language_model.layers[layer].self_attn.o_proj.register_forward_pre_hook(
+            lambda module, args, layer=layer: captured.__setitem__(f"heads{layer}", args[0])))
     model.train()
     text_config._attn_implementation = "eager"  # attention probabilities for the supervision loss
-    window, aux_window, attention_window, readout_window = [], [], [], []
+    window, aux_window, attention_window, readout_window, value_window = [], [], [], [], []
     begin = time.perf_counter() - record["train_seconds"]
     bar = tqdm(range(start_step, steps), desc="train step", unit="step", initial=start_step, total=steps,
                dynamic_ncols=True)
@@ -457,19 +505,27 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
             out = model(**batch, output_attentions=attention_weight > 0,
                         output_hidden_states=aux_weight > 0 or readout_weight > 0)
             loss = out.loss
-            if aux_weight > 0:
+            if aux_weight > 0 or motion_weight > 0:
                 targets = visual_targets(samples)
                 tokens = captured.pop("tokens")  # [B * 512, text_hidden] in grid-step, row-major order
                 after_first_layer = out.hidden_states[1][batch["input_ids"] == video_token_id]  # same order
+                probed = [("colour", tokens, aux_weight), ("shape", tokens, aux_weight),
+                          ("step", after_first_layer, aux_weight)]
+                if motion_weight > 0:
+                    # its own weight, over the tokens that hold an object (still or travelling): over all tokens
+                    # "not travelling" is right for 99% of them and the probe learns little else
+                    targets["motion"] = targets["motion"].masked_fill(targets["colour"] == 0, -100)
+                    probed.append(("motion", tokens, motion_weight))
+                else:
+                    probed.append(("motion", tokens, aux_weight))
                 aux = 0.0
-                for name, features in (("colour", tokens), ("shape", tokens), ("motion", tokens),
-                                       ("step", after_first_layer)):
+                for name, features, weight in probed:
                     # probes see unit-rms features, so the auxiliary loss cannot be lowered by inflating their norm
                     features = features * torch.rsqrt(features.pow(2).mean(-1, keepdim=True) + 1e-6)
-                    aux = aux + torch.nn.functional.cross_entropy(probes[name](features), targets[name])
-                loss = loss + aux_weight * aux
+                    aux = aux + weight * torch.nn.functional.cross_entropy(probes[name](features), targets[name])
+                loss = loss + aux
                 aux_window.append(aux.item())
-            if attention_weight > 0 or readout_weight > 0:
+            if attention_weight > 0 or readout_weight > 0 or value_weight > 0:
                 where = supervision_targets(batch["input_ids"], batch["labels"], processor.tokenizer, video_token_id,
                                             [conversation_turns(sample) for sample in samples])
             if readout_weight > 0:
@@ -485,6 +541,19 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
                     out.attentions, where["rows"], where["queries"], where["evidence"], evidence_layers)
                 loss = loss + attention_weight * attention
                 attention_window.append(attention.item())
+            if value_weight > 0:
+                asked = [asked_attributes(sample) for sample in samples]
+                asked = {key: torch.cat([a[key] for a in asked]) for key in ("colour", "shape", "motion")}
+                value = 0.0
+                for layer in evidence_layers:
+                    head = captured.pop(f"heads{layer}")[where["rows"], where["queries"], :head_dim]  # [answers, head_dim]
+                    head = head * torch.rsqrt(head.pow(2).mean(-1, keepdim=True) + 1e-6)
+                    for key in ("colour", "shape", "motion"):
+                        value = value + torch.nn.functional.cross_entropy(probes[f"value{layer}_{key}"](head), asked[key])
+                value = value / len(evidence_layers)
+                loss = loss + value_weight * value
+                value_window.append(value.item())
+            captured.clear()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip > 0:
@@ -497,10 +566,11 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
                 record["loss_every_10_steps"].append({"step": step + 1, "answer_loss": mean(window),
                                                       "aux_loss": mean(aux_window),
                                                       "attention_loss": mean(attention_window),
-                                                      "readout_loss": mean(readout_window)})
+                                                      "readout_loss": mean(readout_window),
+                                                      "value_loss": mean(value_window)})
                 bar.set_postfix(loss=mean(window), aux=mean(aux_window), attention=mean(attention_window),
-                                readout=mean(readout_window))
-                window, aux_window, attention_window, readout_window = [], [], [], []
+                                readout=mean(readout_window), value=mean(value_window))
+                window, aux_window, attention_window, readout_window, value_window = [], [], [], [], []
             if (step + 1) % eval_every == 0 or step + 1 == steps:
                 record["train_seconds"] = round(time.perf_counter() - begin, 1)
                 text_config._attn_implementation = "sdpa"
@@ -516,7 +586,8 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
                             "step": step + 1, "record": record, "settings": settings}, Path(checkpoint))
                 write_json(Path(checkpoint).with_suffix(".json"), record)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         text_config._attn_implementation = "sdpa"
     record["train_seconds"] = round(time.perf_counter() - begin, 1)
     record["validation_accuracy"] = record["evaluations"][-1]["accuracy"]["all"]["accuracy"]
