@@ -127,12 +127,13 @@ def main(argv=None) -> int:
         for c in configs:  # interleaved, so drift in machine speed hits every mode alike
             times[c].append(edit(*c))
 
-    rows, shapes = [], {}
+    shapes = {n: dict(scaled=QwenImageShape(num_blocks=blocks, dim=dim, denoise_len=l_img, reference_len=n * l_img,
+                                            text_len=text_len),
+                      real=QwenImageShape(reference_len=n * QwenImageShape.reference_len, text_len=args.text_len))
+              for n in args.references}
+    rows = []
     for mode, sch, n in configs:
-        scaled = QwenImageShape(num_blocks=blocks, dim=dim, denoise_len=l_img, reference_len=n * l_img,
-                                text_len=text_len)
-        real = QwenImageShape(reference_len=n * QwenImageShape.reference_len, text_len=args.text_len)
-        shapes[n] = dict(scaled=vars(scaled), real=vars(real))
+        scaled, real = shapes[n]["scaled"], shapes[n]["real"]
         baseline = statistics.median(times[("none", None, n)])
         median = statistics.median(times[(mode, sch, n)])
         refresh = resolve_refresh_steps(sch, args.steps) if sch else tuple(range(1, args.steps + 1))
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
         command="python scripts/bench_edit.py " + " ".join(argv or []),
         machine=dict(platform=platform.platform(), processor=platform.processor(), torch=torch.__version__,
                      threads=torch.get_num_threads()),
-        shapes_per_references=shapes, steps=args.steps, repeats=args.repeats, rows=rows,
+        shapes_per_references={n: {k: vars(v) for k, v in pair.items()} for n, pair in shapes.items()}, steps=args.steps, repeats=args.repeats, rows=rows,
     ))
     print(f"stats in {args.stats_json}")
     return 0

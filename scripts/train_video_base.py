@@ -58,6 +58,15 @@ def validate(args) -> None:
         raise UserError(f"--vision-hidden must be a multiple of 16 (head dim 16), got {args.vision_hidden}")
     if args.init_from is not None and not (args.init_from / "config.json").is_file():
         raise UserError(f"--init-from: no trained model (config.json) in {str(args.init_from)!r}")
+    if args.init_from is not None:
+        import json
+
+        config = json.loads((args.init_from / "config.json").read_text())
+        sizes = (config["text_config"]["hidden_size"], config["text_config"]["num_hidden_layers"],
+                 config["vision_config"]["hidden_size"])
+        if sizes != (args.text_hidden, args.text_layers, args.vision_hidden):
+            raise UserError(f"--init-from: {str(args.init_from)!r} is text {sizes[0]} x {sizes[1]} layers, vision "
+                            f"{sizes[2]}; pass the same --text-hidden / --text-layers / --vision-hidden")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     check_output_dir(args.output_dir, "--output-dir")

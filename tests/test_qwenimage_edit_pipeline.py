@@ -71,7 +71,9 @@ def test_true_cfg_and_batch_two_keep_one_cache_per_branch(pipe, image):
     assert calls == [(1, "cond", False), (1, "uncond", False), (2, "cond", True), (2, "uncond", True)]
 
 
-def test_cache_is_freed_when_the_call_ends_and_on_an_exception(pipe, image):
+def assert_cache_freed_when_a_step_fails(pipe, run) -> None:
+    """``run(callback_on_step_end=...)`` edits with ``pipe``; the callback raises after the first step: the cache held
+    bytes then, and after the exception it is empty and the hook detached."""
     seen = {}
 
     def fail_after_first_step(pipeline, step, timestep, callback_kwargs):
@@ -80,10 +82,14 @@ def test_cache_is_freed_when_the_call_ends_and_on_an_exception(pipe, image):
         raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError, match="stop"):
-        edit(pipe, image, pruning_mode="mlp", callback_on_step_end=fail_after_first_step)
+        run(callback_on_step_end=fail_after_first_step)
     assert seen["bytes"] > 0
     assert seen["controller"].cache_bytes() == 0 and not seen["controller"].branches
     assert HookRegistry.check_if_exists_or_initialize(pipe.transformer).get_hook(HOOK_NAME) is None  # detached
+
+
+def test_cache_is_freed_when_the_call_ends_and_on_an_exception(pipe, image):
+    assert_cache_freed_when_a_step_fails(pipe, lambda **kw: edit(pipe, image, pruning_mode="mlp", **kw))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import QwenImageEditPlusPipeline
-from diffusers.hooks.hooks import HookRegistry
 
 from data.media import make_sample_image
 from models.tiny.qwenimage_edit import tiny_qwenimage_edit_dir, tiny_qwenimage_edit_plus_dir
@@ -23,7 +22,7 @@ from pipelines.qwenimage_edit import (
     edit_pipeline_class,
 )
 from pipelines.qwenimage_edit_limits import reference_dims
-from pruning.edit.reference_reuse import HOOK_NAME
+from tests.test_qwenimage_edit_pipeline import assert_cache_freed_when_a_step_fails
 
 SIZE = 64  # output; the stock pipeline still VAE-encodes every reference at ~1 MP
 
@@ -113,18 +112,7 @@ def test_zero_cond_t_pipeline_edit_2511_matches_stock_and_reuses(images):
 
 
 def test_cache_is_freed_when_the_call_ends_and_on_an_exception(pipe, images):
-    seen = {}
-
-    def fail_after_first_step(pipeline, step, timestep, callback_kwargs):
-        controller = HookRegistry.check_if_exists_or_initialize(pipeline.transformer).get_hook(HOOK_NAME).reuse
-        seen["controller"], seen["bytes"] = controller, controller.cache_bytes()
-        raise RuntimeError("stop")
-
-    with pytest.raises(RuntimeError, match="stop"):
-        edit(pipe, images, pruning_mode="kv", callback_on_step_end=fail_after_first_step)
-    assert seen["bytes"] > 0
-    assert seen["controller"].cache_bytes() == 0 and not seen["controller"].branches
-    assert HookRegistry.check_if_exists_or_initialize(pipe.transformer).get_hook(HOOK_NAME) is None
+    assert_cache_freed_when_a_step_fails(pipe, lambda **kw: edit(pipe, images, pruning_mode="kv", **kw))
 
 
 @pytest.mark.parametrize("image, message", [

@@ -73,6 +73,10 @@ def test_a_warm_start_begins_from_the_given_model_and_records_it(script, tmp_pat
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # two steps at lr 1e-12 from a's weights
     record = json.loads((tmp_path / "b" / "training_record.json").read_text())
     assert record["settings"]["init_from"] == str(tmp_path / "a")
+    with pytest.raises(SystemExit):  # another size: refused before any work, one line
+        script.run_cli(lambda: script.main([*TINY, "--text-hidden", "64", "--init-from", str(tmp_path / "a"),
+                                            "--output-dir", str(tmp_path / "c"), "--checkpoint", str(tmp_path / "c.pt")]))
+    assert not (tmp_path / "c").exists()
 
 
 def test_bad_arguments_are_refused_before_any_work(script, tmp_path, capsys):

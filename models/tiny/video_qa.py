@@ -29,7 +29,7 @@ What made training work, as far as it was tested (docs/BENCHMARKS.md, the video 
 any of these, and with the probes and attention supervision at weight 1, the answers stayed at each
 question type's prior for hundreds of steps; with probes and attention supervision at 0.1 and the
 readout at 1 validation accuracy left chance by step 500, but direction and shape stayed at chance; the
-object-token motion probe at weight 1 and the value supervision (the defaults) taught direction. What each
+object-token motion probe at weight 1 and the value supervision (the defaults) taught both. What each
 part contributes alone was not isolated.
 
 The supervision shapes how the model reads the video; it does not hand it the answer: at test time
@@ -451,13 +451,19 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
     if init_from is not None:  # a warm start: the weights of a trained directory (same sizes)
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        model.load_state_dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(init_from).state_dict())
+        try:
+            model.load_state_dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(init_from).state_dict())
+        except RuntimeError as error:  # another size: one line, not the size-mismatch listing
+            raise ValueError(f"init_from {str(init_from)!r} has other sizes than this run's model "
+                             f"(text {text_hidden} x {text_layers}, vision {vision_hidden}): "
+                             f"{str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error}"
+                             ) from None
     # at the position that predicts an answer, head 0 of the first layer learns to look at the question's key words
     # and head 0 of the middle layers at the answer's evidence among the visual tokens
     evidence_layers = tuple(range(1, text_layers - 1)) if text_layers >= 3 else (text_layers - 1,)
     # what head 0 of those layers carries from the evidence: the asked object's colour, shape and motion
     head_dim = text_hidden // model.config.text_config.num_attention_heads
-    for layer in evidence_layers:
+    for layer in evidence_layers if value_weight > 0 else ():
         probes.update({f"value{layer}_colour": torch.nn.Linear(head_dim, len(PALETTE)),
                        f"value{layer}_shape": torch.nn.Linear(head_dim, len(SHAPES)),
                        f"value{layer}_motion": torch.nn.Linear(head_dim, len(DIRECTIONS) + 1)})
@@ -485,7 +491,7 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
     captured = {}
     hooks = [model.model.visual.register_forward_hook(
         lambda module, args, out: captured.__setitem__("tokens", out.pooler_output))]
-    for layer in evidence_layers:  # the heads' outputs, [B, L, heads * head_dim], before o_proj
+    for layer in evidence_layers if value_weight > 0 else ():  # the heads' outputs, [B, L, heads * head_dim], before o_proj
         hooks.append(model.model.language_model.layers[layer].self_attn.o_proj.register_forward_pre_hook(
             lambda module, args, layer=layer: captured.__setitem__(f"heads{layer}", args[0])))
     model.train()
@@ -503,7 +509,7 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
                 samples = [make_sample(seed, "train", step * batch_size + i) for i in range(batch_size)]
                 batch = encode_batch(processor, samples, with_answers=True)
             out = model(**batch, output_attentions=attention_weight > 0,
-                        output_hidden_states=aux_weight > 0 or readout_weight > 0)
+                        output_hidden_states=aux_weight > 0 or motion_weight > 0 or readout_weight > 0)
             loss = out.loss
             if aux_weight > 0 or motion_weight > 0:
                 targets = visual_targets(samples)
