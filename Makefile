@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit run-video bench-video sweep-video train-video-base eval-video eval-egoschema train-llava eval-llava bench-llava
+.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit train-edit-base eval-edit run-video bench-video sweep-video train-video-base eval-video eval-egoschema train-llava eval-llava bench-llava
 
 venv: $(STAMP)
 
@@ -48,6 +48,16 @@ run-edit: $(STAMP)
 ## Speed of every reuse mode against the baseline on a shape-faithful scaled transformer (not a test).
 bench-edit: $(STAMP)
 	$(PY) scripts/bench_edit.py $(ARGS)
+
+## Train the embedded Qwen-Image-Edit testbed on the generated edit task into models/trained/qwenimage_edit
+## (VAE, then transformer, then assemble; ~1 h on 2 cores; ARGS="--stage transformer --resume" continues a stage).
+train-edit-base: $(STAMP)
+	$(PY) scripts/train_edit_base.py $(ARGS)
+
+## Reference-token reuse on the trained edit testbed: every mode and schedule and the alternatives (fewer steps,
+## diffusers' caches, a smaller reference) on held-out edits, fidelity vs the baseline and the target (ARGS="...").
+eval-edit: $(STAMP)
+	$(PY) scripts/eval_edit.py $(ARGS)
 
 ## PruneVid on Qwen2.5-VL: demo video on the embedded tiny model, default preset vs the baseline (ARGS="..." for more flags).
 run-video: $(STAMP)

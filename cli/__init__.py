@@ -316,8 +316,9 @@ def load_reference_image(path: Path | None):
 
 def edit_pipeline_choice(args):
     """``(pipeline class, model path)`` for edit-script ``args``, read before any weights: ``--model-path`` (default:
-    the embedded tiny model) and ``--pipeline`` (``auto``: the class ``model_index.json`` names; for the embedded
-    model, Qwen-Image-Edit for one ``-i`` image and the Edit-2509 layout for several; ``edit`` / ``plus``: that one).
+    the embedded trained testbed, ``models/trained/qwenimage_edit``; for several ``-i`` images or ``--pipeline plus``
+    the embedded tiny Edit-2509-layout pipeline, random weights) and ``--pipeline`` (``auto``: the class
+    ``model_index.json`` names; ``edit`` / ``plus``: that one).
     A choice the directory or the images contradict: one-line ``UserError``."""
     from pipelines.qwenimage_edit import (
         TokenPruningQwenImageEditPipeline,
@@ -330,10 +331,11 @@ def edit_pipeline_choice(args):
     num_images = len(inputs) if isinstance(inputs, list) else 1
     wanted = {"edit": TokenPruningQwenImageEditPipeline, "plus": TokenPruningQwenImageEditPlusPipeline}.get(choice)
     if args.model_path is None:
-        from models.tiny.qwenimage_edit import tiny_qwenimage_edit_dir, tiny_qwenimage_edit_plus_dir
+        from models.tiny.edit_testbed import SHIPPED_DIR
+        from models.tiny.qwenimage_edit import tiny_qwenimage_edit_plus_dir
 
         plus = choice == "plus" or (choice == "auto" and num_images > 1)
-        model_path = str(tiny_qwenimage_edit_plus_dir() if plus else tiny_qwenimage_edit_dir())
+        model_path = str(tiny_qwenimage_edit_plus_dir() if plus else SHIPPED_DIR)
         pipeline_class = TokenPruningQwenImageEditPlusPipeline if plus else TokenPruningQwenImageEditPipeline
     else:
         model_path = args.model_path

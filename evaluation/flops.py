@@ -71,6 +71,23 @@ def qwenimage_edit_flops_ratio(shape: QwenImageShape, mode: str, refresh_steps: 
     return pruned / baseline
 
 
+def qwenimage_component_flops(shape: QwenImageShape) -> dict[str, float]:
+    """FLOPs of one block's parts on a full call: ``attn`` (image and text projections, scores, weighted values),
+    ``img_mlp`` and ``txt_mlp``; they sum to ``qwenimage_block_flops(shape, "none", False)``."""
+    d, r = shape.dim, shape.mlp_ratio
+    image, text = shape.denoise_len + shape.reference_len, shape.text_len
+    return {"attn": float(2 * d * d * 4 * (image + text) + 2 * 2 * d * (image + text) ** 2),
+            "img_mlp": float(2 * 2 * r * d * d * image), "txt_mlp": float(2 * 2 * r * d * d * text)}
+
+
+def qwenimage_counted_flops_ratio(shape: QwenImageShape, counts: dict[str, int], baseline_counts: dict[str, int]) -> float:
+    """Real-shape FLOP ratio of a run whose executed block parts were counted (``pruning.edit.step_caches.WorkCounter``:
+    attention / image MLP / text MLP calls over all blocks and steps) against the baseline's counts; each counted
+    part costs what it costs at ``shape``. For step caches that skip whole blocks or their attention and MLPs."""
+    parts = qwenimage_component_flops(shape)
+    return sum(parts[k] * counts[k] for k in parts) / sum(parts[k] * baseline_counts[k] for k in parts)
+
+
 @dataclass(frozen=True)
 class Qwen2_5_VLTextShape:
     """The Qwen2.5-VL language model (7B by default) and one prompt's token counts."""

@@ -25,11 +25,13 @@ the stock edit pipeline ignores ``max_sequence_length``. The denoising progress 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import logging
 import math
 import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -39,9 +41,11 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, QwenIm
 from models.qwenimage.transformer_qwenimage import QwenImageTransformer2DModel
 from pipelines.qwenimage_edit_limits import (
     DEFAULT_MAX_SEQUENCE_LENGTH,
+    REFERENCE_AREA,
     EditInputError,
     LoRALoadError,
     check_lora_source,
+    check_reference_area,
     check_max_sequence_length,
     explain_lora_failure,
     output_size,
@@ -73,6 +77,43 @@ LIGHTNING_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 STOCK_DEFAULT_STEPS = 50  # QwenImageEditPipeline.__call__'s (and the Plus pipeline's) default num_inference_steps
+
+# ----------------------------------------------------------------------------- reference_area
+# The stock __call__ encodes every reference at calculate_dimensions(1024 * 1024, ratio) (the Plus pipeline:
+# calculate_dimensions(VAE_IMAGE_SIZE, ratio), also 1024 * 1024), a literal inside the call. To encode it at another
+# area without copying the call, the stock module's calculate_dimensions is wrapped, on the first call that asks
+# for another area, by a function that substitutes the area of the current call (a context variable: other calls
+# and other threads see upstream's function unchanged). The call passes an explicit output size, so only the
+# reference's size changes (the Plus pipeline's 384 x 384 condition image for the text encoder is another area and
+# stays as it is).
+
+_reference_area: contextvars.ContextVar[int] = contextvars.ContextVar("reference_area", default=REFERENCE_AREA)
+
+
+def _area_aware(calculate_dimensions):
+    def calculate_dimensions_at_reference_area(target_area, ratio):
+        if target_area == REFERENCE_AREA:
+            target_area = _reference_area.get()
+        return calculate_dimensions(target_area, ratio)
+
+    calculate_dimensions_at_reference_area.upstream = calculate_dimensions
+    return calculate_dimensions_at_reference_area
+
+
+@contextlib.contextmanager
+def _encode_reference_at(stock_class: type, area: int):
+    """Within the block, ``stock_class.__call__`` encodes its reference image(s) at ``area`` px instead of 1024 x 1024."""
+    if area == REFERENCE_AREA:
+        yield
+        return
+    module = sys.modules[stock_class.__module__]
+    if not hasattr(module.calculate_dimensions, "upstream"):
+        module.calculate_dimensions = _area_aware(module.calculate_dimensions)
+    token = _reference_area.set(area)
+    try:
+        yield
+    finally:
+        _reference_area.reset(token)
 
 
 @contextlib.contextmanager
@@ -161,8 +202,9 @@ class _ReferenceReuseEditPipeline:
         """The call's reference images, checked (``call["image"]`` normalised from a tuple to a list)."""
         raise NotImplementedError
 
-    def _check_call(self, call: dict[str, Any]) -> None:
-        """Every argument rule of an edit, before any work (``EditInputError``, a ``ValueError``, one line)."""
+    def _check_call(self, call: dict[str, Any], reference_area: int = REFERENCE_AREA) -> None:
+        """Every argument rule of an edit, before any work (``EditInputError``, a ``ValueError``, one line); with
+        another ``reference_area`` than upstream's, the output size is made explicit in ``call``."""
         images = self._reference_images(call)
         steps = call.get("num_inference_steps", STOCK_DEFAULT_STEPS)
         check_int("num_inference_steps", steps, lo=1, error=EditInputError)
@@ -170,11 +212,15 @@ class _ReferenceReuseEditPipeline:
         check_int("num_images_per_prompt", per_prompt, lo=1, error=EditInputError)
         check_max_sequence_length(call.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
         max_tokens = int(self.scheduler.config.get("max_image_seq_len", 4096))  # the stock calculate_shift default
+        area = reference_area
         # the output size follows the last reference image (the Plus pipeline's rule; the Edit pipeline has one)
-        height, width = output_size(call.get("height"), call.get("width"), images[-1].size, max_tokens)
+        height, width = output_size(call.get("height"), call.get("width"), images[-1].size, max_tokens,
+                                    reference_area=area)
+        if area != REFERENCE_AREA:  # upstream's default output size (~1 MP), made explicit: only the reference shrinks
+            call["height"], call["width"] = height, width
         pos_embed = getattr(self.transformer, "pos_embed", None)
         if hasattr(pos_embed, "pos_freqs") and hasattr(pos_embed, "scale_rope"):
-            sizes = [(height, width)] + [reference_dims(image.size)[::-1] for image in images]
+            sizes = [(height, width)] + [reference_dims(image.size, area)[::-1] for image in images]
             extent = rope_image_extent(sizes, pos_embed.scale_rope)
             self._rope_check = (extent, int(pos_embed.pos_freqs.shape[0]))
 
@@ -213,10 +259,14 @@ class _ReferenceReuseEditPipeline:
         *args,
         pruning_mode: str = "none",
         refresh_steps: str | list[int] | tuple[int, ...] | None = None,
+        reference_area: int = REFERENCE_AREA,
         **kwargs,
     ):
-        """The stock ``__call__`` plus ``pruning_mode`` and ``refresh_steps`` (default: steps 1, 3, 5, ...)."""
+        """The stock ``__call__`` plus ``pruning_mode``, ``refresh_steps`` (default: steps 1, 3, 5, ...) and
+        ``reference_area``: the area in px at which each reference image is VAE-encoded (upstream's 1024 x 1024 by
+        default; 512 * 512 gives a quarter of the reference tokens). The output size is unchanged by it."""
         validate_mode(pruning_mode)
+        check_reference_area(reference_area)
         if not isinstance(self.transformer, QwenImageTransformer2DModel):
             raise TypeError(
                 f"{type(self).__name__} needs the forked transformer "
@@ -226,7 +276,7 @@ class _ReferenceReuseEditPipeline:
         call = dict(stock_call.bind(self, *args, **kwargs).arguments)  # every argument by name
         del call["self"]
         self._rope_check = None
-        self._check_call(call)
+        self._check_call(call, reference_area)
         max_length = call.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
         for name in ("prompt", "negative_prompt"):
             if name in call:
@@ -235,9 +285,11 @@ class _ReferenceReuseEditPipeline:
         try:
             if pruning_mode == "none":
                 self.last_reuse_stats = {"mode": "none", "refresh_steps": list(range(1, num_steps + 1)), "cache_bytes": 0}
-                return super().__call__(**call)
+                with _encode_reference_at(self.stock_class, reference_area):
+                    return super().__call__(**call)
 
-            with reference_reuse(self.transformer, pruning_mode, num_steps, refresh_steps) as reuse:
+            with _encode_reference_at(self.stock_class, reference_area), \
+                    reference_reuse(self.transformer, pruning_mode, num_steps, refresh_steps) as reuse:
                 try:
                     return super().__call__(**call)
                 finally:

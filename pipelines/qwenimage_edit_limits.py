@@ -58,15 +58,25 @@ class LoRALoadError(RuntimeError):
 # ----------------------------------------------------------------------------- sizes
 
 
-def reference_dims(image_size: tuple[int, int]) -> tuple[int, int]:
-    """``(width, height)`` at which the stock pipeline encodes a reference image of ``image_size`` (~1 MP).
+def reference_dims(image_size: tuple[int, int], area: int = REFERENCE_AREA) -> tuple[int, int]:
+    """``(width, height)`` at which the stock pipeline encodes a reference image of ``image_size`` (~1 MP), or at
+    ``area`` px (the pipelines' ``reference_area``).
 
     The arithmetic of diffusers 0.42.1 ``calculate_dimensions(1024 * 1024, width / height)``.
     """
     ratio = image_size[0] / image_size[1]
-    width = math.sqrt(REFERENCE_AREA * ratio)
+    width = math.sqrt(area * ratio)
     height = width / ratio
     return round(width / 32) * 32, round(height / 32) * 32
+
+
+def check_reference_area(value, name: str = "reference_area") -> None:
+    """``value`` is a whole number of px of at least 32 x 32 (the stock rounding of each side to 32 px)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 32 * 32:
+        raise EditInputError(
+            f"{name} must be the reference image's area in px, an integer >= {32 * 32} (32 x 32; each side is rounded "
+            f"to 32 px), e.g. {REFERENCE_AREA} = 1024 x 1024 (upstream's) or {512 * 512} = 512 x 512; got {value!r}"
+        )
 
 
 def check_side(value, name: str, unset: str = "None") -> None:
@@ -101,12 +111,17 @@ def output_size(
     max_image_seq_len: int,
     names: tuple[str, str] = ("height", "width"),
     unset: str = "None",
+    reference_area: int = REFERENCE_AREA,
 ) -> tuple[int, int]:
-    """The ``(height, width)`` the stock pipeline will produce, after checking every size rule (see the module)."""
+    """The ``(height, width)`` the stock pipeline will produce, after checking every size rule (see the module).
+
+    An unset side follows the reference image at ~1 MP whatever ``reference_area`` (the area the reference is
+    encoded at) is."""
     check_side(height, names[0], unset)
     check_side(width, names[1], unset)
-    ref_width, ref_height = reference_dims(image_size)
-    out_height, out_width = height or ref_height, width or ref_width
+    default_width, default_height = reference_dims(image_size)
+    ref_width, ref_height = reference_dims(image_size, reference_area)
+    out_height, out_width = height or default_height, width or default_width
     derived = [n for n, v in zip(names, (height, width)) if v is None]
     note = f" ({' and '.join(derived)} from the reference image's aspect ratio at ~1 MP)" if derived else ""
     tokens = image_tokens(out_height, out_width)

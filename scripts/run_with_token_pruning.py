@@ -1,8 +1,13 @@
 #!/usr/bin/env python
 """Edit an image with Qwen-Image-Edit, reusing reference-token states across steps (``make run-edit``).
 
-Default: the embedded tiny model and a generated sample image, so it runs on a fresh CPU
-machine. Real weights::
+Default: the embedded trained testbed (``models/trained/qwenimage_edit``: a toy Qwen-Image-Edit trained on the
+generated edit task of ``data/edit_task.py``) on a held-out test edit, so it runs on a fresh CPU machine and the
+edit can be checked: the strip ``compare_strip.png`` (with ``--compare``) shows input | baseline | reuse |
+amplified difference | target, and the stats JSON holds PSNR / SSIM against the target next to those against the
+baseline. ``--edit-index N`` picks another test edit; ``-i`` / ``-p`` your own image and instruction (the testbed
+knows only the task's instructions). The testbed edits at 128x128 with the reference encoded at 128x128
+(``--reference-area``; upstream's 1024x1024 for real weights). Real weights::
 
     HF_HUB_OFFLINE=0 python scripts/run_with_token_pruning.py --model-path Qwen/Qwen-Image-Edit \\
         --lora lightx2v/Qwen-Image-Lightning --lora-weight-name Qwen-Image-Edit-Lightning-4steps-V1.0.safetensors \\
@@ -56,6 +61,11 @@ from pipelines.qwenimage_edit_limits import (
 )
 
 MODES = ("none", "mlp", "full", "kv")
+DEMO_EDIT_INDEX = 2
+"""The test edit ``make run-edit`` shows by default (``data.edit_task.make_edit(0, "test", DEMO_EDIT_INDEX)``)."""
+USER_IMAGE_PROMPT = "Make the red circle blue."
+DIFFERENCE_GAIN = 8
+"""The strip's difference panel: |baseline - reuse| per pixel, times this, so small differences are visible."""
 
 
 def parse_args(argv=None):
@@ -65,7 +75,13 @@ def parse_args(argv=None):
     p.add_argument("--pipeline", default="auto", choices=("auto", "edit", "plus"),
                    help="auto: the class the model's model_index.json names (embedded model: edit for one -i image, "
                         "plus for several); edit: QwenImageEditPipeline; plus: QwenImageEditPlusPipeline (2509 / 2511)")
-    p.add_argument("-p", "--prompt", default="Change the red circle to blue and add a yellow star.")
+    p.add_argument("-p", "--prompt", default=None,
+                   help="the instruction (default: the test edit's own; with -i: a recolour instruction)")
+    p.add_argument("--edit-index", type=int, default=None,
+                   help=f"which held-out test edit of the generated task to run when no -i is given (default {DEMO_EDIT_INDEX})")
+    p.add_argument("--reference-area", type=int, default=None,
+                   help="px of area at which each reference image is VAE-encoded (default: 128x128 for the embedded "
+                        "testbed, upstream's 1024x1024 = 1048576 for --model-path; 512x512 = a quarter of the tokens)")
     p.add_argument("-o", "--output_dir", type=Path, default=Path("outputs_pruning"))
     p.add_argument("-s", "--steps", type=int, default=4, help="denoising steps (4 with the Lightning LoRA)")
     p.add_argument("-c", "--cfg", type=float, default=1.0, help="true CFG scale (1.0: no negative branch)")
@@ -113,6 +129,16 @@ def validate(args) -> tuple[str, tuple[int, ...]]:
         refresh = resolve_refresh_steps(args.refresh_steps, args.steps)
     except ValueError as error:
         raise UserError(f"--refresh-steps: {error}") from None
+    if args.edit_index is not None and (args.edit_index < 0 or args.input):
+        raise UserError(f"--edit-index picks a generated test edit: a number >= 0, without -i; got {args.edit_index}"
+                        + (" with -i" if args.input else ""))
+    if args.reference_area is not None:
+        from pipelines.qwenimage_edit_limits import check_reference_area
+
+        try:
+            check_reference_area(args.reference_area, "--reference-area")
+        except EditInputError as error:
+            raise UserError(str(error)) from None
     for path in args.input or []:
         if not path.is_file():
             raise UserError(f"input image {str(path)!r} does not exist: pass an existing image file with -i")
@@ -133,17 +159,47 @@ def check_size(args, image) -> None:
     """``--height``/``--width`` (or the size the last reference image implies) within the pipeline's limits."""
     try:
         output_size(args.height, args.width, image.size, max_image_seq_len_of(args.model_path, args.lora),
-                    names=("--height", "--width"), unset="unset")
+                    names=("--height", "--width"), unset="unset", reference_area=args.reference_area)
     except EditInputError as error:
         raise UserError(str(error)) from None
+
+
+def resolve_inputs(args, testbed: bool):
+    """``(reference images, target image or None, edit or None)``; fills ``args.prompt``, and for the embedded testbed
+    ``--reference-area`` / ``--height`` / ``--width`` (the testbed's 128x128) where they were not given."""
+    from pipelines.qwenimage_edit_limits import REFERENCE_AREA
+
+    sample = None
+    if args.input:
+        images = [load_reference_image(path) for path in args.input]
+    elif testbed:
+        from data.edit_task import make_edit
+
+        sample = make_edit(0, "test", DEMO_EDIT_INDEX if args.edit_index is None else args.edit_index)
+        images = [sample.source_image()]
+    else:
+        images = [load_reference_image(None)]
+    if args.prompt is None:
+        args.prompt = sample.instruction if sample is not None else USER_IMAGE_PROMPT
+    if testbed:
+        from models.tiny.edit_testbed import IMAGE_SIZE
+        from models.tiny.edit_testbed import REFERENCE_AREA as TESTBED_AREA
+
+        args.reference_area = args.reference_area or TESTBED_AREA
+        if args.height is None and args.width is None:
+            args.height = args.width = IMAGE_SIZE
+    args.reference_area = args.reference_area or REFERENCE_AREA
+    target = sample.target_image() if sample is not None and args.prompt == sample.instruction else None
+    return images, target, sample
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     mode, refresh = validate(args)
-    images = [load_reference_image(path) for path in args.input] if args.input else [load_reference_image(None)]
+    pipeline_class, _ = edit_pipeline_choice(args)  # reads model_index.json only: fails before any weights load
+    testbed = args.model_path is None and pipeline_class.stock_class.__name__ == "QwenImageEditPipeline"
+    images, target, sample = resolve_inputs(args, testbed)
     check_size(args, images[-1])
-    edit_pipeline_choice(args)  # reads model_index.json only: a contradiction fails before any weights load
 
     import torch
 
@@ -172,6 +228,7 @@ def main(argv=None) -> int:
                 generator=generator,
                 pruning_mode=pruning_mode,
                 refresh_steps=list(refresh),
+                reference_area=args.reference_area,
                 max_sequence_length=args.max_sequence_length,
             ).images[0]
         return result, timer.seconds, total["seconds"], dict(pipe.last_reuse_stats)
@@ -185,6 +242,8 @@ def main(argv=None) -> int:
 
     # the pruned run when there is one, else the baseline (no eager runs["baseline"]: it may not exist)
     main_run = runs["pruning"] if "pruning" in runs else runs["baseline"]
+    if target is not None and target.size != main_run[0].size:  # another --height / --width: no pixel-wise target
+        target = None
     stats_any = main_run[3]
     tokens = stats_any.get("tokens") or {}
     out_image = main_run[0]
@@ -199,6 +258,9 @@ def main(argv=None) -> int:
         "height": height,
         "width": width,
         "seed": args.seed,
+        "prompt": args.prompt,
+        "reference_area": args.reference_area,
+        "test_edit": None if sample is None else {"split": "test", "index": sample.index, "type": sample.edit_type},
         "model_path": model_path,
         "lora": args.lora,
         "device": device,
@@ -220,6 +282,17 @@ def main(argv=None) -> int:
         stats["speedup"] = runs["baseline"][1] / runs["pruning"][1]
         stats["psnr_db"] = psnr(runs["baseline"][0], runs["pruning"][0])
         stats["ssim"] = ssim(runs["baseline"][0], runs["pruning"][0])
+    if target is not None:
+        for name, run in runs.items():
+            stats[f"psnr_vs_target_{name}_db"] = psnr(run[0], target)
+            stats[f"ssim_vs_target_{name}"] = ssim(run[0], target)
+        stats["psnr_vs_target_input_db"] = psnr(images[0], target)
+    if target is not None and sample.edit_type == "recolour":
+        from data.edit_task import mask_colour
+
+        for name, run in runs.items():
+            stats[f"colour_{name}"] = mask_colour(run[0], sample.asked_mask())
+        stats["colour_asked"] = sample.new_colour
 
     # every run finished: only now write anything, all files or none (temporary names, renamed together)
     stamp = time.strftime("%Y%m%d_%H%M%S")
@@ -230,6 +303,9 @@ def main(argv=None) -> int:
     if "pruning" in runs:
         writers[args.output_dir / f"output_pruning_{stamp}.png"] = png_writer(runs["pruning"][0])
         writers[args.output_dir / "latest_pruning.png"] = png_writer(runs["pruning"][0])
+    if args.compare and "pruning" in runs:
+        strip = compare_strip(images[-1], runs["baseline"][0], runs["pruning"][0], target)
+        writers[args.output_dir / "compare_strip.png"] = png_writer(strip)
     writers[stats_path] = lambda tmp: tmp.write_text(json.dumps(stats, indent=2, default=str) + "\n")
     write_outputs(writers)
 
@@ -241,11 +317,44 @@ def main(argv=None) -> int:
             f"speedup {stats['speedup']:.2f}x (analytic FLOP bound {1 / stats['flops_ratio']:.2f}x), "
             f"PSNR {stats['psnr_db']:.2f} dB, SSIM {stats['ssim']:.4f}, cache {stats['cache_bytes'] / 2**20:.1f} MiB"
         )
-    if args.model_path is None:
+    if target is not None:
+        print("against the target edit: PSNR " + ", ".join(
+            f"{name} {stats[f'psnr_vs_target_{name}_db']:.2f} dB" for name in runs)
+            + f" (the input unchanged: {stats['psnr_vs_target_input_db']:.2f} dB)")
+    if "colour_asked" in stats:
+        print(f"recolour asked for {stats['colour_asked']}: " + ", ".join(f"{name} made it {stats[f'colour_{name}']}"
+                                                                          for name in runs))
+    if testbed:
+        print(f"embedded testbed trained on the generated edit task: {args.prompt!r}"
+              + ("" if sample is None else f" (test edit {sample.index}, {sample.edit_type})")
+              + ("; the strip is compare_strip.png" if args.compare and "pruning" in runs else ""))
+    elif args.model_path is None:
         print(f"embedded tiny {type(pipe).stock_class.__name__} with random weights: the images are noise by design; "
               "read the times, PSNR/SSIM against the baseline and the FLOP ratio (--model-path for real weights)")
     print(f"images in {args.output_dir}/, stats in {stats_path}")
     return 0
+
+
+def compare_strip(reference, baseline, pruned, target=None):
+    """One image: input | baseline | reuse | amplified difference (``DIFFERENCE_GAIN`` x |baseline - reuse|) | target
+    (when known), each resized to the output's size, 4 px apart, a label above each."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    size = baseline.size
+    difference = np.abs(np.asarray(baseline, dtype=np.int16) - np.asarray(pruned, dtype=np.int16)) * DIFFERENCE_GAIN
+    panels = [("input", reference.convert("RGB").resize(size)), ("baseline", baseline), ("reuse", pruned),
+              (f"|diff| x{DIFFERENCE_GAIN}", Image.fromarray(difference.clip(0, 255).astype(np.uint8)))]
+    if target is not None:
+        panels.append(("target", target.resize(size)))
+    gap, label = 4, 14
+    strip = Image.new("RGB", (len(panels) * (size[0] + gap) - gap, size[1] + label), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, (name, panel) in enumerate(panels):
+        x = i * (size[0] + gap)
+        strip.paste(panel, (x, label))
+        draw.text((x + 2, 1), name, fill="black")
+    return strip
 
 
 def png_writer(image):

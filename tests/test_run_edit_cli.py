@@ -30,13 +30,35 @@ def test_compare_run_writes_images_and_stats(tmp_path):
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert STATS_KEYS <= set(stats)
     assert stats["mode"] == "kv" and stats["refresh_steps"] == [1] and stats["steps"] == 2
-    assert stats["tokens"]["denoise"] == 16 and stats["tokens"]["reference"] > 4000 and stats["tokens"]["text"] > 0
+    # the embedded testbed encodes its reference at 128x128 px (reference_area): 8 x 8 tokens
+    assert stats["tokens"]["denoise"] == 16 and stats["tokens"]["reference"] == 64 and stats["tokens"]["text"] > 0
     assert 0 < stats["flops_ratio"] < 1 and stats["speedup"] > 0 and stats["cache_bytes"] > 0
     assert "denoising time" in proc.stdout
 
 
+def test_default_run_edits_the_demo_test_edit_and_writes_the_comparison_strip(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    proc = run("--compare", "-o", str(out), "--pruning-mode", "kv", "--refresh-steps", "once",
+               "--stats-json", str(tmp_path / "stats.json"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["test_edit"]["type"] == "recolour" and stats["reference_area"] == 128 * 128
+    assert (stats["height"], stats["width"]) == (128, 128)
+    # both runs do what the prompt says: the asked colour in the shape's mask, closer to the target than the input
+    assert stats["colour_baseline"] == stats["colour_pruning"] == stats["colour_asked"]
+    for name in ("baseline", "pruning"):
+        assert stats[f"psnr_vs_target_{name}_db"] > stats["psnr_vs_target_input_db"]
+    strip = Image.open(out / "compare_strip.png")
+    assert strip.size == (5 * 128 + 4 * 4, 128 + 14)  # input | baseline | reuse | difference | target
+    assert "recolour asked for" in proc.stdout and "against the target edit" in proc.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["-i", "missing.png"], "does not exist"),
+    (["--reference-area", "100"], "--reference-area must be"),
+    (["--edit-index", "-1"], "--edit-index picks a generated test edit"),
     (["--pruning-mode", "fast"], "invalid choice"),
     (["-s", "0"], "--steps must be >= 1"),
     (["-s", "4", "--refresh-steps", "1,7"], "names step(s) [7]"),

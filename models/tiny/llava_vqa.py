@@ -7,13 +7,13 @@ How it is trained and why is the docstring of ``scripts/train_llava_base.py`` (`
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from cli import UserError, atomic_path, load_or_explain, write_json
+from models.tiny.training import lr_factor, optimizer_step
 
 BASE_VERSION = 1
 """Bump whenever the defaults below or the task change the trained directory."""
@@ -21,13 +21,6 @@ BASE_VERSION = 1
 DEFAULTS = dict(steps=1200, batch_size=16, lr=1.5e-3, warmup=50, weight_decay=0.01, aux_weight=3.0, embed_std=0.5,
                 qk_std=0.1, turns=4, text_loss=1, clip=5.0, seed=0, eval_size=400)
 METRICS_FILE = "vqa_base_metrics.json"
-
-
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def evaluate_base(model, processor, eval_size: int, seed: int) -> dict:
@@ -92,7 +85,7 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     no_decay = [p for n, p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, floor=0.1))
     losses = []
     probe_hits = {"colour": [], "shape": [], "pair": []}
     start = time.perf_counter()
@@ -119,12 +112,7 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                 loss = loss + aux_weight * torch.nn.functional.cross_entropy(logits, target)
                 on_shape = target > 0
                 probe_hits[name].append((logits[on_shape].argmax(-1) == target[on_shape]).float().mean().item())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler, model.parameters(), clip)
         losses.append(out.loss.item())
         if step % 10 == 0 or step == steps - 1:
             postfix = {"loss": f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"}

@@ -47,6 +47,7 @@ from typing import Sequence
 import torch
 
 from data.media import PALETTE, SHAPES
+from models.tiny.training import lr_factor, optimizer_step, resume_checkpoint, save_checkpoint
 
 PALETTE_INDEX = {colour: i for i, colour in enumerate(PALETTE)}
 
@@ -389,13 +390,6 @@ def chance_report(samples: Sequence) -> dict:
     return out
 
 
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 # ============================================================================= training
 
 
@@ -429,7 +423,7 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
     """
     from tqdm.auto import tqdm
 
-    from cli import atomic_path, save_torch, write_json
+    from cli import atomic_path, write_json
     from data.video_qa import make_conversation, make_sample
 
     settings = dict(steps=steps, batch_size=batch_size, turns=turns, lr=lr, warmup=warmup, weight_decay=weight_decay,
@@ -473,20 +467,13 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
     optimizer = torch.optim.AdamW(
         [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": weight_decay},
          {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
     record = {"settings": settings, "num_parameters": sum(p.numel() for p in model.parameters()), "evaluations": [],
               "loss_every_10_steps": [], "train_seconds": 0.0}
     start_step = 0
     if resume and Path(checkpoint).is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if state["settings"] != settings:
-            raise ValueError(f"checkpoint {checkpoint} was written with other settings: {state['settings']}")
-        model.load_state_dict(state["model"])
-        probes.load_state_dict(state["probes"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        record, start_step = state["record"], state["step"]
-        log(f"resumed from {checkpoint} at step {start_step}")
+        record, start_step = resume_checkpoint(checkpoint, modules={"model": model, "probes": probes},
+                                               optimizer=optimizer, scheduler=scheduler, settings=settings, log=log)
 
     captured = {}
     hooks = [model.model.visual.register_forward_hook(
@@ -560,12 +547,7 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
                 loss = loss + value_weight * value
                 value_window.append(value.item())
             captured.clear()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for _, p in params], clip)
-            optimizer.step()
-            scheduler.step()
+            optimizer_step(loss, optimizer, scheduler, [p for _, p in params], clip)
             window.append(out.loss.item())
             if (step + 1) % 10 == 0:
                 mean = lambda values: round(sum(values) / len(values), 4) if values else None  # noqa: E731
@@ -587,10 +569,8 @@ def train(output_dir: Path, *, steps: int, batch_size: int, turns: int, lr: floa
                 acc = result["accuracy"]
                 log(f"step {step + 1}: validation accuracy {acc['all']['accuracy']:.3f} "
                     + " ".join(f"{t} {v['accuracy']:.2f}" for t, v in acc.items() if t != "all"))
-                save_torch({"model": model.state_dict(), "probes": probes.state_dict(),
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "step": step + 1, "record": record, "settings": settings}, Path(checkpoint))
-                write_json(Path(checkpoint).with_suffix(".json"), record)
+                save_checkpoint(checkpoint, modules={"model": model, "probes": probes}, optimizer=optimizer,
+                                scheduler=scheduler, step=step + 1, record=record, settings=settings)
     finally:
         for hook in hooks:
             hook.remove()
