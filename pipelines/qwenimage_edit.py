@@ -212,15 +212,14 @@ class _ReferenceReuseEditPipeline:
         check_int("num_images_per_prompt", per_prompt, lo=1, error=EditInputError)
         check_max_sequence_length(call.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
         max_tokens = int(self.scheduler.config.get("max_image_seq_len", 4096))  # the stock calculate_shift default
-        area = reference_area
         # the output size follows the last reference image (the Plus pipeline's rule; the Edit pipeline has one)
         height, width = output_size(call.get("height"), call.get("width"), images[-1].size, max_tokens,
-                                    reference_area=area)
-        if area != REFERENCE_AREA:  # upstream's default output size (~1 MP), made explicit: only the reference shrinks
+                                    reference_area=reference_area)
+        if reference_area != REFERENCE_AREA:  # upstream's default output size (~1 MP), made explicit: only the reference shrinks
             call["height"], call["width"] = height, width
         pos_embed = getattr(self.transformer, "pos_embed", None)
         if hasattr(pos_embed, "pos_freqs") and hasattr(pos_embed, "scale_rope"):
-            sizes = [(height, width)] + [reference_dims(image.size, area)[::-1] for image in images]
+            sizes = [(height, width)] + [reference_dims(image.size, reference_area)[::-1] for image in images]
             extent = rope_image_extent(sizes, pos_embed.scale_rope)
             self._rope_check = (extent, int(pos_embed.pos_freqs.shape[0]))
 

@@ -40,8 +40,6 @@ def test_every_instruction_word_is_one_token_and_the_edit_template_prefix_is_sti
 
 
 def test_lightning_sigmas_are_the_four_noise_levels_the_pipeline_visits():
-    from models.tiny.edit_testbed import build_pipeline
-
     sigmas = lightning_sigmas()
     assert torch.allclose(sigmas, torch.tensor([1.0, 0.9, 0.75, 0.5]), atol=1e-4)
     pipe = shipped_pipeline()
@@ -52,7 +50,6 @@ def test_lightning_sigmas_are_the_four_noise_levels_the_pipeline_visits():
     finally:
         hook.remove()
     assert np.allclose(seen, sigmas.numpy(), atol=1e-4)
-    assert callable(build_pipeline)
 
 
 def test_reference_area_encodes_the_reference_at_that_area_and_leaves_upstream_alone_outside_the_call():
