@@ -299,6 +299,46 @@ def load_video_or_explain(video: str | None, num_frames: int):
         raise UserError(str(error)) from None
 
 
+USER_IMAGE_PROMPT = "Make the red circle blue."
+"""The instruction for a reference image given with ``-i`` and no ``-p``."""
+
+
+def resolve_edit_inputs(args, testbed: bool):
+    """``(reference images, target image or None, edit or None)`` for edit-script ``args`` (``input``: a list of
+    paths or None, ``prompt``, ``edit_index``, ``reference_area``, ``height``, ``width``).
+
+    Without ``-i``, the embedded testbed edits its held-out test edit ``--edit-index`` (default
+    ``models.tiny.edit_testbed.DEMO_EDIT_INDEX``), whose target is then known; another model edits the generated
+    sample image. Fills ``args.prompt`` (the edit's own instruction, else :data:`USER_IMAGE_PROMPT`), and for the
+    testbed ``--reference-area`` / ``--height`` / ``--width`` (its 128x128) where they were not given; any other
+    model encodes its reference at upstream's 1024x1024 by default."""
+    from pipelines.qwenimage_edit_limits import REFERENCE_AREA
+
+    sample = None
+    if args.input:
+        images = [load_reference_image(path) for path in args.input]
+    elif testbed:
+        from data.edit_task import make_edit
+        from models.tiny.edit_testbed import DEMO_EDIT_INDEX
+
+        sample = make_edit(0, "test", DEMO_EDIT_INDEX if args.edit_index is None else args.edit_index)
+        images = [sample.source_image()]
+    else:
+        images = [load_reference_image(None)]
+    if args.prompt is None:
+        args.prompt = sample.instruction if sample is not None else USER_IMAGE_PROMPT
+    if testbed:
+        from models.tiny.edit_testbed import IMAGE_SIZE
+        from models.tiny.edit_testbed import REFERENCE_AREA as TESTBED_AREA
+
+        args.reference_area = args.reference_area or TESTBED_AREA
+        if args.height is None and args.width is None:
+            args.height = args.width = IMAGE_SIZE
+    args.reference_area = args.reference_area or REFERENCE_AREA
+    target = sample.target_image() if sample is not None and args.prompt == sample.instruction else None
+    return images, target, sample
+
+
 def load_reference_image(path: Path | None):
     """The RGB reference image at ``path`` (None: the generated sample image); unreadable -> one line."""
     from PIL import Image, UnidentifiedImageError

@@ -282,15 +282,17 @@ def sentence_bleu(hypothesis: str, reference: str, max_n: int = 4) -> float:
     return bp * math.exp(log_p / orders)
 
 
-def chance_levels(samples: Sequence[VQASample]) -> dict[str, dict[str, float]]:
-    """Per question type: ``uniform`` (1 / number of possible answers) and ``majority`` (best constant guess)."""
+def chance_levels(samples: Sequence[VQASample], possible_answers: dict[str, tuple[str, ...]] = ANSWERS
+                  ) -> dict[str, dict[str, float]]:
+    """Per question type: ``uniform`` (1 / number of possible answers) and ``majority`` (best constant guess).
+    ``possible_answers``: the task's answers per type (another task's, e.g. ``data.vqa_clutter.ANSWERS``)."""
     out: dict[str, dict[str, float]] = {}
-    for qtype in QUESTION_TYPES:
+    for qtype in possible_answers:
         answers = [s.answer for s in samples if s.qtype == qtype]
         if not answers:
             continue
         out[qtype] = {
-            "uniform": 1.0 / len(ANSWERS[qtype]),
+            "uniform": 1.0 / len(possible_answers[qtype]),
             "majority": Counter(answers).most_common(1)[0][1] / len(answers),
             "n": len(answers),
         }
@@ -298,10 +300,10 @@ def chance_levels(samples: Sequence[VQASample]) -> dict[str, dict[str, float]]:
 
 
 def accuracy_by_type(samples: Sequence[VQASample], predictions: Sequence[str]) -> dict[str, float]:
-    """Exact-match accuracy per question type and ``all``."""
+    """Exact-match accuracy per question type (in the order they first appear) and ``all``."""
     out: dict[str, float] = {}
     hits = [exact_match(p, s.answer) for s, p in zip(samples, predictions, strict=True)]
-    for qtype in QUESTION_TYPES:
+    for qtype in dict.fromkeys(s.qtype for s in samples):
         h = [hit for hit, s in zip(hits, samples) if s.qtype == qtype]
         if h:
             out[qtype] = sum(h) / len(h)
@@ -412,7 +414,7 @@ def encode_conversations(processor, conversations: Sequence[VQAConversation],
     tokenizer = processor.tokenizer
     images = [c.image for c in conversations]
     if not _fast_path_applies(processor, images):
-        raise ValueError("encode_conversations needs images at the processor's crop size (the tiny model's 112 px)")
+        raise ValueError("encode_conversations needs square RGB images at the processor's crop size")
     side = processor.image_processor.crop_size["height"]
     eos = tokenizer.eos_token_id
     image_id = tokenizer.convert_tokens_to_ids(processor.image_token)

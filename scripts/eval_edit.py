@@ -129,10 +129,9 @@ def analytic_flops_ratio(spec: dict, num_steps: int) -> float | None:
 def evaluate_variant(pipe, samples, methods, specs, mag_ratios, progress) -> dict:
     """Every method on every sample: per-item scores and the aggregates (``{"methods": {...}}``)."""
     from cli import ModuleTimer
-    from data.edit_task import mask_colour
     from evaluation.flops import qwenimage_counted_flops_ratio
     from evaluation.metrics import psnr, ssim
-    from models.tiny.edit_testbed import NUM_STEPS, REFERENCE_AREA, run_edit, summarise
+    from models.tiny.edit_testbed import NUM_STEPS, REFERENCE_AREA, edit_scores, run_edit, summarise
     from pruning.edit.step_caches import WorkCounter, cache_config, step_cache
 
     timer = ModuleTimer(pipe.transformer)
@@ -144,7 +143,6 @@ def evaluate_variant(pipe, samples, methods, specs, mag_ratios, progress) -> dic
             items, seconds = [], 0.0
             counter.reset()
             for index, sample in enumerate(samples):
-                target = sample.target_image()
                 if name == "identity":
                     image = sample.source_image()
                 else:
@@ -158,12 +156,11 @@ def evaluate_variant(pipe, samples, methods, specs, mag_ratios, progress) -> dic
                     seconds += timer.seconds
                 if name == "baseline":
                     baseline_images.append(image)
-                item = {"psnr_vs_target": psnr(image, target), "ssim_vs_target": ssim(image, target),
-                        "psnr_vs_baseline": psnr(image, baseline_images[index]),
-                        "ssim_vs_baseline": ssim(image, baseline_images[index])}
-                if sample.edit_type == "recolour":
-                    item["colour_right"] = float(mask_colour(image, sample.asked_mask()) == sample.new_colour)
-                items.append(item)
+                scores = edit_scores(sample, image)
+                items.append({"psnr_vs_target": scores["psnr"], "ssim_vs_target": scores["ssim"],
+                              "colour_right": scores["colour_right"],
+                              "psnr_vs_baseline": psnr(image, baseline_images[index]),
+                              "ssim_vs_baseline": ssim(image, baseline_images[index])})
                 progress.update(1)
             counts = dict(counter.counts)
             if name == "baseline":
@@ -175,7 +172,7 @@ def evaluate_variant(pipe, samples, methods, specs, mag_ratios, progress) -> dic
             result = {key: summarise(finite(key)) if finite(key) else None
                       for key in ("psnr_vs_baseline", "ssim_vs_baseline", "psnr_vs_target", "ssim_vs_target")}
             result["identical_to_baseline"] = sum(not math.isfinite(i["psnr_vs_baseline"]) for i in items)
-            colour = [i["colour_right"] for i in items if "colour_right" in i]
+            colour = [float(i["colour_right"]) for i in items if i["colour_right"] is not None]
             result["recolour_accuracy"] = summarise(colour) if colour else None
             result["flops_ratio_real"] = round(flops, 4)
             result["speedup_measured"] = round(baseline_seconds / seconds, 3) if name != "identity" and seconds else None
@@ -207,23 +204,43 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+FAMILIES = ("baseline", "reference reuse (kv)", "reference reuse (full / mlp)", "fewer steps", "diffusers caches",
+            "smaller reference")
+
+
+def family(name: str) -> int:
+    """The plot's series of a method (an index into FAMILIES)."""
+    if name == "baseline":
+        return 0
+    if "reference_quarter" in name:
+        return 5
+    if name.startswith("kv_"):
+        return 1
+    if name.startswith(("full_", "mlp_")):
+        return 2
+    if name.startswith("steps_"):
+        return 3
+    return 4
+
+
 def plot(report: dict):
     from evaluation.plot import Point, scatter_plot
 
-    points, legend = [], []
-    for series, (variant, results) in enumerate(report["variants"].items()):
-        legend.append(variant)
+    points = []
+    for marker, results in enumerate(report["variants"].values()):
         for name, r in results["methods"].items():
             if name == "identity" or r["flops_ratio_real"] <= 0:
                 continue
-            points.append(Point(1 / r["flops_ratio_real"], r["psnr_vs_target"]["mean"], name, series,
-                                r["psnr_vs_target"]["se"]))
+            points.append(Point(1 / r["flops_ratio_real"], r["psnr_vs_target"]["mean"],
+                                f"{name}  ({1 / r['flops_ratio_real']:.2f}x)", family(name),
+                                r["psnr_vs_target"]["se"], marker))
     identity = next(iter(report["variants"].values()))["methods"].get("identity")
-    title = "PSNR against the target edit vs real-shape FLOP speedup (mean +- s.e.)"
+    title = "PSNR against the target edit vs real-shape FLOP speedup (mean \u00b1 s.e.)"
     if identity:
-        title += f"; returning the input: {identity['psnr_vs_target']['mean']:.2f} dB"
+        title += f"; returning the input unchanged: {identity['psnr_vs_target']['mean']:.2f} dB"
     return scatter_plot(points, x_label="FLOP speedup at the real shape (1 / flops_ratio_real)",
-                        y_label="PSNR vs target (dB)", title=title, legend=legend)
+                        y_label="PSNR vs target (dB)", title=title, series=FAMILIES,
+                        markers=[f"{variant} transformer" for variant in report["variants"]])
 
 
 def main(argv=None) -> int:

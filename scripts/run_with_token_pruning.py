@@ -44,7 +44,7 @@ from cli import (
     check_output_file,
     edit_pipeline_choice,
     load_edit_pipeline,
-    load_reference_image,
+    resolve_edit_inputs,
     run_cli,
     stopwatch,
     write_outputs,
@@ -61,9 +61,6 @@ from pipelines.qwenimage_edit_limits import (
 )
 
 MODES = ("none", "mlp", "full", "kv")
-DEMO_EDIT_INDEX = 2
-"""The test edit ``make run-edit`` shows by default (``data.edit_task.make_edit(0, "test", DEMO_EDIT_INDEX)``)."""
-USER_IMAGE_PROMPT = "Make the red circle blue."
 DIFFERENCE_GAIN = 8
 """The strip's difference panel: |baseline - reuse| per pixel, times this, so small differences are visible."""
 
@@ -78,7 +75,8 @@ def parse_args(argv=None):
     p.add_argument("-p", "--prompt", default=None,
                    help="the instruction (default: the test edit's own; with -i: a recolour instruction)")
     p.add_argument("--edit-index", type=int, default=None,
-                   help=f"which held-out test edit of the generated task to run when no -i is given (default {DEMO_EDIT_INDEX})")
+                   help="which held-out test edit of the generated task to run when no -i is given (default: the demo edit, "
+                        "models.tiny.edit_testbed.DEMO_EDIT_INDEX)")
     p.add_argument("--reference-area", type=int, default=None,
                    help="px of area at which each reference image is VAE-encoded (default: 128x128 for the embedded "
                         "testbed, upstream's 1024x1024 = 1048576 for --model-path; 512x512 = a quarter of the tokens)")
@@ -164,41 +162,12 @@ def check_size(args, image) -> None:
         raise UserError(str(error)) from None
 
 
-def resolve_inputs(args, testbed: bool):
-    """``(reference images, target image or None, edit or None)``; fills ``args.prompt``, and for the embedded testbed
-    ``--reference-area`` / ``--height`` / ``--width`` (the testbed's 128x128) where they were not given."""
-    from pipelines.qwenimage_edit_limits import REFERENCE_AREA
-
-    sample = None
-    if args.input:
-        images = [load_reference_image(path) for path in args.input]
-    elif testbed:
-        from data.edit_task import make_edit
-
-        sample = make_edit(0, "test", DEMO_EDIT_INDEX if args.edit_index is None else args.edit_index)
-        images = [sample.source_image()]
-    else:
-        images = [load_reference_image(None)]
-    if args.prompt is None:
-        args.prompt = sample.instruction if sample is not None else USER_IMAGE_PROMPT
-    if testbed:
-        from models.tiny.edit_testbed import IMAGE_SIZE
-        from models.tiny.edit_testbed import REFERENCE_AREA as TESTBED_AREA
-
-        args.reference_area = args.reference_area or TESTBED_AREA
-        if args.height is None and args.width is None:
-            args.height = args.width = IMAGE_SIZE
-    args.reference_area = args.reference_area or REFERENCE_AREA
-    target = sample.target_image() if sample is not None and args.prompt == sample.instruction else None
-    return images, target, sample
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     mode, refresh = validate(args)
     pipeline_class, _ = edit_pipeline_choice(args)  # reads model_index.json only: fails before any weights load
     testbed = args.model_path is None and pipeline_class.stock_class.__name__ == "QwenImageEditPipeline"
-    images, target, sample = resolve_inputs(args, testbed)
+    images, target, sample = resolve_edit_inputs(args, testbed)
     check_size(args, images[-1])
 
     import torch

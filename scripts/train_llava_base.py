@@ -44,6 +44,7 @@ from cli import ArgumentParser, UserError, atomic_path, check_model_path, check_
 from models.tiny.llava_vqa import (
     BASE_VERSION,
     DEFAULTS,
+    TASKS,
     METRICS_FILE,
     default_base_path,
     format_metrics,
@@ -52,7 +53,7 @@ from models.tiny.llava_vqa import (
 )
 
 MINIMUMS = {"steps": 1, "batch_size": 1, "eval_size": 1, "turns": 1, "warmup": 0, "weight_decay": 0.0,
-            "aux_weight": 0.0, "embed_std": 0.0, "qk_std": 0.0, "clip": 0.0, "seed": 0}
+            "aux_weight": 0.0, "embed_std": 0.0, "qk_std": 0.0, "clip": 0.0, "seed": 0, "position_weight": 0.0}
 """Smallest allowed value of each training setting (``lr`` must be > 0, ``text_loss`` 0 or 1)."""
 
 
@@ -92,12 +93,15 @@ def main() -> int:
                         help="retrain even if the output already exists (replaced only once the new model is saved)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU intra-op threads (default: torch's, as for the recorded numbers in docs/BENCHMARKS.md)")
+    parser.add_argument("--task", default="shapes", choices=sorted(TASKS),
+                        help="shapes: the plain 112 px task (data/vqa_shapes.py); clutter: the cluttered 224 px scenes "
+                             "(data/vqa_clutter.py), from the 224 px tiny LLaVA")
     for key, value in DEFAULTS.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args()
     validate(args)
     settings = {k: getattr(args, k) for k in DEFAULTS}
-    custom = args.model_path is not None or settings != DEFAULTS
+    custom = args.model_path is not None or settings != DEFAULTS or args.task != "shapes"
     if args.output_dir is None and custom:
         raise UserError("non-default settings need --output-dir (the cache holds only the default base)")
     if args.output_dir is not None and args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.force:
@@ -118,8 +122,15 @@ def main() -> int:
             print(f"base model: {directory}")
             print(format_metrics(json.loads(metrics_path.read_text())))
         return 0
-    model_path = args.model_path or tiny_llava_dir()
-    train_base(model_path, args.output_dir, **settings)
+    if args.model_path is not None:
+        model_path = args.model_path
+    elif args.task == "clutter":
+        from models.tiny.llava import tiny_clutter_llava_dir
+
+        model_path = tiny_clutter_llava_dir()
+    else:
+        model_path = tiny_llava_dir()
+    train_base(model_path, args.output_dir, task=args.task, **settings)
     print(f"saved to {args.output_dir}")
     return 0
 

@@ -25,7 +25,7 @@ from data.media import make_sample_image
 from models.tiny.qwenimage_edit import tiny_qwenimage_edit_dir
 from pipelines.qwenimage_edit import TokenPruningQwenImageEditPipeline
 from pipelines.qwenimage_edit_limits import EditInputError, LoRALoadError, hub_failure_reason
-from tests.script_loader import load_script
+from tests.script_loader import load_script, run_script_in_process, sigint_default
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "run_with_token_pruning.py"
@@ -87,12 +87,12 @@ CLI_CASES = {
 
 
 @pytest.mark.parametrize("args, needles", CLI_CASES.values(), ids=CLI_CASES.keys())
-def test_cli_bad_input_is_one_line_naming_the_flag_and_writes_nothing(workdir, args, needles):
+def test_cli_bad_input_is_one_line_naming_the_flag_and_writes_nothing(workdir, capsys, args, needles):
     out, stats = workdir / "out", workdir / "stats.json"
     sizes = [] if {"--height", "--width"} & set(args) else ["--height", "64", "--width", "64"]
     argv = ["-o", str(out), "--stats-json", str(stats), "-s", "2", *sizes, *args]  # later flags win
     start = time.perf_counter()
-    proc = run_edit(*argv, cwd=workdir)
+    proc = run_script_in_process("run_with_token_pruning", argv, capsys, cwd=workdir)  # run_cli, as on the command line
     assert proc.returncode == 2, proc.stderr
     assert_one_line_error(proc.stderr, *needles)
     assert not out.exists() and not stats.exists() and not leftovers(workdir)
@@ -230,7 +230,8 @@ def test_ctrl_c_during_denoising_exits_130_within_seconds_and_writes_nothing(tmp
     out, stats = tmp_path / "out", tmp_path / "stats.json"
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "-o", str(out), "--stats-json", str(stats),
                              "--height", "64", "--width", "64", "-s", "500", "--pruning-mode", "kv"],
-                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=sigint_default)
     seen, deadline = b"", time.monotonic() + 240
     try:
         while b"denoise (kv)" not in seen and time.monotonic() < deadline:  # the labelled bar: denoising has begun

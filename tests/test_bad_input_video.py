@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from data.demo_video import write_demo_video
-from tests.script_loader import load_script
+from tests.script_loader import load_script, run_script_in_process, sigint_default
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO_ROOT / "scripts"
@@ -118,13 +118,22 @@ CLI_CASES = [
 
 
 @pytest.mark.parametrize("script, argv, needles", CLI_CASES)
-def test_cli_bad_input_exits_2_with_one_line_naming_the_flag_and_writes_nothing(workdir, script, argv, needles):
+def test_cli_bad_input_exits_2_with_one_line_naming_the_flag_and_writes_nothing(workdir, capsys, script, argv, needles):
     before = snapshot(workdir)
-    # sweep / eval: their default output file would land in the working directory
-    proc = run_cli_process(script, [*argv, "--no-progress"] if script != "run_video.py" else argv, workdir)
+    # sweep / eval: their default output file would land in the working directory. In this process (the script's
+    # own run_cli, as on the command line); test_a_bad_flag_in_a_fresh_interpreter_is_one_line runs one case as a process.
+    proc = run_script_in_process(script.removesuffix(".py"),
+                                 [*argv, "--no-progress"] if script != "run_video.py" else argv, capsys, cwd=workdir)
     assert_one_line_error(proc, *needles)
     assert proc.stdout == ""  # failed before any work (nothing printed, no model loaded)
     assert snapshot(workdir) == before
+
+
+def test_a_bad_flag_in_a_fresh_interpreter_is_one_line(workdir):
+    before = snapshot(workdir)
+    proc = run_cli_process("run_video.py", ["--keep-ratio", "1.5"], workdir)
+    assert_one_line_error(proc, "--keep-ratio", "(0, 1]")
+    assert proc.stdout == "" and snapshot(workdir) == before
 
 
 # ============================================================================= the Python API
@@ -246,6 +255,7 @@ def test_sweep_sigint_mid_run_exits_130_within_seconds_and_leaves_no_file(workdi
     proc = subprocess.Popen(
         [PYTHON, str(SCRIPTS / "sweep_stage1.py"), "--num-frames", "8", "--repeats", "20", "--output", str(output)],
         cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+        preexec_fn=sigint_default,
     )  # fmt: skip
     try:
         seen = ""

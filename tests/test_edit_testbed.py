@@ -11,6 +11,7 @@ import torch
 
 from data.edit_task import make_edit, mask_colour
 from models.tiny.edit_testbed import (
+    DEMO_EDIT_INDEX,
     IMAGE_SIZE,
     RECORD_FILE,
     REFERENCE_AREA,
@@ -23,8 +24,6 @@ from models.tiny.edit_testbed import (
     run_edit,
     shipped_pipeline,
 )
-
-DEMO_INDEX = 2  # scripts/run_with_token_pruning.py's DEMO_EDIT_INDEX
 
 
 def test_every_instruction_word_is_one_token_and_the_edit_template_prefix_is_still_64_tokens():
@@ -89,7 +88,7 @@ def test_the_shipped_pipeline_loads_with_from_pretrained_within_25_mb_per_compon
 def test_the_shipped_pipeline_makes_the_demo_recolour_edit_as_asked(zero_cond_t):
     from evaluation.metrics import psnr
 
-    sample = make_edit(0, "test", DEMO_INDEX)
+    sample = make_edit(0, "test", DEMO_EDIT_INDEX)
     assert sample.edit_type == "recolour"
     image = run_edit(shipped_pipeline(zero_cond_t=zero_cond_t), sample)
     assert image.size == (IMAGE_SIZE, IMAGE_SIZE)

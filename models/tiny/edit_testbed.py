@@ -53,6 +53,8 @@ REFERENCE_AREA = IMAGE_SIZE * IMAGE_SIZE
 """The embedded testbed's reference area (px): the reference is encoded at 128x128, like the output."""
 NUM_STEPS = 4
 """Sampling steps of the testbed (Lightning's 4-step setting)."""
+DEMO_EDIT_INDEX = 2
+"""The held-out test edit ``make run-edit`` shows by default: ``data.edit_task.make_edit(0, "test", 2)``, a recolour."""
 
 VAE_DEFAULTS = dict(vae_steps=1500, vae_batch_size=8, vae_lr=3e-4, latent_noise=0.1, latent_penalty=1e-4,
                     thumbnail_weight=1.0, vae_base_dim=16)

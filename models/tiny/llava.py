@@ -173,10 +173,10 @@ def build_llama_tokenizer() -> LlamaTokenizer:
     return tokenizer
 
 
-def tiny_vision_config() -> CLIPVisionConfig:
-    """CLIP ViT at toy size: 112 px, 14 px patches (8x8 + CLS), hidden 64, 3 layers."""
+def tiny_vision_config(image_size: int = IMAGE_SIZE) -> CLIPVisionConfig:
+    """CLIP ViT at toy size: 112 px (or ``image_size``), 14 px patches (8x8 + CLS), hidden 64, 3 layers."""
     return CLIPVisionConfig(
-        image_size=IMAGE_SIZE,
+        image_size=image_size,
         patch_size=PATCH_SIZE,
         num_channels=3,
         hidden_size=64,
@@ -208,14 +208,14 @@ def tiny_text_config(tokenizer: LlamaTokenizer) -> LlamaConfig:
     )
 
 
-def tiny_llava_config(tokenizer: LlamaTokenizer | None = None) -> LlavaConfig:
+def tiny_llava_config(tokenizer: LlamaTokenizer | None = None, image_size: int = IMAGE_SIZE) -> LlavaConfig:
     """LLaVA-1.5 wiring at toy size (feature layer -2, "default" strategy, GELU projector)."""
     tokenizer = tokenizer if tokenizer is not None else build_llama_tokenizer()
     return LlavaConfig(
-        vision_config=tiny_vision_config(),
+        vision_config=tiny_vision_config(image_size),
         text_config=tiny_text_config(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=NUM_IMAGE_TOKENS,
+        image_seq_length=(image_size // PATCH_SIZE) ** 2,
         projector_hidden_act="gelu",
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -224,11 +224,12 @@ def tiny_llava_config(tokenizer: LlamaTokenizer | None = None) -> LlavaConfig:
     )
 
 
-def build_llava_processor(tokenizer: LlamaTokenizer) -> LlavaProcessor:
-    """The real ``LlavaProcessor``: CLIP preprocessing at 112 px and ``<image>`` -> 64 image tokens."""
+def build_llava_processor(tokenizer: LlamaTokenizer, image_size: int = IMAGE_SIZE) -> LlavaProcessor:
+    """The real ``LlavaProcessor``: CLIP preprocessing at 112 px (or ``image_size``) and ``<image>`` -> 64 image
+    tokens (one per 14 px patch)."""
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         do_center_crop=True,
     )
     return LlavaProcessor(
@@ -242,18 +243,28 @@ def build_llava_processor(tokenizer: LlamaTokenizer) -> LlavaProcessor:
     )
 
 
-def build_tiny_llava(save_dir: Path) -> None:
+def build_tiny_llava(save_dir: Path, image_size: int = IMAGE_SIZE) -> None:
     """Write the seeded upstream ``LlavaForConditionalGeneration`` and its processor to ``save_dir``."""
     tokenizer = build_llama_tokenizer()
-    model = LlavaForConditionalGeneration(tiny_llava_config(tokenizer))
+    model = LlavaForConditionalGeneration(tiny_llava_config(tokenizer, image_size))
     seeded_init_(model, seed=SEED)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     # transformers' default on-disk layout: the original llava-hf key names, the same layout as real
     # llava-hf checkpoints, converted at load time (the fork opts into the conversions too).
     model.save_pretrained(save_dir)
-    build_llava_processor(tokenizer).save_pretrained(save_dir)
+    build_llava_processor(tokenizer, image_size).save_pretrained(save_dir)
 
 
 def tiny_llava_dir() -> Path:
     """Directory of the embedded tiny LLaVA-1.5 (built once into the cache)."""
     return cached_model_dir("llava", VERSION, build_tiny_llava)
+
+
+CLUTTER_IMAGE_SIZE = 224
+"""The cluttered-scene task's images (``data.vqa_clutter``): 16x16 patches, 256 vision tokens."""
+
+
+def tiny_clutter_llava_dir() -> Path:
+    """The embedded tiny LLaVA-1.5 at 224 px (256 vision tokens), seeded like :func:`tiny_llava_dir`: the start of
+    the cluttered-scene base."""
+    return cached_model_dir("llava-224px", VERSION, lambda save_dir: build_tiny_llava(save_dir, CLUTTER_IMAGE_SIZE))

@@ -19,20 +19,36 @@ BASE_VERSION = 1
 """Bump whenever the defaults below or the task change the trained directory."""
 
 DEFAULTS = dict(steps=1200, batch_size=16, lr=1.5e-3, warmup=50, weight_decay=0.01, aux_weight=3.0, embed_std=0.5,
-                qk_std=0.1, turns=4, text_loss=1, clip=5.0, seed=0, eval_size=400)
+                qk_std=0.1, turns=4, text_loss=1, clip=5.0, seed=0, eval_size=400, position_weight=0.0)
 METRICS_FILE = "vqa_base_metrics.json"
 
 
-def evaluate_base(model, processor, eval_size: int, seed: int) -> dict:
-    """Held-out exact-match accuracy per question type, with chance levels."""
-    from data.vqa_shapes import accuracy_by_type, chance_levels, generate_answers, make_split
+TASKS = {"shapes": "data.vqa_shapes", "clutter": "data.vqa_clutter"}
+"""The generated VQA tasks a base can be trained on: the plain shapes task (112 px) and the cluttered scenes
+(224 px, for the 224 px tiny LLaVA of ``models.tiny.llava.tiny_clutter_llava_dir``)."""
 
-    samples = make_split("heldout", eval_size, seed=seed)
+
+def task_module(task: str):
+    """The data module of ``task`` (``make_sample``, ``make_conversation``, ``make_split``, ``patch_labels``,
+    ``ANSWERS``)."""
+    import importlib
+
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}; allowed: {', '.join(TASKS)}")
+    return importlib.import_module(TASKS[task])
+
+
+def evaluate_base(model, processor, eval_size: int, seed: int, task: str = "shapes") -> dict:
+    """Held-out exact-match accuracy per question type, with chance levels."""
+    from data.vqa_shapes import accuracy_by_type, chance_levels, generate_answers
+
+    data = task_module(task)
+    samples = data.make_split("heldout", eval_size, seed=seed)
     model.eval()
     predictions = generate_answers(model, processor, samples)
     return {
         "accuracy": accuracy_by_type(samples, predictions),
-        "chance": chance_levels(samples),
+        "chance": chance_levels(samples, data.ANSWERS),
         "eval_size": eval_size,
         "examples": [
             {"question": s.question, "answer": s.answer, "prediction": p} for s, p in list(zip(samples, predictions))[:8]
@@ -42,20 +58,16 @@ def evaluate_base(model, processor, eval_size: int, seed: int) -> dict:
 
 def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_size: int, lr: float, warmup: int,
                weight_decay: float, aux_weight: float, embed_std: float, qk_std: float, turns: int, text_loss: int, clip: float, seed: int,
-               eval_size: int, log=print) -> dict:
+               eval_size: int, position_weight: float = 0.0, task: str = "shapes", log=print) -> dict:
     """Train, evaluate and save; returns the metrics (also written to ``output_dir/vqa_base_metrics.json``)."""
     from tqdm.auto import tqdm
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from data.vqa_shapes import (
-        PALETTE,
-        SHAPES,
-        encode_batch,
-        encode_conversations,
-        make_conversation,
-        make_sample,
-        patch_labels,
-    )
+    from data.media import PALETTE, SHAPES
+    from data.vqa_shapes import encode_batch, encode_conversations
+
+    data = task_module(task)
+    make_conversation, make_sample, patch_labels = data.make_conversation, data.make_sample, data.patch_labels
 
     torch.manual_seed(seed)
     processor = load_or_explain("the LLaVA processor", str(model_path), lambda: AutoProcessor.from_pretrained(model_path))
@@ -74,12 +86,16 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     model.to(device).train()
     num_tokens = model.config.image_seq_length
     grid = int(round(num_tokens ** 0.5))
-    if aux_weight > 0 and grid * grid != num_tokens:
+    if (aux_weight > 0 or position_weight > 0) and grid * grid != num_tokens:
         raise UserError(f"--aux-weight needs a square patch grid, the model has {num_tokens} image tokens")
     width = model.config.text_config.hidden_size
     probe = torch.nn.ModuleDict({"colour": torch.nn.Linear(width, len(PALETTE) + 1),
                                  "shape": torch.nn.Linear(width, len(SHAPES) + 1),
-                                 "pair": torch.nn.Linear(width, len(PALETTE) * len(SHAPES) + 1)}).to(device)
+                                 "pair": torch.nn.Linear(width, len(PALETTE) * len(SHAPES) + 1),
+                                 "row": torch.nn.Linear(width, grid), "column": torch.nn.Linear(width, grid)}).to(device)
+    # position_weight: every image token's projector output must also say its patch row and column linearly, so the
+    # LLM can compare where two objects are (which the sequence order alone made it learn only slowly)
+    rows = torch.arange(num_tokens, device=device) // grid
     params = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
@@ -87,7 +103,7 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, floor=0.1))
     losses = []
-    probe_hits = {"colour": [], "shape": [], "pair": []}
+    probe_hits = {"colour": [], "shape": [], "pair": [], "row": [], "column": []}
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train step", unit="step", dynamic_ncols=True)
     for step in bar:
@@ -112,6 +128,13 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                 loss = loss + aux_weight * torch.nn.functional.cross_entropy(logits, target)
                 on_shape = target > 0
                 probe_hits[name].append((logits[on_shape].argmax(-1) == target[on_shape]).float().mean().item())
+        if position_weight > 0:
+            feats = out.image_hidden_states.view(len(samples), num_tokens, -1)
+            for name, target in (("row", rows), ("column", torch.remainder(torch.arange(num_tokens, device=device), grid))):
+                logits = probe[name](feats).flatten(0, 1)
+                target = target.repeat(len(samples))
+                loss = loss + position_weight * torch.nn.functional.cross_entropy(logits, target)
+                probe_hits[name].append((logits.argmax(-1) == target).float().mean().item())
         optimizer_step(loss, optimizer, scheduler, model.parameters(), clip)
         losses.append(out.loss.item())
         if step % 10 == 0 or step == steps - 1:
@@ -121,11 +144,13 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                     postfix[f"probe_{name}"] = f"{sum(hits[-10:]) / len(hits[-10:]):.2f}"
             bar.set_postfix(postfix)
     train_seconds = time.perf_counter() - start
-    metrics = evaluate_base(model, processor, eval_size, seed)
+    metrics = evaluate_base(model, processor, eval_size, seed, task)
     metrics.update(
         train_seconds=round(train_seconds, 1),
         settings=dict(model_path=str(model_path), steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                      weight_decay=weight_decay, aux_weight=aux_weight, embed_std=embed_std, qk_std=qk_std, turns=turns, text_loss=text_loss, clip=clip, seed=seed, samples_seen=steps * batch_size),
+                      weight_decay=weight_decay, aux_weight=aux_weight, embed_std=embed_std, qk_std=qk_std, turns=turns,
+                      text_loss=text_loss, clip=clip, seed=seed, position_weight=position_weight, task=task,
+                      samples_seen=steps * batch_size),
         loss_first_10=sum(losses[:10]) / min(10, len(losses)),
         loss_last_10=sum(losses[-10:]) / min(10, len(losses)),
         probe_accuracy_last_10={k: sum(v[-10:]) / len(v[-10:]) for k, v in probe_hits.items() if v},

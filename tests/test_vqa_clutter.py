@@ -1,0 +1,159 @@
+"""The cluttered-scene VQA task (``data/vqa_clutter.py``): every answer follows from the drawn scene, the question
+picks its object(s) unambiguously, scenes are cluttered and deterministic, splits are disjoint and balanced."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from data.media import PALETTE, SHAPES
+from data.vqa_clutter import (
+    COUNT_WORDS,
+    GRID,
+    IMAGE_SIZE,
+    NUM_OBJECTS,
+    PATCH_SIZE,
+    QUESTION_TYPES,
+    asked_patches,
+    make_conversation,
+    make_sample,
+    make_split,
+    patch_labels,
+)
+
+HELDOUT = make_split("heldout", 150)
+COLOUR = "|".join(PALETTE)
+KIND = "|".join(SHAPES)
+
+
+def drawn_objects(sample) -> list[dict]:
+    """The objects as the image shows them: each shape's pixels found by its exact palette colour inside its box
+    (independent of the generator's bookkeeping), with centre, size word, colour and kind."""
+    pixels = np.asarray(sample.image).astype(np.int64)
+    objects = []
+    for s in sample.shapes:
+        half = s.size // 2
+        box = pixels[max(0, s.cy - half - 1):s.cy + half + 2, max(0, s.cx - half - 1):s.cx + half + 2]
+        assert (box == PALETTE[s.colour]).all(axis=-1).sum() > 0.4 * s.size ** 2
+        objects.append({"colour": s.colour, "kind": s.kind, "x": s.cx, "y": s.cy,
+                        "size": "big" if s.size >= 30 else "small"})
+    return objects
+
+
+def side(obj, anchor, relation) -> float:
+    axis, sign = {"left of": ("x", -1), "right of": ("x", 1), "above": ("y", -1), "below": ("y", 1)}[relation]
+    return (obj[axis] - anchor[axis]) * sign
+
+
+def answer_from_scene(sample) -> str:
+    """The answer worked out from the question's words and the drawn objects alone."""
+    objects, q = drawn_objects(sample), sample.question
+    if m := re.fullmatch(rf"What colour is the (big|small) ({KIND})\?", q):
+        (hit,) = [o for o in objects if (o["size"], o["kind"]) == m.groups()]
+        return hit["colour"]
+    if m := re.fullmatch(rf"What shape is the (big|small) ({COLOUR}) object\?", q):
+        (hit,) = [o for o in objects if (o["size"], o["colour"]) == m.groups()]
+        return hit["kind"]
+    if m := re.fullmatch(rf"How many ({COLOUR}) objects are there\?", q):
+        return COUNT_WORDS[sum(o["colour"] == m.group(1) for o in objects)]
+    if m := re.fullmatch(rf"How many ({KIND})s are there\?", q):
+        return COUNT_WORDS[sum(o["kind"] == m.group(1) for o in objects)]
+    relation = "(left of|right of|above|below)"
+    if m := re.fullmatch(rf"Is the ({COLOUR}) ({KIND}) {relation} the ({COLOUR}) ({KIND})\?", q):
+        (a,) = [o for o in objects if (o["colour"], o["kind"]) == m.group(1, 2)]
+        (b,) = [o for o in objects if (o["colour"], o["kind"]) == m.group(4, 5)]
+        assert abs(side(a, b, m.group(3))) >= PATCH_SIZE  # clearly on one side or the other
+        return "yes" if side(a, b, m.group(3)) > 0 else "no"
+    if m := re.fullmatch(rf"What colour is the (big|small) ({KIND}) {relation} the ({COLOUR}) ({KIND})\?", q):
+        (anchor,) = [o for o in objects if (o["colour"], o["kind"]) == m.group(4, 5)]
+        same = [o for o in objects if (o["size"], o["kind"]) == m.group(1, 2) and o is not anchor]
+        (hit,) = [o for o in same if side(o, anchor, m.group(3)) > 0]
+        others = [o for o in same if o is not hit]
+        # the relation is needed: another object of that size and kind, of another colour, on the other side
+        assert others and all(o["colour"] != hit["colour"] for o in others)
+        assert all(abs(side(o, anchor, m.group(3))) >= PATCH_SIZE for o in same)
+        return hit["colour"]
+    raise AssertionError(f"question of no known form: {q!r}")
+
+
+@pytest.mark.parametrize("qtype", QUESTION_TYPES)
+def test_every_answer_follows_from_the_drawn_scene_and_the_question_words(qtype):
+    samples = [s for s in HELDOUT if s.qtype == qtype]
+    assert len(samples) == 30
+    for sample in samples:
+        assert answer_from_scene(sample) == sample.answer, sample.question
+
+
+def test_scenes_are_cluttered_224px_with_non_overlapping_objects_spanning_several_patches():
+    for sample in HELDOUT[:60]:
+        assert sample.image.size == (IMAGE_SIZE, IMAGE_SIZE)
+        assert NUM_OBJECTS[0] <= len(sample.shapes) <= NUM_OBJECTS[1]
+        for i, a in enumerate(sample.shapes):
+            first, last = (a.cx - a.size // 2) // PATCH_SIZE, (a.cx + a.size // 2 - 1) // PATCH_SIZE
+            assert last > first  # across at least two patch columns (and rows: the shapes are as tall as wide)
+            for b in sample.shapes[i + 1:]:
+                assert abs(a.cx - b.cx) * 2 >= a.size + b.size or abs(a.cy - b.cy) * 2 >= a.size + b.size
+    covered = [(patch_labels(s)[0] > 0).sum().item() for s in HELDOUT]
+    assert np.mean(covered) > 0.25 * GRID * GRID  # more object patches than a 25% budget keeps, on average
+
+
+def test_asked_patches_are_the_patches_of_the_objects_the_question_names():
+    for sample in HELDOUT[:40]:
+        mask = asked_patches(sample)
+        assert mask.shape == (GRID * GRID,)
+        colours, _ = patch_labels(sample)
+        asked_colours = {list(PALETTE).index(sample.shapes[i].colour) + 1 for i in sample.asked}
+        assert set(colours[mask].tolist()) <= asked_colours
+        if sample.qtype in ("colour", "shape", "relation"):
+            assert sample.shapes[sample.asked[0]].colour == sample.answer or sample.shapes[sample.asked[0]].kind == sample.answer
+            assert mask.any()
+
+
+def test_held_out_types_and_yes_no_are_balanced_and_answers_vary():
+    assert Counter(s.qtype for s in HELDOUT) == {t: 30 for t in QUESTION_TYPES}
+    yes = sum(s.answer == "yes" for s in HELDOUT if s.qtype == "position")
+    assert 10 <= yes <= 20
+    for qtype in ("colour", "shape", "count", "relation"):
+        answers = Counter(s.answer for s in HELDOUT if s.qtype == qtype)
+        assert len(answers) >= 3 and max(answers.values()) <= 0.6 * 30  # no constant guess wins
+
+
+def test_samples_are_deterministic_and_splits_disjoint_and_prefix_stable():
+    again = make_split("heldout", 20)
+    assert [(s.shapes, s.question, s.background) for s in again] == [(s.shapes, s.question, s.background)
+                                                                     for s in HELDOUT[:20]]
+    assert np.array_equal(np.asarray(again[3].image), np.asarray(HELDOUT[3].image))
+    scenes = {split: {make_sample(0, split, i).shapes for i in range(40)} for split in ("train", "val", "heldout")}
+    assert not (scenes["train"] & scenes["val"]) and not (scenes["train"] & scenes["heldout"])
+    assert not (scenes["val"] & scenes["heldout"])
+    assert make_sample(1, "heldout", 0).shapes != HELDOUT[0].shapes
+
+
+def test_a_conversation_asks_distinct_questions_about_one_scene():
+    conversation = make_conversation(0, "train", 5, turns=4)
+    questions = [q for q, _, _ in conversation.turns]
+    assert len(questions) == len(set(questions)) >= 2
+    assert conversation.image.size == (IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_an_unknown_split_is_one_line():
+    with pytest.raises(ValueError, match="split='test'; allowed: train, heldout, val"):
+        make_sample(0, "test", 0)
+
+
+def test_the_base_trainer_takes_the_cluttered_task_on_the_224px_tiny_llava(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from models.tiny.llava import tiny_clutter_llava_dir
+    from models.tiny.llava_vqa import DEFAULTS, train_base
+
+    settings = {**DEFAULTS, "steps": 2, "batch_size": 2, "turns": 2, "eval_size": 5, "position_weight": 1.0}
+    metrics = train_base(tiny_clutter_llava_dir(), tmp_path / "base", task="clutter", log=lambda *_: None, **settings)
+    assert list(metrics["accuracy"]) == list(QUESTION_TYPES) + ["all"]
+    assert metrics["chance"]["relation"]["uniform"] == 1 / 8 and metrics["settings"]["task"] == "clutter"
+    assert set(metrics["probe_accuracy_last_10"]) >= {"row", "column", "colour"}
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "base")
+    assert model.config.image_seq_length == GRID * GRID and model.config.vision_config.image_size == IMAGE_SIZE
