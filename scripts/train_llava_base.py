@@ -53,7 +53,8 @@ from models.tiny.llava_vqa import (
 )
 
 MINIMUMS = {"steps": 1, "batch_size": 1, "eval_size": 1, "turns": 1, "warmup": 0, "weight_decay": 0.0,
-            "aux_weight": 0.0, "embed_std": 0.0, "qk_std": 0.0, "clip": 0.0, "seed": 0, "position_weight": 0.0}
+            "aux_weight": 0.0, "embed_std": 0.0, "qk_std": 0.0, "clip": 0.0, "seed": 0, "position_weight": 0.0,
+            "sincos_positions": 0.0}
 """Smallest allowed value of each training setting (``lr`` must be > 0, ``text_loss`` 0 or 1)."""
 
 
@@ -67,6 +68,10 @@ def validate(args) -> None:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if args.text_loss not in (0, 1):
         raise UserError(f"--text-loss must be 0 or 1, got {args.text_loss}")
+    if args.eval_every < 0 or args.val_size < 1:
+        raise UserError(f"--eval-every must be >= 0 and --val-size >= 1, got {args.eval_every} and {args.val_size}")
+    if args.resume and args.eval_every == 0:
+        raise UserError("--resume continues a checkpoint, which only --eval-every N > 0 writes: pass --eval-every")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     check_model_path(args.model_path)
@@ -96,14 +101,22 @@ def main() -> int:
     parser.add_argument("--task", default="shapes", choices=sorted(TASKS),
                         help="shapes: the plain 112 px task (data/vqa_shapes.py); clutter: the cluttered 224 px scenes "
                              "(data/vqa_clutter.py), from the 224 px tiny LLaVA")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="validate (val split) and checkpoint every N steps; the JSON log beside the checkpoint")
+    parser.add_argument("--val-size", type=int, default=200, help="validation questions per evaluation")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="checkpoint file (default: <output-dir>.checkpoint.pt beside --output-dir)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --checkpoint")
     for key, value in DEFAULTS.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args()
     validate(args)
     settings = {k: getattr(args, k) for k in DEFAULTS}
-    custom = args.model_path is not None or settings != DEFAULTS or args.task != "shapes"
+    custom = (args.model_path is not None or settings != DEFAULTS or args.task != "shapes" or args.eval_every > 0
+              or args.resume)
     if args.output_dir is None and custom:
-        raise UserError("non-default settings need --output-dir (the cache holds only the default base)")
+        raise UserError("non-default settings, --task clutter, --eval-every and --resume need --output-dir "
+                        "(the cache holds only the default base)")
     if args.output_dir is not None and args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.force:
         raise UserError(f"--output-dir {str(args.output_dir)!r} is not empty; pass --force to overwrite")
     set_torch_threads(args.threads)
@@ -130,7 +143,9 @@ def main() -> int:
         model_path = tiny_clutter_llava_dir()
     else:
         model_path = tiny_llava_dir()
-    train_base(model_path, args.output_dir, task=args.task, **settings)
+    checkpoint = args.checkpoint or args.output_dir.parent / f"{args.output_dir.name}.checkpoint.pt"
+    train_base(model_path, args.output_dir, task=args.task, eval_every=args.eval_every, val_size=args.val_size,
+               checkpoint=checkpoint if args.eval_every > 0 else None, resume=args.resume, **settings)
     print(f"saved to {args.output_dir}")
     return 0
 

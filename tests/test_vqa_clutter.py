@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from data.media import PALETTE, SHAPES
 from data.vqa_clutter import (
@@ -157,3 +158,41 @@ def test_the_base_trainer_takes_the_cluttered_task_on_the_224px_tiny_llava(tmp_p
     assert set(metrics["probe_accuracy_last_10"]) >= {"row", "column", "colour"}
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "base")
     assert model.config.image_seq_length == GRID * GRID and model.config.vision_config.image_size == IMAGE_SIZE
+
+
+def test_base_training_resumed_from_a_checkpoint_ends_with_the_uninterrupted_runs_weights(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from models.tiny.llava import tiny_clutter_llava_dir
+    from models.tiny.llava_vqa import DEFAULTS, train_base
+
+    settings = {**DEFAULTS, "steps": 2, "batch_size": 2, "turns": 2, "eval_size": 2, "warmup": 1,
+                "position_weight": 1.0, "sincos_positions": 0.5}
+
+    def keep_step_1_checkpoint(message):  # logged before the step-2 checkpoint replaces the step-1 one
+        if message.startswith("step 2"):
+            shutil.copy(tmp_path / "whole.pt", tmp_path / "part.pt")
+
+    common = dict(task="clutter", eval_every=1, val_size=3)
+    whole = train_base(tiny_clutter_llava_dir(), tmp_path / "whole", checkpoint=tmp_path / "whole.pt",
+                       log=keep_step_1_checkpoint, **common, **settings)
+    resumed = train_base(tiny_clutter_llava_dir(), tmp_path / "resumed", checkpoint=tmp_path / "part.pt", resume=True,
+                         log=lambda *_: None, **common, **settings)
+    assert [v["step"] for v in resumed["validation"]] == [1, 2]
+    assert resumed["validation"][0] == whole["validation"][0]
+    assert (tmp_path / "whole.json").is_file()  # the JSON log beside the checkpoint
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sincos_positions_make_the_patch_row_and_column_linear():
+    from models.tiny.llava_vqa import sincos_2d
+
+    table = sincos_2d(16, 64)
+    assert table.shape == (256, 64) and torch.allclose(table.pow(2).mean(1), torch.ones(256), atol=1e-5)
+    features = torch.cat([table, torch.ones(256, 1)], 1).double()
+    for target in (torch.arange(256) // 16, torch.arange(256) % 16):
+        weights = torch.linalg.lstsq(features, torch.nn.functional.one_hot(target, 16).double()).solution
+        assert ((features @ weights).argmax(1) == target).all()

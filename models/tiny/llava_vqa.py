@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 
 from cli import UserError, atomic_path, load_or_explain, write_json
-from models.tiny.training import lr_factor, optimizer_step
+from models.tiny.training import lr_factor, optimizer_step, resume_checkpoint, save_checkpoint
 
 BASE_VERSION = 1
 """Bump whenever the defaults below or the task change the trained directory."""
 
 DEFAULTS = dict(steps=1200, batch_size=16, lr=1.5e-3, warmup=50, weight_decay=0.01, aux_weight=3.0, embed_std=0.5,
-                qk_std=0.1, turns=4, text_loss=1, clip=5.0, seed=0, eval_size=400, position_weight=0.0)
+                qk_std=0.1, turns=4, text_loss=1, clip=5.0, seed=0, eval_size=400, position_weight=0.0,
+                sincos_positions=0.0)
 METRICS_FILE = "vqa_base_metrics.json"
 
 
@@ -38,12 +39,13 @@ def task_module(task: str):
     return importlib.import_module(TASKS[task])
 
 
-def evaluate_base(model, processor, eval_size: int, seed: int, task: str = "shapes") -> dict:
-    """Held-out exact-match accuracy per question type, with chance levels."""
+def evaluate_base(model, processor, eval_size: int, seed: int, task: str = "shapes", split: str = "heldout") -> dict:
+    """Exact-match accuracy per question type on the first ``eval_size`` questions of ``split`` (``heldout``: the
+    reported numbers; ``val``: model selection during training), with chance levels."""
     from data.vqa_shapes import accuracy_by_type, chance_levels, generate_answers
 
     data = task_module(task)
-    samples = data.make_split("heldout", eval_size, seed=seed)
+    samples = data.make_split(split, eval_size, seed=seed)
     model.eval()
     predictions = generate_answers(model, processor, samples)
     return {
@@ -56,10 +58,33 @@ def evaluate_base(model, processor, eval_size: int, seed: int, task: str = "shap
     }
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """``[grid * grid, dim]`` 2-D sine-cosine position table (MAE's), row-major: half the channels encode the patch
+    row, half its column, each as sines and cosines of geometrically spaced frequencies; unit RMS per row.
+    ``sincos_positions`` starts the CLIP tower's learned position embeddings from it (times that scale), so the
+    patch tokens carry where they are linearly from step 0."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = coords.repeat_interleave(grid), coords.repeat(grid)
+    parts = [torch.sin(rows[:, None] * omega), torch.cos(rows[:, None] * omega),
+             torch.sin(cols[:, None] * omega), torch.cos(cols[:, None] * omega)]
+    table = torch.cat(parts, dim=1)
+    table = torch.nn.functional.pad(table, (0, dim - table.shape[1]))
+    return (table / table.pow(2).mean(dim=1, keepdim=True).sqrt()).float()
+
+
 def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_size: int, lr: float, warmup: int,
                weight_decay: float, aux_weight: float, embed_std: float, qk_std: float, turns: int, text_loss: int, clip: float, seed: int,
-               eval_size: int, position_weight: float = 0.0, task: str = "shapes", log=print) -> dict:
-    """Train, evaluate and save; returns the metrics (also written to ``output_dir/vqa_base_metrics.json``)."""
+               eval_size: int, position_weight: float = 0.0, sincos_positions: float = 0.0, task: str = "shapes",
+               eval_every: int = 0, val_size: int = 200, checkpoint: Path | None = None, resume: bool = False,
+               log=print) -> dict:
+    """Train, evaluate and save; returns the metrics (also written to ``output_dir/vqa_base_metrics.json``).
+
+    ``eval_every`` > 0: every that many steps, validation accuracy per type on ``val_size`` questions of the ``val``
+    split goes to the JSON log, and the run is checkpointed to ``checkpoint`` (the log beside it, ``.json``);
+    ``resume`` continues from that checkpoint (batches are functions of the step: the run ends where an uninterrupted
+    one would)."""
     from tqdm.auto import tqdm
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -78,6 +103,11 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
         with torch.no_grad():
             emb = model.get_input_embeddings().weight
             emb.mul_(embed_std / emb.std())
+    if sincos_positions > 0:
+        with torch.no_grad():
+            table = model.model.vision_tower.embeddings.position_embedding.weight  # [1 + grid^2, D]
+            grid_side = int(round((table.shape[0] - 1) ** 0.5))
+            table[1:] = sincos_2d(grid_side, table.shape[1]) * sincos_positions
     if qk_std > 0:
         with torch.no_grad():
             for layer in model.model.language_model.layers:
@@ -102,10 +132,20 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, floor=0.1))
+    settings = dict(model_path=str(model_path), steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                    weight_decay=weight_decay, aux_weight=aux_weight, embed_std=embed_std, qk_std=qk_std, turns=turns,
+                    text_loss=text_loss, clip=clip, seed=seed, position_weight=position_weight,
+                    sincos_positions=sincos_positions, task=task, samples_seen=steps * batch_size)
+    record = {"settings": settings, "validation": [], "loss_every_10_steps": [], "train_seconds": 0.0}
+    start_step = 0
+    if resume and checkpoint is not None and Path(checkpoint).is_file():
+        record, start_step = resume_checkpoint(checkpoint, modules={"model": model, "probe": probe}, optimizer=optimizer,
+                                               scheduler=scheduler, settings=settings, log=log)
     losses = []
     probe_hits = {"colour": [], "shape": [], "pair": [], "row": [], "column": []}
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc="train step", unit="step", dynamic_ncols=True)
+    begin = time.perf_counter() - record["train_seconds"]
+    bar = tqdm(range(start_step, steps), desc="train step", unit="step", initial=start_step, total=steps,
+               dynamic_ncols=True)
     for step in bar:
         if turns > 1:
             samples = [make_conversation(seed, "train", step * batch_size + i, turns) for i in range(batch_size)]
@@ -137,25 +177,37 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                 probe_hits[name].append((logits.argmax(-1) == target).float().mean().item())
         optimizer_step(loss, optimizer, scheduler, model.parameters(), clip)
         losses.append(out.loss.item())
-        if step % 10 == 0 or step == steps - 1:
+        if (step + 1) % 10 == 0 or step + 1 == steps:
             postfix = {"loss": f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"}
+            record["loss_every_10_steps"].append({"step": step + 1, "loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+                                                  **{f"probe_{k}": round(sum(v[-10:]) / len(v[-10:]), 3)
+                                                     for k, v in probe_hits.items() if v}})
             for name, hits in probe_hits.items():
                 if hits:
                     postfix[f"probe_{name}"] = f"{sum(hits[-10:]) / len(hits[-10:]):.2f}"
             bar.set_postfix(postfix)
-    train_seconds = time.perf_counter() - start
+        if eval_every > 0 and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            record["train_seconds"] = round(time.perf_counter() - begin, 1)
+            accuracy = evaluate_base(model, processor, val_size, seed, task, split="val")["accuracy"]
+            model.train()
+            record["validation"].append({"step": step + 1, "train_seconds": record["train_seconds"],
+                                         "accuracy": {k: round(v, 4) for k, v in accuracy.items()}})
+            log(f"step {step + 1}: validation accuracy {accuracy['all']:.3f} ("
+                + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items() if k != "all") + ")")
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, modules={"model": model, "probe": probe}, optimizer=optimizer,
+                                scheduler=scheduler, step=step + 1, record=record, settings=settings)
+    train_seconds = time.perf_counter() - begin
+    curve = record["loss_every_10_steps"]
     metrics = evaluate_base(model, processor, eval_size, seed, task)
     metrics.update(
         train_seconds=round(train_seconds, 1),
-        settings=dict(model_path=str(model_path), steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                      weight_decay=weight_decay, aux_weight=aux_weight, embed_std=embed_std, qk_std=qk_std, turns=turns,
-                      text_loss=text_loss, clip=clip, seed=seed, position_weight=position_weight, task=task,
-                      samples_seen=steps * batch_size),
-        loss_first_10=sum(losses[:10]) / min(10, len(losses)),
-        loss_last_10=sum(losses[-10:]) / min(10, len(losses)),
+        settings=settings,
+        loss_first_10=curve[0]["loss"] if curve else None,
+        loss_last_10=curve[-1]["loss"] if curve else None,
         probe_accuracy_last_10={k: sum(v[-10:]) / len(v[-10:]) for k, v in probe_hits.items() if v},
-        loss_curve={step: round(sum(losses[step:step + 25]) / len(losses[step:step + 25]), 4)
-                    for step in range(0, len(losses), 25)},
+        loss_curve={entry["step"]: entry["loss"] for entry in curve[::3]},
+        validation=record["validation"],
     )
     model.to("cpu")
     with atomic_path(Path(output_dir)) as tmp:  # a kill during the save leaves no half-written model directory
