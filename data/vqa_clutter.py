@@ -102,6 +102,7 @@ class ClutterConversation:
     shapes: tuple[Shape, ...]
     background: Background
     turns: tuple[tuple[str, str, str], ...]  # (question, answer, qtype)
+    asked: tuple[tuple[int, ...], ...] = ()  # per turn: indices into shapes of the objects its answer needs
 
     @property
     def image(self) -> Image.Image:
@@ -310,15 +311,17 @@ def make_conversation(seed: int, split: str, index: int, turns: int = 4) -> Clut
     while True:
         background, shapes = _background(rng), _scene(rng)
         found: list[tuple[str, str, str]] = []
+        asked: list[tuple[int, ...]] = []
         for _ in range(4 * turns):
             qtype = _pick(rng, QUESTION_TYPES)
             qa = _try_question(rng, shapes, qtype)
             if qa is not None and all(qa[0] != q for q, _, _ in found):
                 found.append((qa[0], qa[1], qtype))
+                asked.append(qa[2])
             if len(found) == turns:
                 break
         if found:
-            return ClutterConversation(shapes, background, tuple(found))
+            return ClutterConversation(shapes, background, tuple(found), tuple(asked))
 
 
 def make_split(split: str, size: int, seed: int = 0) -> list[ClutterSample]:
@@ -326,6 +329,22 @@ def make_split(split: str, size: int, seed: int = 0) -> list[ClutterSample]:
     if size < 1:
         raise ValueError(f"size={size} must be >= 1")
     return [make_sample(seed, split, i) for i in range(size)]
+
+
+def readout_targets(shapes: Sequence[Shape], asked: Sequence[int], grid: int = GRID) -> list[int]:
+    """What an answer needs to have gathered about its first two asked objects: ``[colour, shape, row, column] x 2``
+    (indices into ``PALETTE`` / ``SHAPES`` / the patch grid of the object's centre), -100 (ignored) where a question
+    asks fewer objects, or more than two (a count question: no single object to read)."""
+    targets = []
+    objects = list(asked) if len(asked) <= 2 else []
+    for slot in range(2):
+        if slot < len(objects):
+            s = shapes[objects[slot]]
+            cell = IMAGE_SIZE // grid
+            targets += [list(PALETTE).index(s.colour), SHAPES.index(s.kind), s.cy // cell, s.cx // cell]
+        else:
+            targets += [-100] * 4
+    return targets
 
 
 def asked_patches(sample: ClutterSample, grid: int = GRID) -> np.ndarray:

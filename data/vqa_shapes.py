@@ -404,12 +404,14 @@ def encode_batch(processor, samples: Sequence[VQASample], with_answers: bool,
 
 
 def encode_conversations(processor, conversations: Sequence[VQAConversation],
-                         label_text: bool = False) -> dict[str, torch.Tensor]:
+                         label_text: bool = False, answer_positions: bool = False) -> dict[str, torch.Tensor]:
     """Left-padded multi-turn batch in the LLaVA-1.5 format, labels on every answer + EOS.
 
     ``USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>...``; turn 1 is
     exactly the single-question prompt of ``encode_batch``. ``label_text``: label the question
-    text too (every token after the image), a dense language-modelling signal.
+    text too (every token after the image), a dense language-modelling signal. ``answer_positions``: also
+    ``"answer_positions"`` ``[B, max turns]``, the row of each turn's last prompt token (where the model predicts the
+    answer's first token), -1 for turns a conversation does not have (pop it before calling the model).
     """
     tokenizer = processor.tokenizer
     images = [c.image for c in conversations]
@@ -418,10 +420,11 @@ def encode_conversations(processor, conversations: Sequence[VQAConversation],
     side = processor.image_processor.crop_size["height"]
     eos = tokenizer.eos_token_id
     image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
-    rows, label_rows = [], []
+    rows, label_rows, position_rows = [], [], []
     for conv in conversations:
         ids: list[int] = []
         labels: list[int] = []
+        positions: list[int] = []
         for turn, (question, answer, _) in enumerate(conv.turns):
             if turn == 0:
                 prompt = tokenizer(_expanded_prompt(processor, question, side)).input_ids
@@ -432,10 +435,12 @@ def encode_conversations(processor, conversations: Sequence[VQAConversation],
             if label_text:
                 after_image = max(i for i, t in enumerate(prompt) if t == image_id) + 1 if turn == 0 else 0
                 prompt_labels[after_image:] = prompt[after_image:]
+            positions.append(len(ids) + len(prompt) - 1)
             ids += prompt + reply
             labels += prompt_labels + reply
         rows.append(ids)
         label_rows.append(labels)
+        position_rows.append(positions)
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -445,8 +450,13 @@ def encode_conversations(processor, conversations: Sequence[VQAConversation],
         input_ids[b, off:] = torch.tensor(ids)
         attention_mask[b, off:] = 1
         labels[b, off:] = torch.tensor(lab)
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "pixel_values": pixel_values_fast(processor, images), "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+             "pixel_values": pixel_values_fast(processor, images), "labels": labels}
+    if answer_positions:
+        turns = max(len(p) for p in position_rows)
+        batch["answer_positions"] = torch.tensor([[length - len(ids) + p for p in positions] + [-1] * (turns - len(positions))
+                                                  for ids, positions in zip(rows, position_rows)])
+    return batch
 
 
 class VQADataset(torch.utils.data.Dataset):

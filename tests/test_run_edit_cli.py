@@ -175,3 +175,16 @@ def test_fidelity_report_runs_every_schedule_on_the_testbed_demo_edit_against_ba
     # under zero_cond_t kv would equal full; here kv also freezes the reference modulation: a different image
     assert rows[("kv", "reuse 2,3,4 (once)")]["psnr_db"] != rows[("full", "reuse 2,3,4 (once)")]["psnr_db"]
     assert (out / "baseline.png").is_file() and "vs target" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--edit-index", "-1"], "--edit-index picks a generated test edit"),
+    (["--reference-area", "100"], "--reference-area must be"),
+    (["--modes", "kv,fast"], "unknown mode(s) ['fast']"),
+    (["-i", "missing.png"], "does not exist"),
+])
+def test_fidelity_report_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "fidelity"
+    proc = run_script_in_process("report_edit_fidelity", [*args, "-o", str(out)], capsys, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -196,3 +196,40 @@ def test_sincos_positions_make_the_patch_row_and_column_linear():
     for target in (torch.arange(256) // 16, torch.arange(256) % 16):
         weights = torch.linalg.lstsq(features, torch.nn.functional.one_hot(target, 16).double()).solution
         assert ((features @ weights).argmax(1) == target).all()
+
+
+def test_readout_targets_name_the_asked_objects_and_answer_positions_point_before_each_answer():
+    from data.vqa_clutter import readout_targets
+    from data.vqa_shapes import encode_conversations
+    from models.tiny.llava import build_llama_tokenizer, build_llava_processor
+
+    conversation = make_conversation(0, "train", 3, turns=4)
+    for (question, answer, qtype), asked in zip(conversation.turns, conversation.asked):
+        targets = readout_targets(conversation.shapes, asked)
+        if qtype in ("colour", "relation"):
+            assert list(PALETTE)[targets[0]] == answer
+        if qtype == "shape":
+            assert SHAPES[targets[1]] == answer
+        first = conversation.shapes[asked[0]] if asked and len(asked) <= 2 else None
+        if first is not None:
+            assert (targets[2], targets[3]) == (first.cy // PATCH_SIZE, first.cx // PATCH_SIZE)
+    processor = build_llava_processor(build_llama_tokenizer(), IMAGE_SIZE)
+    batch = encode_conversations(processor, [conversation, make_conversation(0, "train", 4, turns=2)],
+                                 answer_positions=True)
+    tokenizer = processor.tokenizer
+    for row, conv in enumerate((conversation, make_conversation(0, "train", 4, turns=2))):
+        for turn, (_, answer, _) in enumerate(conv.turns):
+            position = batch["answer_positions"][row, turn].item()
+            assert tokenizer.decode(batch["input_ids"][row, position]).strip().endswith(":")  # "ASSISTANT:"
+            first_answer_token = tokenizer(answer, add_special_tokens=False).input_ids[0]
+            assert batch["input_ids"][row, position + 1].item() == first_answer_token
+    assert (batch["answer_positions"][1, 2:] == -1).all()
+
+
+def test_the_readout_probe_trains_on_the_asked_objects(tmp_path):
+    from models.tiny.llava import tiny_clutter_llava_dir
+    from models.tiny.llava_vqa import DEFAULTS, train_base
+
+    settings = {**DEFAULTS, "steps": 2, "batch_size": 2, "turns": 2, "eval_size": 2, "readout_weight": 1.0}
+    metrics = train_base(tiny_clutter_llava_dir(), tmp_path / "base", task="clutter", log=lambda *_: None, **settings)
+    assert "readout" in metrics["probe_accuracy_last_10"] and metrics["settings"]["readout_weight"] == 1.0

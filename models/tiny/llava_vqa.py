@@ -20,7 +20,7 @@ BASE_VERSION = 1
 
 DEFAULTS = dict(steps=1200, batch_size=16, lr=1.5e-3, warmup=50, weight_decay=0.01, aux_weight=3.0, embed_std=0.5,
                 qk_std=0.1, turns=4, text_loss=1, clip=5.0, seed=0, eval_size=400, position_weight=0.0,
-                sincos_positions=0.0)
+                sincos_positions=0.0, readout_weight=0.0, readout_layer=-3)
 METRICS_FILE = "vqa_base_metrics.json"
 
 
@@ -76,7 +76,8 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
 
 def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_size: int, lr: float, warmup: int,
                weight_decay: float, aux_weight: float, embed_std: float, qk_std: float, turns: int, text_loss: int, clip: float, seed: int,
-               eval_size: int, position_weight: float = 0.0, sincos_positions: float = 0.0, task: str = "shapes",
+               eval_size: int, position_weight: float = 0.0, sincos_positions: float = 0.0,
+               readout_weight: float = 0.0, readout_layer: int = -3, task: str = "shapes",
                eval_every: int = 0, val_size: int = 200, checkpoint: Path | None = None, resume: bool = False,
                log=print) -> dict:
     """Train, evaluate and save; returns the metrics (also written to ``output_dir/vqa_base_metrics.json``).
@@ -84,7 +85,13 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     ``eval_every`` > 0: every that many steps, validation accuracy per type on ``val_size`` questions of the ``val``
     split goes to the JSON log, and the run is checkpointed to ``checkpoint`` (the log beside it, ``.json``);
     ``resume`` continues from that checkpoint (batches are functions of the step: the run ends where an uninterrupted
-    one would)."""
+    one would).
+
+    ``readout_weight`` > 0 (tasks whose conversations record the asked objects, ``data.vqa_clutter``): at every
+    turn's answer position, linear probes on the LLM's hidden state ``readout_layer`` (an index into
+    ``hidden_states``; -3: the output of the last layer but one) must read the colour, shape, patch row and column
+    of the first two objects the question asks (``data.vqa_clutter.readout_targets``), so the layers before it learn
+    to bring the asked objects' attributes to where the answer is made."""
     from tqdm.auto import tqdm
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -116,13 +123,21 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     model.to(device).train()
     num_tokens = model.config.image_seq_length
     grid = int(round(num_tokens ** 0.5))
-    if (aux_weight > 0 or position_weight > 0) and grid * grid != num_tokens:
+    layers = model.config.text_config.num_hidden_layers
+    if readout_weight > 0 and not -(layers + 1) <= readout_layer <= layers:
+        raise UserError(f"--readout-layer indexes the LLM's {layers + 1} hidden states: pass {-(layers + 1)}..{layers}, "
+                        f"got {readout_layer}")
+    if readout_weight > 0 and not hasattr(data, "readout_targets"):
+        raise UserError(f"--readout-weight needs a task that records the asked objects (clutter), not {task!r}")
+    if (aux_weight > 0 or position_weight > 0 or readout_weight > 0) and grid * grid != num_tokens:
         raise UserError(f"--aux-weight needs a square patch grid, the model has {num_tokens} image tokens")
     width = model.config.text_config.hidden_size
     probe = torch.nn.ModuleDict({"colour": torch.nn.Linear(width, len(PALETTE) + 1),
                                  "shape": torch.nn.Linear(width, len(SHAPES) + 1),
                                  "pair": torch.nn.Linear(width, len(PALETTE) * len(SHAPES) + 1),
-                                 "row": torch.nn.Linear(width, grid), "column": torch.nn.Linear(width, grid)}).to(device)
+                                 "row": torch.nn.Linear(width, grid), "column": torch.nn.Linear(width, grid),
+                                 "readout": torch.nn.Linear(width, 2 * (len(PALETTE) + len(SHAPES) + 2 * grid))}).to(device)
+    readout_sizes = [len(PALETTE), len(SHAPES), grid, grid] * 2  # the readout probe's 8 heads, in that order
     # position_weight: every image token's projector output must also say its patch row and column linearly, so the
     # LLM can compare where two objects are (which the sequence order alone made it learn only slowly)
     rows = torch.arange(num_tokens, device=device) // grid
@@ -135,28 +150,45 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     settings = dict(model_path=str(model_path), steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                     weight_decay=weight_decay, aux_weight=aux_weight, embed_std=embed_std, qk_std=qk_std, turns=turns,
                     text_loss=text_loss, clip=clip, seed=seed, position_weight=position_weight,
-                    sincos_positions=sincos_positions, task=task, samples_seen=steps * batch_size)
+                    sincos_positions=sincos_positions, readout_weight=readout_weight, readout_layer=readout_layer,
+                    task=task, samples_seen=steps * batch_size)
     record = {"settings": settings, "validation": [], "loss_every_10_steps": [], "train_seconds": 0.0}
     start_step = 0
     if resume and checkpoint is not None and Path(checkpoint).is_file():
         record, start_step = resume_checkpoint(checkpoint, modules={"model": model, "probe": probe}, optimizer=optimizer,
                                                scheduler=scheduler, settings=settings, log=log)
     losses = []
-    probe_hits = {"colour": [], "shape": [], "pair": [], "row": [], "column": []}
+    probe_hits = {"colour": [], "shape": [], "pair": [], "row": [], "column": [], "readout": []}
     begin = time.perf_counter() - record["train_seconds"]
     bar = tqdm(range(start_step, steps), desc="train step", unit="step", initial=start_step, total=steps,
                dynamic_ncols=True)
     for step in bar:
         if turns > 1:
             samples = [make_conversation(seed, "train", step * batch_size + i, turns) for i in range(batch_size)]
-            batch = encode_conversations(processor, samples, label_text=bool(text_loss))
+            batch = encode_conversations(processor, samples, label_text=bool(text_loss),
+                                         answer_positions=readout_weight > 0)
         else:
             samples = [make_sample(seed, "train", step * batch_size + i) for i in range(batch_size)]
             batch = encode_batch(processor, samples, with_answers=True)
             batch.pop("question_mask")
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
+        positions = batch.pop("answer_positions", None)
+        out = model(**batch, output_hidden_states=readout_weight > 0)
         loss = out.loss
+        if readout_weight > 0:
+            rows_b, turns_b = (positions >= 0).nonzero(as_tuple=True)
+            states = out.hidden_states[readout_layer][rows_b, positions[rows_b, turns_b]]  # [answers, D]
+            targets = torch.tensor([data.readout_targets(samples[b].shapes, samples[b].asked[t], grid)
+                                    for b, t in zip(rows_b.tolist(), turns_b.tolist())], device=device)  # [answers, 8]
+            logits = probe["readout"](states).split(readout_sizes, dim=-1)
+            hits = []
+            for head, head_logits in enumerate(logits):
+                target = targets[:, head]
+                if (target >= 0).any():
+                    loss = loss + readout_weight * torch.nn.functional.cross_entropy(head_logits, target,
+                                                                                     ignore_index=-100)
+                    hits.append((head_logits.argmax(-1) == target)[target >= 0].float().mean().item())
+            probe_hits["readout"].append(sum(hits) / len(hits) if hits else 0.0)
         if aux_weight > 0:
             feats = out.image_hidden_states.view(len(samples), num_tokens, -1)
             targets = [patch_labels(s, grid) for s in samples]
