@@ -158,3 +158,20 @@ def test_transformer_training_resumed_from_a_checkpoint_ends_with_the_uninterrup
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     encoded = torch.load(tmp_path / "encoded.pt", weights_only=False)
     assert len(encoded["prompt_embeds"]) == 8 and encoded["source"].shape == (8, (IMAGE_SIZE // 16) ** 2, 64)
+
+
+def test_make_train_edit_base_chains_every_stage_into_a_pipeline_that_loads(tmp_path, capsys):
+    from tests.script_loader import run_script_in_process
+
+    out = tmp_path / "pipeline"
+    tiny = ["--vae-steps", "2", "--steps", "2", "--zero-cond-t-steps", "2", "--train-edits", "16", "--eval-size", "2",
+            "--eval-every", "1", "--batch-size", "4", "--vae-batch-size", "2"]
+    proc = run_script_in_process("train_edit_base", ["--stage", "all", "--work-dir", str(tmp_path / "work"),
+                                                     "--output-dir", str(out), *tiny], capsys)
+    assert proc.returncode == 0, proc.stderr
+    for stage in ("vae", "transformer", "transformer_zero_cond_t"):
+        assert (tmp_path / "work" / stage / RECORD_FILE).is_file()
+    records = json.loads((out / RECORD_FILE).read_text())
+    assert set(records) == {"vae", "transformer", "transformer_zero_cond_t"}
+    pipe = shipped_pipeline(zero_cond_t=True, path=out)
+    assert pipe.transformer.config.zero_cond_t and "assembled pipeline saved" in proc.stdout
