@@ -120,3 +120,23 @@ def test_asked_attributes_name_the_object_each_question_is_about_read_from_its_o
             assert (motion == 0) == (not obj.moves)
             if obj.moves:
                 assert list(DIRECTIONS)[motion - 1] == obj.direction
+
+
+def test_encoding_pads_as_it_needs_and_leaves_the_shared_tokenizer_as_it_found_it():
+    from data.video_qa import make_conversation, make_split
+    from models.tiny.video_qa import build_processor, build_tokenizer, encode_batch, encode_conversations
+
+    processor = build_processor(build_tokenizer())
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    samples = make_split("val", 2)
+    conversations = [make_conversation(0, "train", i) for i in range(2)]
+    answered = encode_batch(processor, samples, with_answers=True)  # right-padded: labels sit before the padding
+    assert (answered["attention_mask"] == 0).any()  # the two questions differ in length: there is padding
+    assert (answered["attention_mask"][:, 0] == 1).all() and tokenizer.padding_side == "left"
+    prompts = encode_batch(processor, samples, with_answers=False)  # left-padded for generation
+    assert (prompts["attention_mask"][:, -1] == 1).all() and tokenizer.padding_side == "left"
+    tokenizer.padding_side = "right"
+    encode_conversations(processor, conversations)
+    encode_batch(processor, samples, with_answers=False)
+    assert tokenizer.padding_side == "right"

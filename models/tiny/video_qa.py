@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -183,6 +184,17 @@ def chat_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
+@contextmanager
+def padding_side(tokenizer, side: str):
+    """Pad on ``side`` within the block, then give the shared processor's tokenizer its own setting back."""
+    saved = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = saved
+
+
 def encode_batch(processor, samples: Sequence, with_answers: bool, frames: Sequence | None = None) -> dict:
     """Processor inputs for ``samples`` (right padding); with answers: the answer and ``<|im_end|>`` appended and
     ``labels`` on exactly those tokens (-100 elsewhere)."""
@@ -193,9 +205,9 @@ def encode_batch(processor, samples: Sequence, with_answers: bool, frames: Seque
         prompts = [p + s.answer + IM_END for p, s in zip(prompts, samples)]
     videos = list(frames) if frames is not None else [s.frames() for s in samples]
     tokenizer = processor.tokenizer
-    tokenizer.padding_side = "right" if with_answers else "left"
-    batch = dict(processor(videos=videos, video_metadata=[video_metadata()] * len(samples), text=prompts,
-                           padding=True, return_tensors="pt"))
+    with padding_side(tokenizer, "right" if with_answers else "left"):
+        batch = dict(processor(videos=videos, video_metadata=[video_metadata()] * len(samples), text=prompts,
+                               padding=True, return_tensors="pt"))
     if with_answers:
         labels = torch.full_like(batch["input_ids"], -100)
         for row, sample in enumerate(samples):
@@ -211,7 +223,6 @@ def encode_conversations(processor, conversations: Sequence) -> dict:
     from models.tiny.qwen_tokenizer import IM_END
 
     tokenizer = processor.tokenizer
-    tokenizer.padding_side = "right"
     texts, answer_spans = [], []
     for conv in conversations:
         messages = []
@@ -221,9 +232,10 @@ def encode_conversations(processor, conversations: Sequence) -> dict:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         texts.append(processor.apply_chat_template(messages))
         answer_spans.append([tokenizer(answer + IM_END, add_special_tokens=False).input_ids for _, answer, _ in conv.turns])
-    batch = dict(processor(videos=[c.frames() for c in conversations],
-                           video_metadata=[video_metadata()] * len(conversations), text=texts, padding=True,
-                           return_tensors="pt"))
+    with padding_side(tokenizer, "right"):
+        batch = dict(processor(videos=[c.frames() for c in conversations],
+                               video_metadata=[video_metadata()] * len(conversations), text=texts, padding=True,
+                               return_tensors="pt"))
     labels = torch.full_like(batch["input_ids"], -100)
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     for row, spans in enumerate(answer_spans):
