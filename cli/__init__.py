@@ -303,6 +303,21 @@ USER_IMAGE_PROMPT = "Make the red circle blue."
 """The instruction for a reference image given with ``-i`` and no ``-p``."""
 
 
+def check_edit_choice(args) -> None:
+    """``--edit-index`` (a generated test edit: >= 0, and not with ``-i``, which it would not be used with) and
+    ``--reference-area`` (the pipelines' limits) of edit-script ``args``: one-line ``UserError``."""
+    if args.edit_index is not None and (args.edit_index < 0 or args.input):
+        raise UserError(f"--edit-index picks a generated test edit: a number >= 0, without -i; got {args.edit_index}"
+                        + (" with -i" if args.input else ""))
+    if args.reference_area is not None:
+        from pipelines.qwenimage_edit_limits import EditInputError, check_reference_area
+
+        try:
+            check_reference_area(args.reference_area, "--reference-area")
+        except EditInputError as error:
+            raise UserError(str(error)) from None
+
+
 def resolve_edit_inputs(args, testbed: bool):
     """``(reference images, target image or None, edit or None)`` for edit-script ``args`` (``input``: a list of
     paths or None, ``prompt``, ``edit_index``, ``reference_area``, ``height``, ``width``).

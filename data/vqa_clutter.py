@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from data import vqa_shapes
 from data.media import PALETTE, SHAPES, draw_shape
-from data.vqa_shapes import COUNT_WORDS as _SHAPES_COUNT_WORDS
-from data.vqa_shapes import Shape
+from data.vqa_shapes import Shape, shape_box
 
 IMAGE_SIZE = 224
 PATCH_SIZE = 14
@@ -54,7 +54,7 @@ SIZE_CLASSES = {"small": (16, 23), "big": (30, 47)}  # px, [low, high)
 BIG_FRACTION = 0.45
 GAP = 3  # px between any two objects' boxes
 MIN_SEPARATION = 14  # px (one patch) between centres along the asked axis, for position and relation questions
-COUNT_WORDS = _SHAPES_COUNT_WORDS + ("five", "six", "seven", "eight", "nine")
+COUNT_WORDS = vqa_shapes.COUNT_WORDS + ("five", "six", "seven", "eight", "nine")
 QUESTION_TYPES = ("colour", "shape", "count", "position", "relation")
 ANSWERS: dict[str, tuple[str, ...]] = {
     "colour": tuple(PALETTE),
@@ -113,11 +113,6 @@ def size_word(shape: Shape) -> str:
     return "big" if shape.size >= SIZE_CLASSES["big"][0] else "small"
 
 
-def _box(s: Shape) -> tuple[float, float, float, float]:
-    h = s.size / 2
-    return (s.cx - h, s.cy - h, s.cx + h, s.cy + h)
-
-
 def background_pixels(background: Background, size: int = IMAGE_SIZE) -> np.ndarray:
     """``[size, size, 3]`` uint8: the two-tone texture."""
     ys, xs = np.mgrid[0:size, 0:size]
@@ -141,44 +136,20 @@ def render(shapes: Sequence[Shape], background: Background, size: int = IMAGE_SI
     image = Image.fromarray(background_pixels(background, size), mode="RGB")
     draw = ImageDraw.Draw(image)
     for s in shapes:
-        draw_shape(draw, s.kind, _box(s), PALETTE[s.colour])
+        draw_shape(draw, s.kind, shape_box(s), PALETTE[s.colour])
     return image
 
 
-def label_map(shapes: Sequence[Shape], size: int = IMAGE_SIZE) -> np.ndarray:
-    """``[size, size]`` int: 1 + index of the shape drawn at each pixel (0: background)."""
-    image = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(image)
-    for index, s in enumerate(shapes, start=1):
-        draw_shape(draw, s.kind, _box(s), index)
-    return np.asarray(image, dtype=np.int64)
-
-
-def patch_objects(shapes: Sequence[Shape], grid: int = GRID, size: int = IMAGE_SIZE) -> np.ndarray:
-    """``[grid * grid]`` int, row-major (CLIP's patch order): 1 + index of the shape covering most of the patch if it
-    covers at least a tenth of it, else 0 (background)."""
-    labels = label_map(shapes, size)
-    cell = size // grid
-    blocks = labels.reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, cell * cell)
-    out = np.zeros(grid * grid, dtype=np.int64)
-    for patch, pixels in enumerate(blocks):
-        counts = np.bincount(pixels, minlength=len(shapes) + 1)
-        counts[0] = 0
-        top = int(counts.argmax())
-        if counts[top] * 10 >= pixels.size:
-            out[patch] = top
-    return out
+def patch_objects(shapes: Sequence[Shape], grid: int = GRID) -> np.ndarray:
+    """``[grid * grid]``: 1 + index of each patch's main shape, 0 for background (``data.vqa_shapes.patch_objects``
+    at this task's image size)."""
+    return vqa_shapes.patch_objects(shapes, grid, IMAGE_SIZE)
 
 
 def patch_labels(sample, grid: int = GRID) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch targets ``(colour [grid^2], shape [grid^2])`` (1 + index in ``PALETTE`` / ``SHAPES``, 0: background),
-    as ``data.vqa_shapes.patch_labels`` gives them for the plain task (dense auxiliary supervision of the base)."""
-    objects = patch_objects(sample.shapes, grid)
-    colour_index = {c: i + 1 for i, c in enumerate(PALETTE)}
-    shape_index = {k: i + 1 for i, k in enumerate(SHAPES)}
-    colours = [0 if o == 0 else colour_index[sample.shapes[o - 1].colour] for o in objects]
-    kinds = [0 if o == 0 else shape_index[sample.shapes[o - 1].kind] for o in objects]
-    return torch.tensor(colours), torch.tensor(kinds)
+    """Per-patch ``(colour, shape)`` targets (``data.vqa_shapes.patch_labels`` at this task's image size): the dense
+    auxiliary supervision of the base."""
+    return vqa_shapes.patch_labels(sample, grid, IMAGE_SIZE)
 
 
 # ----------------------------------------------------------------------------- scenes

@@ -77,7 +77,8 @@ class VQASample:
         return render(self.shapes)
 
 
-def _box(s: Shape) -> tuple[float, float, float, float]:
+def shape_box(s: Shape) -> tuple[float, float, float, float]:
+    """The box ``(x0, y0, x1, y1)`` the shape is drawn in (``data.media.draw_shape``)."""
     h = s.size / 2
     return (s.cx - h, s.cy - h, s.cx + h, s.cy + h)
 
@@ -87,7 +88,7 @@ def render(shapes: Iterable[Shape], size: int = IMAGE_SIZE) -> Image.Image:
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for s in shapes:
-        draw_shape(draw, s.kind, _box(s), PALETTE[s.colour])
+        draw_shape(draw, s.kind, shape_box(s), PALETTE[s.colour])
     return image
 
 
@@ -96,36 +97,39 @@ def label_map(shapes: Sequence[Shape], size: int = IMAGE_SIZE) -> np.ndarray:
     image = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(image)
     for index, s in enumerate(shapes, start=1):
-        draw_shape(draw, s.kind, _box(s), index)
+        draw_shape(draw, s.kind, shape_box(s), index)
     return np.asarray(image, dtype=np.int64)
 
 
-def patch_labels(sample: "VQASample", grid: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch targets of a ``grid x grid`` patching: ``(colour [grid^2], shape [grid^2])``.
+def patch_objects(shapes: Sequence[Shape], grid: int, size: int = IMAGE_SIZE) -> np.ndarray:
+    """``[grid * grid]`` int, row-major (CLIP's patch order): 1 + index of the shape covering most of each patch
+    if it covers at least a tenth of it, else 0 (background)."""
+    labels = label_map(shapes, size)
+    cell = size // grid
+    blocks = labels.reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, cell * cell)
+    out = np.zeros(grid * grid, dtype=np.int64)
+    for patch, pixels in enumerate(blocks):
+        counts = np.bincount(pixels, minlength=len(shapes) + 1)
+        counts[0] = 0
+        top = int(counts.argmax())
+        if counts[top] * 10 >= pixels.size:
+            out[patch] = top
+    return out
 
-    The label of a patch is the shape covering most of its pixels, if it covers at least a
-    tenth of them (colour: 1 + index in ``PALETTE``, shape: 1 + index in ``SHAPES``), else 0
-    (background). Row-major, the order of CLIP's patch tokens. Used as dense auxiliary
+
+def patch_labels(sample: "VQASample", grid: int = 8, size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch targets of a ``grid x grid`` patching of a ``size`` px image: ``(colour [grid^2], shape [grid^2])``.
+
+    The label of a patch is its main shape (:func:`patch_objects`; colour: 1 + index in ``PALETTE``, shape: 1 +
+    index in ``SHAPES``), or 0 (background). Row-major, the order of CLIP's patch tokens. Used as dense auxiliary
     supervision when training the base model.
     """
-    labels = label_map(sample.shapes)
-    cell = labels.shape[0] // grid
-    colour_ids, shape_ids = [], []
+    objects = patch_objects(sample.shapes, grid, size)
     colour_index = {c: i + 1 for i, c in enumerate(PALETTE)}
     shape_index = {k: i + 1 for i, k in enumerate(SHAPES)}
-    for r in range(grid):
-        for c in range(grid):
-            patch = labels[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].ravel()
-            counts = np.bincount(patch, minlength=len(sample.shapes) + 1)
-            counts[0] = 0
-            top = int(counts.argmax())
-            if counts[top] * 10 >= patch.size:
-                colour_ids.append(colour_index[sample.shapes[top - 1].colour])
-                shape_ids.append(shape_index[sample.shapes[top - 1].kind])
-            else:
-                colour_ids.append(0)
-                shape_ids.append(0)
-    return torch.tensor(colour_ids), torch.tensor(shape_ids)
+    colours = [0 if o == 0 else colour_index[sample.shapes[o - 1].colour] for o in objects]
+    kinds = [0 if o == 0 else shape_index[sample.shapes[o - 1].kind] for o in objects]
+    return torch.tensor(colours), torch.tensor(kinds)
 
 
 def _scene(rng: np.random.Generator) -> tuple[Shape, ...]:
@@ -528,8 +532,10 @@ __all__ = [
     "make_sample",
     "make_split",
     "label_map",
+    "patch_objects",
     "normalize_answer",
     "patch_labels",
+    "shape_box",
     "render",
     "sentence_bleu",
 ]

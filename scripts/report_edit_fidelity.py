@@ -29,6 +29,7 @@ from cli import (
     check_device,
     check_output_dir,
     load_edit_pipeline,
+    check_edit_choice,
     resolve_edit_inputs,
     run_cli,
     write_outputs,
@@ -82,15 +83,7 @@ def main(argv=None) -> int:
         raise UserError(f"unknown mode(s) {bad} in --modes; choose from mlp, full, kv")
     if args.input is not None and not args.input.is_file():
         raise UserError(f"input image {str(args.input)!r} does not exist")
-    if args.edit_index is not None and args.edit_index < 0:
-        raise UserError(f"--edit-index picks a generated test edit (>= 0), got {args.edit_index}")
-    if args.reference_area is not None:
-        from pipelines.qwenimage_edit_limits import check_reference_area
-
-        try:
-            check_reference_area(args.reference_area, "--reference-area")
-        except EditInputError as error:
-            raise UserError(str(error)) from None
+    check_edit_choice(args)
     check_output_dir(args.output_dir, "-o/--output_dir")
     check_device(args.device, "--device")
     try:

@@ -44,6 +44,7 @@ from cli import (
     check_output_file,
     edit_pipeline_choice,
     load_edit_pipeline,
+    check_edit_choice,
     resolve_edit_inputs,
     run_cli,
     stopwatch,
@@ -127,16 +128,7 @@ def validate(args) -> tuple[str, tuple[int, ...]]:
         refresh = resolve_refresh_steps(args.refresh_steps, args.steps)
     except ValueError as error:
         raise UserError(f"--refresh-steps: {error}") from None
-    if args.edit_index is not None and (args.edit_index < 0 or args.input):
-        raise UserError(f"--edit-index picks a generated test edit: a number >= 0, without -i; got {args.edit_index}"
-                        + (" with -i" if args.input else ""))
-    if args.reference_area is not None:
-        from pipelines.qwenimage_edit_limits import check_reference_area
-
-        try:
-            check_reference_area(args.reference_area, "--reference-area")
-        except EditInputError as error:
-            raise UserError(str(error)) from None
+    check_edit_choice(args)
     for path in args.input or []:
         if not path.is_file():
             raise UserError(f"input image {str(path)!r} does not exist: pass an existing image file with -i")

@@ -182,8 +182,12 @@ def test_fidelity_report_runs_every_schedule_on_the_testbed_demo_edit_against_ba
     (["--reference-area", "100"], "--reference-area must be"),
     (["--modes", "kv,fast"], "unknown mode(s) ['fast']"),
     (["-i", "missing.png"], "does not exist"),
+    (["-i", "photo.png", "--edit-index", "3"], "without -i; got 3 with -i"),
 ])
 def test_fidelity_report_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    from data.media import make_sample_image
+
+    make_sample_image((64, 64)).save(tmp_path / "photo.png")
     out = tmp_path / "fidelity"
     proc = run_script_in_process("report_edit_fidelity", [*args, "-o", str(out)], capsys, cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -31,16 +31,23 @@ KIND = "|".join(SHAPES)
 
 
 def drawn_objects(sample) -> list[dict]:
-    """The objects as the image shows them: each shape's pixels found by its exact palette colour inside its box
-    (independent of the generator's bookkeeping), with centre, size word, colour and kind."""
+    """The objects as the image shows them, found from its pixels alone (not the generator's list): every connected
+    region of one exact palette colour (the background's tones are none) is an object; its box gives the centre and
+    the size word (big shapes are >= 30 px across), its fill of the box the kind (square ~1, circle ~0.79,
+    triangle ~0.5)."""
+    from scipy import ndimage
+
     pixels = np.asarray(sample.image).astype(np.int64)
     objects = []
-    for s in sample.shapes:
-        half = s.size // 2
-        box = pixels[max(0, s.cy - half - 1):s.cy + half + 2, max(0, s.cx - half - 1):s.cx + half + 2]
-        assert (box == PALETTE[s.colour]).all(axis=-1).sum() > 0.4 * s.size ** 2
-        objects.append({"colour": s.colour, "kind": s.kind, "x": s.cx, "y": s.cy,
-                        "size": "big" if s.size >= 30 else "small"})
+    for colour, rgb in PALETTE.items():
+        regions, count = ndimage.label((pixels == rgb).all(axis=-1))
+        for region in ndimage.find_objects(regions):
+            height, width = region[0].stop - region[0].start, region[1].stop - region[1].start
+            fill = (regions[region] > 0).sum() / (height * width)
+            kind = "square" if fill > 0.92 else "circle" if fill > 0.65 else "triangle"
+            objects.append({"colour": colour, "kind": kind, "size": "big" if width >= 26 else "small",
+                            "x": (region[1].start + region[1].stop - 1) / 2, "y": (region[0].start + region[0].stop - 1) / 2})
+    assert len(objects) == len(sample.shapes)  # every shape drawn whole and apart from the others
     return objects
 
 
@@ -66,7 +73,7 @@ def answer_from_scene(sample) -> str:
     if m := re.fullmatch(rf"Is the ({COLOUR}) ({KIND}) {relation} the ({COLOUR}) ({KIND})\?", q):
         (a,) = [o for o in objects if (o["colour"], o["kind"]) == m.group(1, 2)]
         (b,) = [o for o in objects if (o["colour"], o["kind"]) == m.group(4, 5)]
-        assert abs(side(a, b, m.group(3))) >= PATCH_SIZE  # clearly on one side or the other
+        assert abs(side(a, b, m.group(3))) >= PATCH_SIZE - 1  # clearly on one side or the other (+-1 px of drawing)
         return "yes" if side(a, b, m.group(3)) > 0 else "no"
     if m := re.fullmatch(rf"What colour is the (big|small) ({KIND}) {relation} the ({COLOUR}) ({KIND})\?", q):
         (anchor,) = [o for o in objects if (o["colour"], o["kind"]) == m.group(4, 5)]
@@ -75,7 +82,7 @@ def answer_from_scene(sample) -> str:
         others = [o for o in same if o is not hit]
         # the relation is needed: another object of that size and kind, of another colour, on the other side
         assert others and all(o["colour"] != hit["colour"] for o in others)
-        assert all(abs(side(o, anchor, m.group(3))) >= PATCH_SIZE for o in same)
+        assert all(abs(side(o, anchor, m.group(3))) >= PATCH_SIZE - 1 for o in same)
         return hit["colour"]
     raise AssertionError(f"question of no known form: {q!r}")
 

@@ -140,7 +140,8 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     readout_sizes = [len(PALETTE), len(SHAPES), grid, grid] * 2  # the readout probe's 8 heads, in that order
     # position_weight: every image token's projector output must also say its patch row and column linearly, so the
     # LLM can compare where two objects are (which the sequence order alone made it learn only slowly)
-    rows = torch.arange(num_tokens, device=device) // grid
+    patch_index = torch.arange(num_tokens, device=device)
+    rows, columns = patch_index // grid, patch_index % grid
     params = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
@@ -202,7 +203,7 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                 probe_hits[name].append((logits[on_shape].argmax(-1) == target[on_shape]).float().mean().item())
         if position_weight > 0:
             feats = out.image_hidden_states.view(len(samples), num_tokens, -1)
-            for name, target in (("row", rows), ("column", torch.remainder(torch.arange(num_tokens, device=device), grid))):
+            for name, target in (("row", rows), ("column", columns)):
                 logits = probe[name](feats).flatten(0, 1)
                 target = target.repeat(len(samples))
                 loss = loss + position_weight * torch.nn.functional.cross_entropy(logits, target)
