@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit train-edit-base eval-edit run-video bench-video sweep-video train-video-base eval-video eval-egoschema train-llava eval-llava bench-llava
+.PHONY: venv test test-slow test-all diff-upstream golden clean-cache run-edit bench-edit train-edit-base eval-edit run-video bench-video sweep-video train-video-base eval-video eval-egoschema train-llava-base train-llava eval-llava bench-llava
 
 venv: $(STAMP)
 
@@ -83,6 +83,11 @@ eval-video: $(STAMP)
 ## EgoSchema-style multiple choice, every PruneVid preset, on the generated set (embedded model: accuracy is chance).
 eval-egoschema: $(STAMP)
 	$(PY) scripts/eval_egoschema.py $(ARGS)
+
+## Retrain the shipped cluttered-scene LLaVA base into models/trained/llava_clutter (~50 min on 2 cores;
+## ARGS="--force" over the shipped one, ARGS="--resume" continues runs/llava_clutter_base/checkpoint.pt).
+train-llava-base: $(STAMP)
+	$(PY) scripts/train_llava_base.py --task clutter $(ARGS)
 
 ## LLaVA-1.5 learned merger + pruner heads, GAN-trained on the frozen base (tiny shapes-VQA base trained once if missing).
 train-llava: $(STAMP)

@@ -4,7 +4,9 @@ Each sample is a 224x224 RGB image (a 16x16 grid of 14 px patches: 256 vision to
 patches) with 8-16 shapes (circle / square / triangle in one of the eight colours of ``data.media.PALETTE``), 45%
 **big** (30-46 px: across 3-5 patches each way), the others **small** (16-22 px: across 2-3 patches), never
 overlapping, on a low-contrast textured background (stripes, checks or grain in two muted tones), and one question
-about it with a one-word answer:
+about it with a one-word answer. Each kind also has its own two-tone surface (circles horizontal bands, squares
+checks, triangles diagonal stripes, in the colour and its :data:`SHADES` tone), coarser on big objects than on small
+ones, so that a single patch shows what it belongs to (:func:`render` says why):
 
 ==========  ===========================================================  ==========================
 type        question                                                     answer
@@ -131,13 +133,57 @@ def background_pixels(background: Background, size: int = IMAGE_SIZE) -> np.ndar
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
+SURFACES = {"circle": "bands", "square": "checks", "triangle": "stripes"}
+"""The surface of each kind, in the object's colour and its :func:`shade`: horizontal bands, checks, or diagonal
+stripes."""
+SURFACE_PERIODS = {"small": 2, "big": 5}
+"""px per band / check of a small and a big object's surface (a nearer, bigger object shows a coarser texture)."""
+
+
+SHADES: dict[str, tuple[int, int, int]] = {
+    "red": (255, 160, 160), "green": (150, 240, 160), "blue": (170, 190, 255), "yellow": (110, 90, 0),
+    "purple": (230, 170, 250), "orange": (120, 50, 0), "white": (175, 175, 175), "black": (85, 85, 85),
+}
+"""The second tone of each colour's surfaces: far from the colour (a dark colour's is light, a light one's dark), no
+palette colour and no background tone, so every object is exactly the pixels of its colour and its shade."""
+
+
+def shade(colour: str) -> tuple[int, int, int]:
+    """The second tone of a ``colour`` object's surface (:data:`SHADES`)."""
+    return SHADES[colour]
+
+
+def surface_mask(shape: Shape, size: int = IMAGE_SIZE) -> np.ndarray:
+    """``[size, size]`` bool: where ``shape``'s surface shows its shade (image coordinates; :data:`SURFACES`, with the
+    period of its size word)."""
+    ys, xs = np.mgrid[0:size, 0:size]
+    period = SURFACE_PERIODS[size_word(shape)]
+    surface = SURFACES[shape.kind]
+    if surface == "bands":
+        return (ys // period) % 2 == 1
+    if surface == "checks":
+        return (xs // period + ys // period) % 2 == 1
+    return ((xs + ys) // period) % 2 == 1
+
+
 def render(shapes: Sequence[Shape], background: Background, size: int = IMAGE_SIZE) -> Image.Image:
-    """The shapes (``data.media.draw_shape``) on the textured background."""
-    image = Image.fromarray(background_pixels(background, size), mode="RGB")
-    draw = ImageDraw.Draw(image)
+    """The shapes (silhouettes by ``data.media.draw_shape``, surfaces by :func:`surface_mask`) on the textured
+    background.
+
+    Each kind has its own surface as well as its silhouette (as real object categories have textures), and a big
+    object's surface is coarser than a small one's: a 14 px patch holds a fragment of an outline, or none, and the toy
+    CLIP tower, trained from scratch in minutes, does not learn to put the fragments together (per-patch shape 40%,
+    chance 33%, after 600 steps of direct supervision on plain shapes; size 63% after 300, barely above the share
+    of big objects' patches), while a surface is visible in every patch of its object."""
+    pixels = background_pixels(background, size)
     for s in shapes:
-        draw_shape(draw, s.kind, shape_box(s), PALETTE[s.colour])
-    return image
+        mask_image = Image.new("L", (size, size), 0)
+        draw_shape(ImageDraw.Draw(mask_image), s.kind, shape_box(s), 1)
+        inside = np.asarray(mask_image, dtype=bool)
+        textured = surface_mask(s, size)
+        pixels[inside & ~textured] = PALETTE[s.colour]
+        pixels[inside & textured] = shade(s.colour)
+    return Image.fromarray(pixels, mode="RGB")
 
 
 def patch_objects(shapes: Sequence[Shape], grid: int = GRID) -> np.ndarray:
@@ -150,6 +196,24 @@ def patch_labels(sample, grid: int = GRID) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-patch ``(colour, shape)`` targets (``data.vqa_shapes.patch_labels`` at this task's image size): the dense
     auxiliary supervision of the base."""
     return vqa_shapes.patch_labels(sample, grid, IMAGE_SIZE)
+
+
+def patch_targets(sample, grid: int = GRID) -> dict[str, torch.Tensor]:
+    """Per-patch ``[grid * grid]`` targets of the vision tower's pretraining (``train_base``'s ``tower_steps``), from
+    each patch's main object (:func:`patch_objects`): ``colour`` (1 + index in ``PALETTE``), ``shape`` (1 + index in
+    ``SHAPES``), ``size`` (1 small, 2 big) and ``centre`` (1 where the patch holds the object's centre pixel), all 0
+    on background patches."""
+    colour, shape = patch_labels(sample, grid)
+    objects = patch_objects(sample.shapes, grid)
+    cell = IMAGE_SIZE // grid
+    size = [0 if o == 0 else 1 + (size_word(sample.shapes[o - 1]) == "big") for o in objects]
+    centre = [0 if o == 0 else int((sample.shapes[o - 1].cy // cell) * grid + sample.shapes[o - 1].cx // cell == p)
+              for p, o in enumerate(objects)]
+    return {"colour": colour, "shape": shape, "size": torch.tensor(size), "centre": torch.tensor(centre)}
+
+
+TOWER_TARGET_CLASSES = {"colour": len(PALETTE) + 1, "shape": len(SHAPES) + 1, "size": 3, "centre": 2}
+"""Classes of each :func:`patch_targets` head (background included)."""
 
 
 # ----------------------------------------------------------------------------- scenes

@@ -464,16 +464,18 @@ def encode_conversations(processor, conversations: Sequence[VQAConversation],
 
 
 class VQADataset(torch.utils.data.Dataset):
-    """Map-style view of a split (``dataset[i]`` = ``make_sample(seed, split, i)``), for DataLoaders.
+    """Map-style view of a split (``dataset[i]`` = ``make_sample(seed, split, i)``; ``sample_fn``: another task's
+    ``make_sample``), for DataLoaders.
 
     Use ``collate_fn=VQACollator(processor)``; with Accelerate the DataLoader is sharded across
     processes, so every process sees different samples.
     """
 
-    def __init__(self, split: str, size: int, seed: int = 0) -> None:
+    def __init__(self, split: str, size: int, seed: int = 0, sample_fn=None) -> None:
         if split not in SPLITS:
             raise ValueError(f"split={split!r}; allowed: {', '.join(SPLITS)}")
         self.split, self.size, self.seed = split, size, seed
+        self.sample_fn = sample_fn if sample_fn is not None else make_sample  # another task's, e.g. vqa_clutter's
 
     def __len__(self) -> int:
         return self.size
@@ -481,7 +483,7 @@ class VQADataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> VQASample:
         if not 0 <= index < self.size:
             raise IndexError(index)
-        return make_sample(self.seed, self.split, index)
+        return self.sample_fn(self.seed, self.split, index)
 
 
 class VQACollator:

@@ -34,6 +34,12 @@ class SelectionContext:
     ``layer_idx - 1``, recorded by a fence in the forked attention from its own queries and keys.
     One with ``needs_question_attention = True`` (PruneVid's stage 2) gets ``question_attention``:
     the attention the question rows give each vision token in layer ``layer_idx`` itself.
+    One with ``needs_vision_attention = True`` (VisionZip) gets ``vision_attention``: the attention the vision
+    tower's CLS token gives each patch in the tower's feature layer (system C; recorded by a fence in the forked
+    LLaVA's ``get_image_features``).
+
+    A selector returns the keep mask, or a :class:`Selection` whose ``hidden`` also replaces the kept tokens'
+    hidden states (a merging method: VisionZip's contextual tokens); the runtime writes them before it drops.
     """
 
     layer_idx: int
@@ -56,10 +62,22 @@ class SelectionContext:
     # layer (max over heads and question queries); only for selectors with needs_question_attention = True
     groups: torch.Tensor | None = None  # [B, Vc] group id of each token (system B: a stage-1 segment's static
     # tokens, or one frame's dynamic tokens), for selectors that keep a share of every group
+    vision_attention: torch.Tensor | None = None  # [B, Vc] attention the vision tower's CLS token gives each patch
+    # in the tower's feature layer (mean over heads); only for selectors with needs_vision_attention = True
 
 
-Selector = Callable[[SelectionContext], torch.Tensor]
-"""``selector(ctx) -> keep [B, Vc]`` (0/1, a subset of ``ctx.alive``, the same count in every row)."""
+@dataclass
+class Selection:
+    """What a merging selector returns: ``keep [B, Vc]`` as any selector's, and ``hidden [B, Vc, D]``, the hidden
+    states the kept tokens carry on (rows not kept are ignored)."""
+
+    keep: torch.Tensor
+    hidden: torch.Tensor
+
+
+Selector = Callable[[SelectionContext], "torch.Tensor | Selection"]
+"""``selector(ctx) -> keep [B, Vc]`` (0/1, a subset of ``ctx.alive``, the same count in every row), or a
+:class:`Selection` (keep and the kept tokens' new hidden states)."""
 
 
 SELECTORS: dict[str, Callable[..., Selector]] = {}
@@ -79,7 +97,8 @@ def register_selector(name: str) -> Callable:
 
 
 BUILTIN_SELECTOR_MODULES = ("pruning.llava.baselines", "pruning.video.prunevid")
-"""Modules whose selectors register themselves when imported (random, fastv, divprune; prunevid, last_token_attention)."""
+"""Modules whose selectors register themselves when imported (random, fastv, divprune, visionzip; prunevid,
+last_token_attention)."""
 
 
 def make_selector(name: str, **kwargs) -> Selector:
@@ -101,4 +120,4 @@ def topk_keep(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor
     return torch.zeros_like(alive).scatter(1, order, 1.0)
 
 
-__all__ = ["SELECTORS", "SelectionContext", "Selector", "make_selector", "register_selector", "topk_keep"]
+__all__ = ["SELECTORS", "Selection", "SelectionContext", "Selector", "make_selector", "register_selector", "topk_keep"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Compare system C (learned merger + pruner heads) with training-free baselines at the same token budgets.
 
-On the held-out split of the shapes-VQA task, generates answers (greedy) with
+On freshly generated test questions (``--task``: the shapes or the cluttered-scene VQA task; ``--seed``,
+``--num-questions``), generates answers (greedy) with
 
 * the unpruned base (the fork with nothing attached: upstream's computation),
 * the learned method (``pruning_final.pt`` from ``train_llava_pruner.py``), as trained and at
@@ -10,8 +11,9 @@ On the held-out split of the shapes-VQA task, generates answers (greedy) with
   logits are the distinctiveness prior plus random-head noise; inference temperature
   ``temperature_min`` as a trained run saves it), the ablation that shows what
   training changed,
-* random selection, FastV (attention from the last prompt token, layer 2) and DivPrune
-  (max-min diversity of the vision features) at each budget (``pruning/llava/baselines.py``),
+* random selection, FastV (attention from the last prompt token, layer 2), DivPrune
+  (max-min diversity of the vision features) and VisionZip (the vision tower's CLS attention plus
+  merged contextual tokens) at each budget (``pruning/llava/baselines.py``),
 
 and reports exact-match accuracy (overall and per question type), mean smoothed sentence BLEU
 against the reference answers, agreement with the unpruned answers, the vision-token counts
@@ -20,7 +22,8 @@ prefill FLOPs at the real size (32 layers, hidden 4096, MLP 11008, 576 image + ~
 and the measured prefill time ratio against the unpruned model in the same run.
 
 A budget is the mean fraction of the image's vision tokens present per LLM layer (compute
-matched; see ``pruning/llava/baselines.py``). Writes a JSON (``--output``, atomically) and prints a table.
+matched; see ``pruning/llava/baselines.py``). Writes a JSON (``--output``, atomically) and prints a table;
+``--stats-json`` also writes each run's accuracy with its binomial standard error, budget and per-type accuracy.
 
 Every input is checked before the model is loaded: the stage file must come from
 ``train_llava_pruner.py`` and have been trained on the evaluated base (``--model-path``; the
@@ -43,6 +46,7 @@ from cli import (
     ArgumentParser,
     UserError,
     check_model_path,
+    check_output_dir,
     check_output_file,
     set_torch_threads,
     load_or_explain,
@@ -53,7 +57,7 @@ from cli import (
 import torch
 
 DEFAULT_RUN = REPO_ROOT / "runs" / "vision_token_pruning"
-METHODS = ("learned", "untrained", "random", "fastv", "divprune")
+METHODS = ("learned", "untrained", "random", "fastv", "divprune", "visionzip")
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -74,16 +78,23 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-path", default=None, help="base LLaVA directory (default: the tiny shapes-VQA base)")
+    parser.add_argument("--model-path", default=None,
+                        help="base LLaVA directory (default: the tiny base of --task: shapes trained into the cache on "
+                             "first use, clutter shipped in models/trained/llava_clutter)")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "pruning_final.pt",
                         help="learned stages from train_llava_pruner.py (default: %(default)s)")
     parser.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "vision_token_pruning.yaml",
                         help="config of the 'untrained' stages when no checkpoint is evaluated (default: %(default)s)")
     parser.add_argument("--budgets", default="0.25,0.35,0.5", help="token budgets (default: %(default)s)")
     parser.add_argument("--methods", default=",".join(METHODS), help="methods to run (default: %(default)s)")
-    parser.add_argument("--eval-size", type=int, default=400, help="held-out questions (default: %(default)s)")
+    parser.add_argument("--task", default="shapes", choices=("shapes", "clutter"),
+                        help="shapes: the plain 112 px task; clutter: the cluttered 224 px scenes (default: %(default)s)")
+    parser.add_argument("--num-questions", "--eval-size", dest="eval_size", type=int, default=400,
+                        help="test questions, generated from --seed (default: %(default)s)")
+    parser.add_argument("--stats-json", type=Path, default=None,
+                        help='also write {"methods": {name: {"accuracy", "accuracy_se", "budget", "per_type"}}} here')
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--fastv-layer", type=int, default=2, help="FastV ranking layer K (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
@@ -91,15 +102,35 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=DEFAULT_RUN / "eval_llava_pruning.json")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU intra-op threads (default: torch's, as for the recorded numbers in docs/BENCHMARKS.md)")
-    args = parser.parse_args()
+    parser.add_argument("--visualize", type=Path, default=None,
+                        help="write DIR/selection.png: what the learned stages, DivPrune, FastV and VisionZip keep on the "
+                             "first test questions, drawn on the patch grid (and DIR/selection.json)")
+    parser.add_argument("--visualize-count", type=int, default=4, help="questions drawn (default: %(default)s)")
+    parser.add_argument("--visualize-budget", type=float, default=0.25, help="budget drawn (default: %(default)s)")
+    args = parser.parse_args(argv)
     budgets, methods = parse_budgets(args.budgets), parse_methods(args.methods)
-    for key in ("eval_size", "batch_size", "timing_batches", "threads"):
+    if args.visualize is not None:
+        check_output_dir(args.visualize, "--visualize")
+        if not 0.0 < args.visualize_budget <= 1.0:
+            raise UserError(f"--visualize-budget must be a fraction in (0, 1], got {args.visualize_budget}")
+        if args.visualize_count > args.eval_size:
+            raise UserError(f"--visualize-count {args.visualize_count} is more than the {args.eval_size} test questions")
+    for key in ("eval_size", "batch_size", "timing_batches", "threads", "visualize_count"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     check_output_file(args.output, "--output")
+    if args.stats_json is not None:
+        check_output_file(args.stats_json, "--stats-json")
     check_model_path(args.model_path)
+    if args.model_path is None and args.task == "clutter":  # the shipped cluttered-scene base
+        from models.tiny.llava_vqa import CLUTTER_BASE_DIR
+
+        if not (CLUTTER_BASE_DIR / "config.json").is_file():
+            raise UserError(f"no cluttered-scene base at {CLUTTER_BASE_DIR}: train one with `make train-llava-base "
+                            "ARGS=--task clutter ...` and pass --model-path")
+        args.model_path = str(CLUTTER_BASE_DIR)
     base_path = args.model_path
     if base_path is None:
         from models.tiny.llava_vqa import default_base_path
@@ -197,15 +228,10 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
     from pruning.llava.baselines import baseline_schedule, learned_schedule, schedule_selectors
     from pruning.llava.config import config_from_dict, vision_token_trajectory
     from pruning.llava.runtime import attach_pruning, detach_pruning, load_pruning, num_image_tokens
-    from data.vqa_shapes import (
-        QUESTION_TYPES,
-        accuracy_by_type,
-        chance_levels,
-        encode_batch,
-        make_split,
-        normalize_answer,
-        sentence_bleu,
-    )
+    from data.vqa_shapes import accuracy_by_type, chance_levels, encode_batch, normalize_answer, sentence_bleu
+    from models.tiny.llava_vqa import task_module
+
+    task = task_module(args.task)
 
     model_path = args.model_path
     if model_path is None:
@@ -227,7 +253,7 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
         cfg = read_config(args.config)
     num_layers = model.config.text_config.num_hidden_layers
     v = num_image_tokens(model.config)
-    samples = make_split("heldout", args.eval_size, seed=args.seed)
+    samples = task.make_split("heldout", args.eval_size, seed=args.seed)
     batches = []
     for start in range(0, len(samples), args.batch_size):
         batch = encode_batch(processor, samples[start:start + args.batch_size], with_answers=False)
@@ -275,7 +301,8 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
             "achieved_budget_tiny": None if schedule_tiny is None else round(schedule_tiny.achieved, 4),
             "vision_tokens_per_layer_tiny": None if schedule_tiny is None else list(schedule_tiny.layer_tokens),
             "vision_tokens_after_each_stage_tiny": trajectory, "sequence_length_per_layer_tiny": layer_tokens,
-            "accuracy": acc["all"], "accuracy_by_type": {k: acc[k] for k in QUESTION_TYPES if k in acc},
+            "accuracy": acc["all"], "accuracy_se": standard_error(acc["all"], len(samples)),
+            "accuracy_by_type": {k: acc[k] for k in task.QUESTION_TYPES if k in acc},
             "bleu": bleu, "agreement_with_unpruned": agree,
             "real_shape_prefill_flops": real_flops, "prefill_seconds": seconds,
             "examples": [{"question": s.question, "answer": s.answer, "prediction": a}
@@ -290,7 +317,8 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
     base_seconds = prefill_seconds()
     record("unpruned", 1.0, None, unpruned_flops, answers, [v], None, base_seconds)
 
-    def learned_run(budget, name="learned"):
+    def attach_learned(budget, name="learned"):
+        """Attach the learned (or untrained) stages at ``budget`` (None: as trained); returns the tiny schedule."""
         if name == "learned":
             pruning = load_pruning(model, checkpoint)
         else:  # untrained: the same architecture and config, fresh (seeded) initialisation
@@ -300,8 +328,17 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
         pruning.eval()
         tiny = learned_schedule(budget, num_layers, v, pruning.merger.target_merge_tokens if pruning.merger else v,
                                 pruning.pruning_layers, list(cfg.pruner.keep_ratios))
-        real_sched = learned_schedule(budget, real.num_layers, real.num_vision, real_merged, real_layers, real_ratios)
         pruning.keep_ratios = dict(zip(pruning.pruning_layers, tiny.keep_ratios))
+        return tiny
+
+    def attach_baseline(method, budget):
+        tiny = baseline_schedule(method, budget, num_layers, v, args.fastv_layer)
+        attach_pruning(model, use_merger=False, use_pruners=False, selectors=schedule_selectors(tiny, args.seed)).eval()
+        return tiny
+
+    def learned_run(budget, name="learned"):
+        tiny = attach_learned(budget, name)
+        real_sched = learned_schedule(budget, real.num_layers, real.num_vision, real_merged, real_layers, real_ratios)
         answers, trajectory, layer_tokens = run_answers()
         seconds = prefill_seconds()
         detach_pruning(model)
@@ -319,9 +356,8 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
             if method in ("learned", "untrained"):
                 learned_run(budget, method)
             else:
-                tiny = baseline_schedule(method, budget, num_layers, v, args.fastv_layer)
+                tiny = attach_baseline(method, budget)
                 real_sched = baseline_schedule(method, budget, real.num_layers, real.num_vision, args.fastv_layer)
-                attach_pruning(model, use_merger=False, use_pruners=False, selectors=schedule_selectors(tiny, args.seed)).eval()
                 answers, trajectory, layer_tokens = run_answers()
                 seconds = prefill_seconds()
                 detach_pruning(model)
@@ -340,7 +376,9 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
         "base_model": model_path,
         "checkpoint": str(args.checkpoint) if checkpoint else None,
         "eval_size": len(samples),
-        "chance": chance_levels(samples),
+        "task": args.task,
+        "seed": args.seed,
+        "chance": chance_levels(samples, task.ANSWERS),
         "budget_definition": "mean over LLM layers of the fraction of the image's vision tokens present in the layer",
         "token_trajectory": {
             "stages": ["vision tower", "merger"] + [f"pruner @ layer {l}" for l in real_layers],
@@ -359,10 +397,92 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
         "results": results,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    if args.visualize is not None:
+        report["pictures"] = write_selection_pictures(
+            args, model, processor, task, samples[: args.visualize_count], methods, attach_learned, attach_baseline)
     write_json(args.output, report)
     print(format_table(report))
     print(f"wrote {args.output}")
+    if args.visualize is not None:
+        print(f"wrote {report['pictures']['figure']}")
+    if args.stats_json is not None:
+        write_json(args.stats_json, method_stats(results, len(budgets) > 1))
+        print(f"wrote {args.stats_json}")
     return 0
+
+
+@torch.no_grad()
+def write_selection_pictures(args, model, processor, task, samples, methods, attach_learned, attach_baseline) -> dict:
+    """``--visualize DIR``: for ``samples`` (the first test questions), what the learned stages (merger centres, then
+    the tokens kept after each pruner layer) and DivPrune / FastV / VisionZip keep at ``--visualize-budget``, drawn on
+    the patch grid (``evaluation/llava_overlay.py``) into ``DIR/selection.png``; ``DIR/selection.json`` beside it
+    holds each method's kept counts, its answers, and how many of the asked objects' patches it kept."""
+    from data.vqa_shapes import encode_batch, normalize_answer
+    from evaluation.llava_overlay import draw_selection_row, save_selection_figure, selection_panels
+    from pruning.llava.runtime import detach_pruning
+
+    budget = args.visualize_budget
+    batch = encode_batch(processor, samples, with_answers=False)
+    batch.pop("question_mask")
+    grid = int(round(num_image_tokens_of(model) ** 0.5))
+    asked = [task.asked_patches(s, grid) if hasattr(task, "asked_patches") else None for s in samples]
+    runs = []  # (method, panels per sample, answers)
+    learned = "learned" if "learned" in methods else "untrained" if "untrained" in methods else None
+    chosen = ([learned] if learned else []) + [m for m in ("divprune", "fastv", "visionzip") if m in methods]
+    for method in chosen:
+        attach_learned(budget, method) if method in ("learned", "untrained") else attach_baseline(method, budget)
+        out = model.generate(**batch, do_sample=False, max_new_tokens=3, pad_token_id=processor.tokenizer.pad_token_id)
+        answers = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        trace = model.model.vision_pruning.last_trace
+        panels = [selection_panels(trace, row) for row in range(len(samples))]
+        if method not in ("learned", "untrained"):  # a baseline selects once: name its panel after it
+            panels = [[(method, keep) for _, keep in p[-1:]] for p in panels]
+        detach_pruning(model)
+        runs.append((method, panels, answers))
+    rows, stats = [], []
+    for i, sample in enumerate(samples):
+        said = ", ".join(f"{m}: {normalize_answer(a[i]) or '-'}" for m, _, a in runs)
+        caption = f"Q: {sample.question}  A: {sample.answer}  |  {said}"
+        panels = [panel for _, p, _ in runs for panel in p[i]]
+        rows.append(draw_selection_row(sample.image, panels, grid, asked[i], caption))
+        stats.append({"question": sample.question, "answer": sample.answer, "asked_patches": None if asked[i] is None
+                      else int(asked[i].sum()), "methods": {m: {
+                          "answer": normalize_answer(a[i]),
+                          "kept": {name: int(keep.sum()) for name, keep in p[i]},
+                          "asked_patches_kept": None if asked[i] is None else {
+                              name: int((keep & asked[i]).sum()) for name, keep in p[i]}} for m, p, a in runs}})
+    figure = save_selection_figure(Path(args.visualize) / "selection.png", rows)
+    record = {"figure": str(figure), "budget": budget, "methods": chosen, "questions": stats}
+    write_json(Path(args.visualize) / "selection.json", record)
+    return record
+
+
+def num_image_tokens_of(model) -> int:
+    from pruning.llava.runtime import num_image_tokens
+
+    return num_image_tokens(model.config)
+
+
+def standard_error(accuracy: float, n: int) -> float:
+    """Binomial standard error of an accuracy measured on ``n`` questions."""
+    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / n)
+
+
+def method_stats(results: list[dict], several_budgets: bool) -> dict:
+    """``{"methods": {name: {"accuracy", "accuracy_se", "budget", "per_type"}}}``, one entry per run: ``unpruned``;
+    each method at each budget as ``<method>`` (one budget) or ``<method>_<budget>`` (several); the learned and
+    untrained stages at their trained schedule as ``<method>_as_trained``."""
+    methods = {}
+    for r in results:
+        if r["method"] == "unpruned":
+            name = "unpruned"
+        elif r["budget"] is None:
+            name = f"{r['method']}_as_trained"
+        else:
+            name = f"{r['method']}_{r['budget']:g}" if several_budgets else r["method"]
+        methods[name] = {"accuracy": r["accuracy"], "accuracy_se": r["accuracy_se"], "budget": r["budget"],
+                         "per_type": r["accuracy_by_type"]}
+    return {"methods": methods}
 
 
 def format_table(report: dict) -> str:

@@ -25,13 +25,24 @@ processor), so it loads with ``from_pretrained`` like any LLaVA directory, plus
 ``vqa_base_metrics.json``: held-out exact-match accuracy per question type next to its chance
 levels (1 / number of answers, and the best constant guess).
 
-Default: trains once into the embedded-model cache (``.cache/tiny_models/llava-vqa-v1``) and
+The cluttered-scene base (``--task clutter``, ``data/vqa_clutter.py``; 224 px, 256 vision tokens) is trained in two
+phases, as LLaVA-1.5's tower comes pretrained and stays frozen: ``--tower-steps`` steps train the CLIP tower alone,
+with linear heads on its feature layer that must read every patch's object colour, shape, size and centre and the
+patch's row and column; then ``--steps`` steps train projector and LLM on the conversations with the tower frozen
+(``--freeze-tower``), with the dense probes on the projector outputs, the row/column probes (``--position-weight``,
+``--sincos-positions``) and the readout probes at each answer position (``--readout-weight``). Without
+``--output-dir`` it (re)trains the shipped base ``models/trained/llava_clutter`` with the settings it was made with
+(``make train-llava-base``; ``--force`` over the shipped one, ``--resume`` continues
+``runs/llava_clutter_base/checkpoint.pt``).
+
+Default (shapes): trains once into the embedded-model cache (``.cache/tiny_models/llava-vqa-v1``) and
 reuses it afterwards; ``--output-dir`` trains into another directory, ``--force`` retrains.
 Reproducible from ``--seed`` on one machine (CPU kernels may round differently elsewhere).
 
     python scripts/train_llava_base.py                 # cached default (1200 steps; ~11 min single-threaded
                                                        # on a busy 2-core VM, less on an idle one)
     python scripts/train_llava_base.py --steps 200 --output-dir /tmp/base
+    python scripts/train_llava_base.py --task clutter --force   # the shipped clutter base (~50 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -43,6 +54,9 @@ from pathlib import Path
 from cli import ArgumentParser, UserError, atomic_path, check_model_path, check_output_dir, set_torch_threads, run_cli
 from models.tiny.llava_vqa import (
     BASE_VERSION,
+    CLUTTER_BASE_DIR,
+    CLUTTER_DEFAULTS,
+    CLUTTER_SCHEDULE,
     DEFAULTS,
     TASKS,
     METRICS_FILE,
@@ -54,7 +68,7 @@ from models.tiny.llava_vqa import (
 
 MINIMUMS = {"steps": 1, "batch_size": 1, "eval_size": 1, "turns": 1, "warmup": 0, "weight_decay": 0.0,
             "aux_weight": 0.0, "embed_std": 0.0, "qk_std": 0.0, "clip": 0.0, "seed": 0, "position_weight": 0.0,
-            "sincos_positions": 0.0, "readout_weight": 0.0}
+            "sincos_positions": 0.0, "readout_weight": 0.0, "tower_steps": 0, "freeze_tower": 0}
 """Smallest allowed value of each training setting (``lr`` must be > 0, ``text_loss`` 0 or 1; ``readout_layer`` an
 index into the LLM's hidden states, checked against the model)."""
 
@@ -67,8 +81,12 @@ def validate(args) -> None:
             raise UserError(f"--{key.replace('_', '-')} must be >= {low}, got {value}")
     if not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
-    if args.text_loss not in (0, 1):
-        raise UserError(f"--text-loss must be 0 or 1, got {args.text_loss}")
+    if args.text_loss not in (0, 1) or args.freeze_tower not in (0, 1):
+        raise UserError(f"--text-loss and --freeze-tower must be 0 or 1, got {args.text_loss} and {args.freeze_tower}")
+    if not args.tower_lr > 0:
+        raise UserError(f"--tower-lr must be > 0, got {args.tower_lr}")
+    if args.tower_steps > 0 and args.task != "clutter":
+        raise UserError("--tower-steps pretrains the tower on per-patch targets of the clutter task: pass --task clutter")
     if args.eval_every < 0 or args.val_size < 1:
         raise UserError(f"--eval-every must be >= 0 and --val-size >= 1, got {args.eval_every} and {args.val_size}")
     if args.resume and args.eval_every == 0:
@@ -89,7 +107,33 @@ def validate(args) -> None:
                             "pass --aux-weight 0")
 
 
-def main() -> int:
+def train_shipped_clutter_base(args, settings: dict) -> int:
+    """``--task clutter`` without ``--output-dir``: (re)train the shipped base ``models/trained/llava_clutter`` with its
+    settings (checkpoint and JSON log in ``runs/llava_clutter_base/``); the shipped one is replaced only with
+    ``--force``, and only once the new one is saved."""
+    from cli import REPO_ROOT
+
+    if settings != CLUTTER_DEFAULTS or args.model_path is not None:
+        raise UserError("the shipped clutter base has fixed settings: pass --output-dir to train with others")
+    if (CLUTTER_BASE_DIR / "config.json").is_file() and not args.force and not args.resume:
+        raise UserError(f"the clutter base is already shipped in {CLUTTER_BASE_DIR}: pass --force to retrain over it, "
+                        "or --output-dir for another copy")
+    set_torch_threads(args.threads)
+    from models.tiny.llava import tiny_clutter_llava_dir
+
+    checkpoint = args.checkpoint or REPO_ROOT / "runs" / "llava_clutter_base" / "checkpoint.pt"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    readme = CLUTTER_BASE_DIR / "README.md"
+    how_it_was_made = readme.read_text() if readme.is_file() else None
+    train_base(tiny_clutter_llava_dir(), CLUTTER_BASE_DIR, task="clutter", eval_every=args.eval_every,
+               val_size=args.val_size, checkpoint=checkpoint, resume=args.resume, **settings)
+    if how_it_was_made is not None:  # the saved directory is new: keep its README (update its numbers by hand)
+        readme.write_text(how_it_was_made)
+    print(f"saved to {CLUTTER_BASE_DIR} (the JSON log of the run: {checkpoint.with_suffix('.json')})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", default=None,
                         help="LLaVA directory to start from (default: the embedded tiny LLaVA-1.5)")
@@ -102,21 +146,31 @@ def main() -> int:
     parser.add_argument("--task", default="shapes", choices=sorted(TASKS),
                         help="shapes: the plain 112 px task (data/vqa_shapes.py); clutter: the cluttered 224 px scenes "
                              "(data/vqa_clutter.py), from the 224 px tiny LLaVA")
-    parser.add_argument("--eval-every", type=int, default=0,
-                        help="validate (val split) and checkpoint every N steps; the JSON log beside the checkpoint")
-    parser.add_argument("--val-size", type=int, default=200, help="validation questions per evaluation")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="validate (val split) and checkpoint every N steps; the JSON log beside the checkpoint "
+                             f"(default: 0, none; clutter: {CLUTTER_SCHEDULE['eval_every']})")
+    parser.add_argument("--val-size", type=int, default=None,
+                        help=f"validation questions per evaluation (default: 200; clutter: {CLUTTER_SCHEDULE['val_size']})")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint file (default: <output-dir>.checkpoint.pt beside --output-dir)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --checkpoint")
     for key, value in DEFAULTS.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args()
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None,
+                            help=f"(default: {value}; clutter: {CLUTTER_DEFAULTS[key]})")
+    args = parser.parse_args(argv)
+    task_defaults = CLUTTER_DEFAULTS if args.task == "clutter" else DEFAULTS
+    schedule = CLUTTER_SCHEDULE if args.task == "clutter" else {"eval_every": 0, "val_size": 200}
+    for key, value in {**task_defaults, **schedule}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     validate(args)
     settings = {k: getattr(args, k) for k in DEFAULTS}
+    if args.output_dir is None and args.task == "clutter":
+        return train_shipped_clutter_base(args, settings)
     custom = (args.model_path is not None or settings != DEFAULTS or args.task != "shapes" or args.eval_every > 0
               or args.resume)
     if args.output_dir is None and custom:
-        raise UserError("non-default settings, --task clutter, --eval-every and --resume need --output-dir "
+        raise UserError("non-default settings, --eval-every and --resume need --output-dir "
                         "(the cache holds only the default base)")
     if args.output_dir is not None and args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.force:
         raise UserError(f"--output-dir {str(args.output_dir)!r} is not empty; pass --force to overwrite")

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train system C's learned stages (token merger + pruner heads) adversarially on a frozen LLaVA-1.5.
 
-The base model is frozen. Each step, on a batch of the shapes-VQA training split:
+The base model is frozen. Each step, on a batch of the training split of ``--task`` (the shapes-VQA task, or the
+cluttered scenes of ``data/vqa_clutter.py`` on the shipped base ``models/trained/llava_clutter``):
 
 1. *real*: the unpruned model (pruning disabled: the upstream path) -> final hidden states;
 2. *fake*: the pruned model in "mask" mode (merger + pruner heads, Gumbel-top-k with the
@@ -124,10 +125,12 @@ def load_training_config(path: Path, overrides: dict, max_steps: int | None, out
 # ----------------------------------------------------------------------------- run identity and checkpoints
 
 
-def resume_settings(cfg, *, eval_size: int, dtype: str, world_size: int) -> dict:
-    """The settings a resumed run must share with the checkpoint (all that shapes the trajectory)."""
+def resume_settings(cfg, *, eval_size: int, dtype: str, world_size: int, task: str = "shapes") -> dict:
+    """The settings a resumed run must share with the checkpoint (all that shapes the trajectory; the task only when
+    it is not the shapes task, so runs from before ``--task`` keep their fingerprint)."""
     flat = {k: v for section in cfg.to_dict().values() for k, v in section.items() if k not in BOOKKEEPING_KEYS}
-    return {**flat, "eval_size": eval_size, "dtype": dtype, "world_size": world_size}
+    return {**flat, "eval_size": eval_size, "dtype": dtype, "world_size": world_size,
+            **({"task": task} if task != "shapes" else {})}
 
 
 def settings_fingerprint(settings: dict) -> str:
@@ -299,7 +302,11 @@ def main() -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
     parser.add_argument("--model-path", default=None,
-                        help="frozen LLaVA-1.5 directory (default: the tiny shapes-VQA base, trained if missing)")
+                        help="frozen LLaVA-1.5 directory (default: the tiny base of --task: shapes trained into the "
+                             "cache if missing, clutter shipped in models/trained/llava_clutter)")
+    parser.add_argument("--task", default="shapes", choices=("shapes", "clutter"),
+                        help="training and validation questions: the plain shapes task or the cluttered scenes "
+                             "(default: %(default)s)")
     parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
     parser.add_argument("--output-dir", type=Path, default=None, help="override train.output_dir")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
@@ -321,6 +328,13 @@ def main() -> int:
     if args.resume is not None and args.overwrite:
         raise UserError("--resume continues the run in the output directory, --overwrite replaces it: pass one")
     check_model_path(args.model_path)
+    if args.model_path is None and args.task == "clutter":  # the shipped cluttered-scene base
+        from models.tiny.llava_vqa import CLUTTER_BASE_DIR
+
+        if not (CLUTTER_BASE_DIR / "config.json").is_file():
+            raise UserError(f"no cluttered-scene base at {CLUTTER_BASE_DIR}: train one with "
+                            "scripts/train_llava_base.py --task clutter and pass --model-path")
+        args.model_path = str(CLUTTER_BASE_DIR)
     cfg = load_training_config(args.config, parse_overrides(args.set), args.max_steps, args.output_dir)
     output_dir = Path(cfg.train.output_dir)
     if not output_dir.is_absolute():
@@ -391,7 +405,8 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
     world = accelerator.num_processes
     dtype = DTYPES.get(args.dtype) if args.dtype != "auto" else (
         torch.float32 if accelerator.device.type == "cpu" else torch.bfloat16)
-    settings = resume_settings(cfg, eval_size=args.eval_size, dtype=str(dtype).removeprefix("torch."), world_size=world)
+    settings = resume_settings(cfg, eval_size=args.eval_size, dtype=str(dtype).removeprefix("torch."), world_size=world,
+                               task=args.task)
     fingerprint = settings_fingerprint(settings)
     base = base_identity(args.model_path if args.model_path is not None else default_base_path())
 
@@ -403,7 +418,8 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
     from tqdm.auto import tqdm
     from transformers import AutoProcessor
 
-    from data.vqa_shapes import VQACollator, VQADataset, make_split
+    from data.vqa_shapes import VQACollator, VQADataset
+    from models.tiny.llava_vqa import task_module
     from models.llava.modeling_llava import LlavaForConditionalGeneration
     from pruning.llava.config import temperature_at
     from pruning.llava.modules import (
@@ -446,7 +462,8 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
     disc_opt = torch.optim.AdamW(discriminator.parameters(), lr=o_cfg.lr_discriminator, weight_decay=o_cfg.weight_decay)
 
     per_step = t_cfg.batch_size * t_cfg.grad_accum_steps * world
-    dataset = VQADataset("train", t_cfg.max_steps * per_step, seed=t_cfg.seed)
+    task = task_module(args.task)
+    dataset = VQADataset("train", t_cfg.max_steps * per_step, seed=t_cfg.seed, sample_fn=task.make_sample)
     loader = torch.utils.data.DataLoader(dataset, batch_size=t_cfg.batch_size, shuffle=False,
                                          collate_fn=VQACollator(processor, with_answers=True))
     model, gen_opt, discriminator, disc_opt, loader = accelerator.prepare(model, gen_opt, discriminator, disc_opt, loader)
@@ -468,7 +485,7 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
                             "start afresh") from None
         start_step, history, evals = state["step"], state["history"], state["evals"]
         log(f"resumed from {resume_path} at step {start_step} (run {run_id[:8]})")
-    eval_samples = make_split("val", args.eval_size, seed=t_cfg.seed)
+    eval_samples = task.make_split("val", args.eval_size, seed=t_cfg.seed)
 
     def save(step: int, final: bool = False) -> None:
         accelerator.wait_for_everyone()

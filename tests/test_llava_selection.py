@@ -19,11 +19,13 @@ from pruning.llava.baselines import (
     DivPruneSelector,
     FastVSelector,
     RandomSelector,
+    VisionZipSelector,
     baseline_schedule,
     schedule_selectors,
+    tower_cls_attention,
 )
 from pruning.llava.runtime import llava_pruning
-from pruning.selection import SELECTORS, SelectionContext, make_selector, register_selector, topk_keep
+from pruning.selection import SELECTORS, Selection, SelectionContext, make_selector, register_selector, topk_keep
 from tests.test_equivalence_llava import QUESTIONS, chat_prompt, make_test_image
 
 
@@ -41,7 +43,7 @@ def batch_inputs():
 
 
 def test_registry_builds_every_training_free_method_by_name() -> None:
-    assert {"random", "fastv", "divprune"} <= set(SELECTORS)
+    assert {"random", "fastv", "divprune", "visionzip"} <= set(SELECTORS)
     assert isinstance(make_selector("random", keep=3, seed=1), RandomSelector)
     assert isinstance(make_selector("fastv", keep=3), FastVSelector)
     assert isinstance(make_selector("divprune", keep=3), DivPruneSelector)
@@ -108,3 +110,118 @@ def test_fastv_probe_equals_an_independent_recomputation_from_the_layer_input(fo
 def test_schedule_selectors_come_from_the_registry() -> None:
     selectors = schedule_selectors(baseline_schedule("fastv", 0.5, 8, 64))
     assert list(selectors) == [2] and isinstance(selectors[2], FastVSelector)
+
+
+# ----------------------------------------------------------------------------- VisionZip
+
+
+@torch.no_grad()
+def test_tower_cls_attention_equals_what_eager_attention_returns(batch_inputs) -> None:
+    """The CLS row computed from the feature layer's own LayerNorm / q / k equals ``output_attentions`` of the same
+    tower run with eager attention (which SDPA does not return)."""
+    eager = ForkLlava.from_pretrained(tiny_llava_dir(), attn_implementation="eager").eval()
+    tower = eager.model.vision_tower
+    out = tower(batch_inputs["pixel_values"], output_hidden_states=True, output_attentions=True)
+    layer = eager.config.vision_feature_layer  # -2: LLaVA-1.5's feature layer
+    expected = out.attentions[layer][:, :, 0, 1:].float().mean(1)  # [n_img, N]
+    got = tower_cls_attention(tower, out.hidden_states, layer)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="selects the embeddings"):
+        tower_cls_attention(tower, out.hidden_states, 0)
+
+
+def visionzip_reference(attention, features, keep, dominant_share=54 / 64):
+    """VisionZip's selection and merge for one image, written as the paper's code does it: ``attention [V]``,
+    ``features [V, D]`` -> (kept indices ascending, their states)."""
+    v = len(attention)
+    dominant_count = int(keep * dominant_share + 0.5)
+    dominant = sorted(sorted(range(v), key=lambda i: (-float(attention[i]), i))[:dominant_count])
+    remaining = [i for i in range(v) if i not in dominant]
+    contextual_count = keep - dominant_count
+    step = max(1, len(remaining) // contextual_count)
+    targets = remaining[::step][:contextual_count]
+    others = [i for i in remaining if i not in targets]
+    unit = torch.nn.functional.normalize(features, dim=-1)
+    states = {i: features[i].clone() for i in dominant}
+    for slot, t in enumerate(targets):
+        mine = [o for o in others if int((unit[o] @ unit[targets].T).argmax()) == slot]
+        states[t] = features[t] + (torch.stack([features[o] for o in mine]).mean(0) if mine else 0.0)
+    kept = sorted(states)
+    return kept, torch.stack([states[i] for i in kept])
+
+
+def test_visionzip_keeps_the_dominant_tokens_and_merges_the_rest_as_the_paper_does() -> None:
+    gen = torch.Generator().manual_seed(0)
+    b, v, d, keep = 3, 40, 16, 12
+    attention = torch.rand(b, v, generator=gen).softmax(-1)
+    features = torch.randn(b, v, d, generator=gen)
+    ctx = SelectionContext(layer_idx=0, mode="drop", vision_hidden=features, alive=torch.ones(b, v),
+                           vision_cols=torch.arange(v).expand(b, v), vision_rows=torch.arange(v).expand(b, v),
+                           question_hidden=torch.zeros(b, 1, d), question_mask=torch.ones(b, 1, dtype=torch.bool),
+                           hidden_states=features, attention_mask=None, position_embeddings=(None, None),
+                           previous_layer_attention=None, training=False, temperature=1.0, vision_attention=attention)
+    selection = VisionZipSelector(keep=keep)(ctx)
+    assert isinstance(selection, Selection) and (selection.keep.sum(1) == keep).all()
+    for row in range(b):
+        kept, states = visionzip_reference(attention[row], features[row], keep)
+        assert selection.keep[row].nonzero().flatten().tolist() == kept
+        torch.testing.assert_close(selection.hidden[row, kept], states)
+    with pytest.raises(ValueError, match="CLS attention"):
+        VisionZipSelector(keep=keep)(SelectionContext(**{**ctx.__dict__, "vision_attention": None}))
+
+
+@torch.no_grad()
+def test_visionzip_runs_in_the_fork_on_the_towers_cls_attention(fork, batch_inputs) -> None:
+    """Through ``vision_pruning``: the CLS attention reaches the selector, ``keep`` tokens enter layer 0, the merged
+    states replace the targets' (the logits differ from dominant-only selection of the same tokens), and training's
+    mask mode refuses a merging selector in one line."""
+    seen = {}
+
+    class Capture(VisionZipSelector):
+        def __call__(self, ctx):
+            seen["attention"], seen["cols"] = ctx.vision_attention, ctx.vision_cols
+            return super().__call__(ctx)
+
+    with llava_pruning(fork, use_merger=False, use_pruners=False, selectors={0: Capture(keep=10)}) as vp:
+        merged = fork(**batch_inputs).logits
+        assert vp.last_trace.num_vision_tokens == [64, 10]
+        kept = vp.last_trace.keep[0]
+    out = fork.model.vision_tower(batch_inputs["pixel_values"], output_hidden_states=True)
+    expected = tower_cls_attention(fork.model.vision_tower, out.hidden_states, fork.config.vision_feature_layer)
+    torch.testing.assert_close(seen["attention"], expected)
+    plain = lambda ctx: kept.to(ctx.alive.dtype)  # noqa: E731 - the same tokens, without the merge
+    with llava_pruning(fork, use_merger=False, use_pruners=False, selectors={0: plain}):
+        unmerged = fork(**batch_inputs).logits
+    assert merged.shape == unmerged.shape and not torch.allclose(merged, unmerged)
+    with llava_pruning(fork, use_merger=False, use_pruners=False, selectors={0: VisionZipSelector(keep=10)}) as vp:
+        vp.mode = "mask"
+        with pytest.raises(ValueError, match="merges tokens, which only drop mode"):
+            fork(**batch_inputs)
+
+
+def test_eval_llava_pruning_writes_each_methods_accuracy_with_its_standard_error(tmp_path, capsys) -> None:
+    """``--task clutter --seed --num-questions --stats-json``: one entry per method and budget, named
+    ``<method>_<budget>`` (several budgets), with the binomial standard error and the clutter task's types."""
+    import json
+    import math
+
+    from models.tiny.llava import tiny_clutter_llava_dir
+    from tests.script_loader import run_script_in_process
+
+    stats = tmp_path / "stats.json"
+    result = run_script_in_process("eval_llava_pruning", [
+        "--task", "clutter", "--model-path", str(tiny_clutter_llava_dir()), "--methods", "random,visionzip",
+        "--budgets", "0.25,0.5", "--seed", "3", "--num-questions", "10", "--batch-size", "10", "--timing-batches", "1",
+        "--output", str(tmp_path / "eval.json"), "--stats-json", str(stats)], capsys)
+    assert result.returncode == 0, result.stderr
+    methods = json.loads(stats.read_text())["methods"]
+    assert list(methods) == ["unpruned", "random_0.25", "visionzip_0.25", "random_0.5", "visionzip_0.5"]
+    for name, entry in methods.items():
+        assert set(entry) == {"accuracy", "accuracy_se", "budget", "per_type"}
+        assert math.isclose(entry["accuracy_se"], math.sqrt(entry["accuracy"] * (1 - entry["accuracy"]) / 10))
+        assert list(entry["per_type"]) == ["colour", "shape", "count", "position", "relation"]
+    assert methods["visionzip_0.25"]["budget"] == 0.25
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["task"] == "clutter" and report["seed"] == 3
+    visionzip = [r for r in report["results"] if r["method"] == "visionzip"]
+    assert [r["vision_tokens_after_each_stage_tiny"] for r in visionzip] == [[256, 64], [256, 128]]

@@ -18,11 +18,17 @@ from data.vqa_clutter import (
     NUM_OBJECTS,
     PATCH_SIZE,
     QUESTION_TYPES,
+    SURFACES,
+    TONES,
+    TOWER_TARGET_CLASSES,
     asked_patches,
     make_conversation,
     make_sample,
     make_split,
     patch_labels,
+    patch_objects,
+    patch_targets,
+    shade,
 )
 
 HELDOUT = make_split("heldout", 150)
@@ -32,19 +38,23 @@ KIND = "|".join(SHAPES)
 
 def drawn_objects(sample) -> list[dict]:
     """The objects as the image shows them, found from its pixels alone (not the generator's list): every connected
-    region of one exact palette colour (the background's tones are none) is an object; its box gives the centre and
-    the size word (big shapes are >= 30 px across), its fill of the box the kind (square ~1, circle ~0.79,
-    triangle ~0.5)."""
+    region of one palette colour and its shade (the background's tones are neither) is an object; its box gives the
+    centre and the size word (big shapes are >= 30 px across), its fill of the box the kind (square ~1, circle
+    ~0.79, triangle ~0.5); every surface shows both tones."""
     from scipy import ndimage
 
     pixels = np.asarray(sample.image).astype(np.int64)
     objects = []
     for colour, rgb in PALETTE.items():
-        regions, count = ndimage.label((pixels == rgb).all(axis=-1))
+        tone = (pixels == rgb).all(axis=-1)
+        second = (pixels == shade(colour)).all(axis=-1)
+        regions, count = ndimage.label(tone | second)
         for region in ndimage.find_objects(regions):
             height, width = region[0].stop - region[0].start, region[1].stop - region[1].start
             fill = (regions[region] > 0).sum() / (height * width)
             kind = "square" if fill > 0.92 else "circle" if fill > 0.65 else "triangle"
+            shaded = second[region].sum() / (regions[region] > 0).sum()
+            assert 0.25 < shaded < 0.75, (kind, shaded)  # every surface is two-tone
             objects.append({"colour": colour, "kind": kind, "size": "big" if width >= 26 else "small",
                             "x": (region[1].start + region[1].stop - 1) / 2, "y": (region[0].start + region[0].stop - 1) / 2})
     assert len(objects) == len(sample.shapes)  # every shape drawn whole and apart from the others
@@ -240,3 +250,58 @@ def test_the_readout_probe_trains_on_the_asked_objects(tmp_path):
     settings = {**DEFAULTS, "steps": 2, "batch_size": 2, "turns": 2, "eval_size": 2, "readout_weight": 1.0}
     metrics = train_base(tiny_clutter_llava_dir(), tmp_path / "base", task="clutter", log=lambda *_: None, **settings)
     assert "readout" in metrics["probe_accuracy_last_10"] and metrics["settings"]["readout_weight"] == 1.0
+
+
+def test_object_shades_are_no_palette_colour_and_no_background_tone():
+    """Each object is exactly the pixels of its colour and its shade: a shade is never another colour, and never a
+    background pixel (a tone, or a tone plus the texture's contrast of 12-25 per channel)."""
+    shades = {colour: shade(colour) for colour in PALETTE}
+    assert len(set(shades.values())) == len(PALETTE)
+    assert not set(shades.values()) & set(PALETTE.values())
+    for tone in TONES:
+        for contrast in range(0, 26):
+            assert tuple(c + contrast for c in tone) not in shades.values()
+
+
+def test_every_kind_has_its_own_surface():
+    assert sorted(SURFACES) == sorted(SHAPES) and len(set(SURFACES.values())) == len(SHAPES)
+
+
+def test_patch_targets_describe_each_patchs_main_object():
+    for sample in HELDOUT[:40]:
+        targets = patch_targets(sample)
+        objects = patch_objects(sample.shapes)
+        assert set(targets) == set(TOWER_TARGET_CLASSES)
+        for name, values in targets.items():
+            assert values.shape == (GRID * GRID,) and int(values.max()) < TOWER_TARGET_CLASSES[name]
+            assert (values[torch.from_numpy(objects == 0)] == 0).all()
+        for index, obj in enumerate(sample.shapes):
+            mine = torch.from_numpy(objects == index + 1)
+            big = obj.size >= 30
+            assert (targets["size"][mine] == 1 + big).all()
+            centres = (targets["centre"].bool() & mine).nonzero().flatten().tolist()
+            assert centres in ([], [(obj.cy // PATCH_SIZE) * GRID + obj.cx // PATCH_SIZE])
+        assert int(targets["centre"].sum()) >= len(sample.shapes) - 1  # a centre patch is rarely another's
+
+
+def test_tower_pretraining_changes_only_the_tower_and_a_frozen_tower_stays_as_pretrained(tmp_path):
+    from safetensors.torch import load_file
+
+    from models.tiny.llava import tiny_clutter_llava_dir
+    from models.tiny.llava_vqa import DEFAULTS, train_base
+
+    settings = {**DEFAULTS, "batch_size": 2, "turns": 2, "eval_size": 2, "tower_steps": 2, "warmup": 1}
+    runs = {}
+    for name, steps, freeze in (("one", 1, 1), ("two", 2, 1), ("unfrozen", 2, 0)):
+        metrics = train_base(tiny_clutter_llava_dir(), tmp_path / name, task="clutter", log=lambda *_: None,
+                             **{**settings, "steps": steps, "freeze_tower": freeze})
+        runs[name] = load_file(tmp_path / name / "model.safetensors")
+    initial = load_file(tiny_clutter_llava_dir() / "model.safetensors")
+    tower = [k for k in initial if "vision_tower" in k]
+    llm = [k for k in initial if "language_model" in k]
+    assert tower and llm
+    assert all(torch.equal(runs["one"][k], runs["two"][k]) for k in tower)  # frozen through the LLaVA steps
+    assert not all(torch.equal(runs["one"][k], initial[k]) for k in tower)  # pretrained
+    assert not all(torch.equal(runs["one"][k], runs["two"][k]) for k in llm)  # the LLaVA steps train the LLM
+    assert not all(torch.equal(runs["two"][k], runs["unfrozen"][k]) for k in tower)
+    assert {"tower_shape", "tower_size", "tower_row"} <= set(metrics["probe_accuracy_last_10"])

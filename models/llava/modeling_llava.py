@@ -188,11 +188,30 @@ class LlavaModel(LlavaPreTrainedModel):
     ) -> tuple | BaseModelOutputWithPooling:
         if image_sizes is not None:  # pass only when not-None, not all vision backbones accept it
             kwargs["image_sizes"] = image_sizes
+        # >>> pruning: a selector that ranks patches by the tower's CLS attention (VisionZip-style) needs that
+        # attention in the feature layer; SDPA does not return it, so it is computed after the tower from the layer's
+        # own queries and keys, for the CLS row only, on the layer's input: capture that hidden state too.
+        vision_pruning = getattr(self, "vision_pruning", None)
+        records_cls_attention = (
+            vision_pruning is not None and vision_pruning.needs_vision_attention and isinstance(vision_feature_layer, int)
+        )
+        if records_cls_attention and kwargs.get("output_hidden_states") is not True:
+            kwargs["output_hidden_states"] = [vision_feature_layer - 1, vision_feature_layer]
+        # <<< pruning
         image_outputs = self.vision_tower(
             pixel_values,
             return_dict=True,
             **kwargs,
         )
+        # >>> pruning: [n_img, N] CLS attention of the feature layer (pruning/llava/baselines.py tower_cls_attention),
+        # read by LlavaModel.forward's stage-2 fence; recorded only for a selector that needs it.
+        if records_cls_attention:
+            from pruning.llava.baselines import tower_cls_attention
+
+            image_outputs["vision_attention"] = tower_cls_attention(
+                self.vision_tower, image_outputs.hidden_states, vision_feature_layer
+            )
+        # <<< pruning
 
         # If we have one vision feature layer, return the corresponding hidden states,
         # otherwise, select the hidden states of each feature layer and concatenate them
@@ -330,11 +349,14 @@ class LlavaModel(LlavaPreTrainedModel):
         # >>> pruning: stage 2 runs in the decoder loop of the forked Llama (models/llama/modeling_llama.py), which
         # receives the per-call state in kwargs: tell it which rows [B, T] are image placeholders (None: no image in
         # this call, e.g. a decode step). At each pruning layer (default [10, 20, 31] of 32, scaled to [2, 4, 7] of 8)
-        # a pruner head keeps a fraction of the vision tokens; the language model call below is upstream's.
+        # a pruner head keeps a fraction of the vision tokens; the language model call below is upstream's. A selector
+        # ranking by the tower's CLS attention [n_img, N] finds it here (recorded in get_image_features).
         if pruning_pass is not None:
             pruning_pass.set_image_tokens(
                 special_image_mask[..., 0] if mm_encoder_outputs.get("image") is not None else None
             )
+            if mm_encoder_outputs.get("image") is not None:
+                pruning_pass.set_vision_attention(mm_encoder_outputs["image"].get("vision_attention"))
         # <<< pruning
         outputs = self.language_model(
             attention_mask=attention_mask,

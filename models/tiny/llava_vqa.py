@@ -20,9 +20,19 @@ BASE_VERSION = 1
 
 DEFAULTS = dict(steps=1200, batch_size=16, lr=1.5e-3, warmup=50, weight_decay=0.01, aux_weight=3.0, embed_std=0.5,
                 qk_std=0.1, turns=4, text_loss=1, clip=5.0, seed=0, eval_size=400, position_weight=0.0,
-                sincos_positions=0.0, readout_weight=0.0, readout_layer=-3)
+                sincos_positions=0.0, readout_weight=0.0, readout_layer=-3, tower_steps=0, tower_lr=1e-3,
+                freeze_tower=0)
+CLUTTER_DEFAULTS = {**DEFAULTS, "steps": 2500, "aux_weight": 1.0, "position_weight": 1.0, "sincos_positions": 0.5,
+                    "readout_weight": 1.0, "tower_steps": 800, "freeze_tower": 1}
+"""The shipped cluttered-scene base's settings (``make train-llava-base``): the tower pretrained alone on per-patch
+targets for 800 steps, then frozen for 2500 steps of LLaVA training with the position, dense and readout probes."""
+CLUTTER_SCHEDULE = {"eval_every": 250, "val_size": 100}
+"""Its validation (and checkpoint) schedule."""
 METRICS_FILE = "vqa_base_metrics.json"
 
+
+CLUTTER_BASE_DIR = Path(__file__).resolve().parents[1] / "trained" / "llava_clutter"
+"""The shipped base of the cluttered-scene task (trained here; ``README.md`` beside it says how)."""
 
 TASKS = {"shapes": "data.vqa_shapes", "clutter": "data.vqa_clutter"}
 """The generated VQA tasks a base can be trained on: the plain shapes task (112 px) and the cluttered scenes
@@ -77,7 +87,8 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
 def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_size: int, lr: float, warmup: int,
                weight_decay: float, aux_weight: float, embed_std: float, qk_std: float, turns: int, text_loss: int, clip: float, seed: int,
                eval_size: int, position_weight: float = 0.0, sincos_positions: float = 0.0,
-               readout_weight: float = 0.0, readout_layer: int = -3, task: str = "shapes",
+               readout_weight: float = 0.0, readout_layer: int = -3, tower_steps: int = 0, tower_lr: float = 1e-3,
+               freeze_tower: int = 0, task: str = "shapes",
                eval_every: int = 0, val_size: int = 200, checkpoint: Path | None = None, resume: bool = False,
                log=print) -> dict:
     """Train, evaluate and save; returns the metrics (also written to ``output_dir/vqa_base_metrics.json``).
@@ -91,7 +102,13 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     turn's answer position, linear probes on the LLM's hidden state ``readout_layer`` (an index into
     ``hidden_states``; -3: the output of the last layer but one) must read the colour, shape, patch row and column
     of the first two objects the question asks (``data.vqa_clutter.readout_targets``), so the layers before it learn
-    to bring the asked objects' attributes to where the answer is made."""
+    to bring the asked objects' attributes to where the answer is made.
+
+    ``tower_steps`` > 0 (tasks with ``patch_targets``, ``data.vqa_clutter``): first that many steps pretrain the CLIP
+    tower alone, at peak ``tower_lr``, with linear heads on its selected feature layer that must read each patch's
+    object colour, shape, size and centre, and its row and column (our stand-in for CLIP's pretraining: the tower of LLaVA-1.5 comes trained);
+    then ``steps`` steps train the whole LLaVA as below, with the tower frozen if ``freeze_tower`` (as LLaVA-1.5's
+    is)."""
     from tqdm.auto import tqdm
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -127,6 +144,8 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     if readout_weight > 0 and not -(layers + 1) <= readout_layer <= layers:
         raise UserError(f"--readout-layer indexes the LLM's {layers + 1} hidden states: pass {-(layers + 1)}..{layers}, "
                         f"got {readout_layer}")
+    if tower_steps > 0 and not hasattr(data, "patch_targets"):
+        raise UserError(f"--tower-steps needs a task with per-patch tower targets (clutter), not {task!r}")
     if readout_weight > 0 and not hasattr(data, "readout_targets"):
         raise UserError(f"--readout-weight needs a task that records the asked objects (clutter), not {task!r}")
     if (aux_weight > 0 or position_weight > 0 or readout_weight > 0) and grid * grid != num_tokens:
@@ -138,32 +157,54 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                                  "row": torch.nn.Linear(width, grid), "column": torch.nn.Linear(width, grid),
                                  "readout": torch.nn.Linear(width, 2 * (len(PALETTE) + len(SHAPES) + 2 * grid))}).to(device)
     readout_sizes = [len(PALETTE), len(SHAPES), grid, grid] * 2  # the readout probe's 8 heads, in that order
+    vision_width = model.config.vision_config.hidden_size
+    tower_classes = {**getattr(data, "TOWER_TARGET_CLASSES", {}), "row": grid, "column": grid}
+    tower_probe = torch.nn.ModuleDict({name: torch.nn.Linear(vision_width, classes)
+                                       for name, classes in tower_classes.items()}).to(device)
     # position_weight: every image token's projector output must also say its patch row and column linearly, so the
     # LLM can compare where two objects are (which the sequence order alone made it learn only slowly)
     patch_index = torch.arange(num_tokens, device=device)
     rows, columns = patch_index // grid, patch_index % grid
-    params = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
+    params = (list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
+              + [(f"tower_probe.{n}", p) for n, p in tower_probe.named_parameters()])
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup, floor=0.1))
+    def schedule(step: int) -> float:  # the tower's pretraining, then the LLaVA training, each warmed up and decayed
+        if step < tower_steps:
+            return tower_lr / lr * lr_factor(step, tower_steps, warmup, floor=0.1)
+        return lr_factor(step - tower_steps, steps, warmup, floor=0.1)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     settings = dict(model_path=str(model_path), steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                     weight_decay=weight_decay, aux_weight=aux_weight, embed_std=embed_std, qk_std=qk_std, turns=turns,
                     text_loss=text_loss, clip=clip, seed=seed, position_weight=position_weight,
                     sincos_positions=sincos_positions, readout_weight=readout_weight, readout_layer=readout_layer,
-                    task=task, samples_seen=steps * batch_size)
+                    tower_steps=tower_steps, tower_lr=tower_lr, freeze_tower=freeze_tower, task=task,
+                    samples_seen=steps * batch_size)
     record = {"settings": settings, "validation": [], "loss_every_10_steps": [], "train_seconds": 0.0}
     start_step = 0
     if resume and checkpoint is not None and Path(checkpoint).is_file():
-        record, start_step = resume_checkpoint(checkpoint, modules={"model": model, "probe": probe}, optimizer=optimizer,
+        record, start_step = resume_checkpoint(checkpoint, modules={"model": model, "probe": probe,
+                                                                    "tower_probe": tower_probe}, optimizer=optimizer,
                                                scheduler=scheduler, settings=settings, log=log)
     losses = []
-    probe_hits = {"colour": [], "shape": [], "pair": [], "row": [], "column": [], "readout": []}
+    probe_hits = {"colour": [], "shape": [], "pair": [], "row": [], "column": [], "readout": [],
+                  **{f"tower_{name}": [] for name in tower_probe}}
     begin = time.perf_counter() - record["train_seconds"]
-    bar = tqdm(range(start_step, steps), desc="train step", unit="step", initial=start_step, total=steps,
+    total = tower_steps + steps
+    bar = tqdm(range(start_step, total), desc="train step", unit="step", initial=start_step, total=total,
                dynamic_ncols=True)
     for step in bar:
+        if step < tower_steps:
+            tower_loss = _tower_step(model, processor, tower_probe, data, seed, step, batch_size, grid, probe_hits)
+            optimizer_step(tower_loss, optimizer, scheduler, model.parameters(), clip)
+            losses.append(tower_loss.item())
+            _log_progress(step, total, tower_steps, losses, probe_hits, record, bar)
+            continue
+        if freeze_tower and model.model.vision_tower.training:
+            model.model.vision_tower.requires_grad_(False).eval()
         if turns > 1:
             samples = [make_conversation(seed, "train", step * batch_size + i, turns) for i in range(batch_size)]
             batch = encode_conversations(processor, samples, label_text=bool(text_loss),
@@ -208,18 +249,10 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                 target = target.repeat(len(samples))
                 loss = loss + position_weight * torch.nn.functional.cross_entropy(logits, target)
                 probe_hits[name].append((logits.argmax(-1) == target).float().mean().item())
-        optimizer_step(loss, optimizer, scheduler, model.parameters(), clip)
+        optimizer_step(loss, optimizer, scheduler, [p for p in model.parameters() if p.requires_grad], clip)
         losses.append(out.loss.item())
-        if (step + 1) % 10 == 0 or step + 1 == steps:
-            postfix = {"loss": f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"}
-            record["loss_every_10_steps"].append({"step": step + 1, "loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
-                                                  **{f"probe_{k}": round(sum(v[-10:]) / len(v[-10:]), 3)
-                                                     for k, v in probe_hits.items() if v}})
-            for name, hits in probe_hits.items():
-                if hits:
-                    postfix[f"probe_{name}"] = f"{sum(hits[-10:]) / len(hits[-10:]):.2f}"
-            bar.set_postfix(postfix)
-        if eval_every > 0 and ((step + 1) % eval_every == 0 or step + 1 == steps):
+        _log_progress(step, total, tower_steps, losses, probe_hits, record, bar)
+        if eval_every > 0 and ((step + 1 - tower_steps) % eval_every == 0 or step + 1 == total):
             record["train_seconds"] = round(time.perf_counter() - begin, 1)
             accuracy = evaluate_base(model, processor, val_size, seed, task, split="val")["accuracy"]
             model.train()
@@ -228,7 +261,8 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
             log(f"step {step + 1}: validation accuracy {accuracy['all']:.3f} ("
                 + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items() if k != "all") + ")")
             if checkpoint is not None:
-                save_checkpoint(checkpoint, modules={"model": model, "probe": probe}, optimizer=optimizer,
+                save_checkpoint(checkpoint, modules={"model": model, "probe": probe, "tower_probe": tower_probe},
+                                optimizer=optimizer,
                                 scheduler=scheduler, step=step + 1, record=record, settings=settings)
     train_seconds = time.perf_counter() - begin
     curve = record["loss_every_10_steps"]
@@ -250,6 +284,44 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
         write_json(tmp / METRICS_FILE, metrics)
     log(format_metrics(metrics))
     return metrics
+
+
+def _tower_step(model, processor, tower_probe, data, seed: int, step: int, batch_size: int, grid: int,
+                probe_hits: dict) -> torch.Tensor:
+    """One step of the tower's pretraining: the summed cross-entropy of the per-patch heads on the selected CLIP
+    feature layer (``data.patch_targets``, and each patch's row and column; images of the ``train`` split, indices far
+    from the LLaVA training's)."""
+    samples = [data.make_sample(seed, "train", (1 << 24) + step * batch_size + i) for i in range(batch_size)]
+    device = next(model.parameters()).device
+    pixel_values = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
+    hidden = model.model.vision_tower(pixel_values.to(device), output_hidden_states=True).hidden_states
+    features = hidden[model.config.vision_feature_layer][:, 1:]  # [B, grid^2, Dv], CLS dropped as LLaVA does
+    patch_index = torch.arange(grid * grid)
+    targets = [{**data.patch_targets(s, grid), "row": patch_index // grid, "column": patch_index % grid}
+               for s in samples]
+    loss = features.new_zeros(())
+    for name, head in tower_probe.items():
+        target = torch.stack([t[name] for t in targets]).to(device).flatten()
+        logits = head(features).flatten(0, 1)
+        loss = loss + torch.nn.functional.cross_entropy(logits, target)
+        if name in ("row", "column"):
+            on_object = torch.ones_like(target, dtype=torch.bool)
+        else:  # accuracy on object patches (the background is most patches)
+            on_object = torch.stack([t["colour"] for t in targets]).to(device).flatten() > 0
+        probe_hits[f"tower_{name}"].append((logits[on_object].argmax(-1) == target[on_object]).float().mean().item())
+    return loss
+
+
+def _log_progress(step: int, total: int, tower_steps: int, losses: list, probe_hits: dict, record: dict, bar) -> None:
+    """Every 10 steps: the mean loss and probe accuracies of the last 10 steps to the JSON log and the progress bar."""
+    if not ((step + 1) % 10 == 0 or step + 1 == total or step + 1 == tower_steps):
+        return
+    tower = step < tower_steps
+    recent = {k: v for k, v in probe_hits.items() if v and k.startswith("tower_") == tower}
+    loss = sum(losses[-10:]) / len(losses[-10:])
+    record["loss_every_10_steps"].append({"step": step + 1, "phase": "tower" if tower else "llava", "loss": round(loss, 4),
+                                          **{f"probe_{k}": round(sum(v[-10:]) / len(v[-10:]), 3) for k, v in recent.items()}})
+    bar.set_postfix({"loss": f"{loss:.3f}", **{f"probe_{k}": f"{sum(v[-10:]) / len(v[-10:]):.2f}" for k, v in recent.items()}})
 
 
 def format_metrics(metrics: dict) -> str:

@@ -16,6 +16,10 @@ by the same code, at the same places).
   vision features entering the LLM (projector outputs), cosine distance, the greedy solution of
   the paper: first the token whose nearest neighbour is farthest, then repeatedly the token
   farthest from the selected set.
+* :class:`VisionZipSelector` (layer 0; VisionZip, Yang et al. 2025): the dominant tokens by the vision
+  tower's CLS attention in its feature layer (``tower_cls_attention``, recorded by a fence in the forked
+  ``get_image_features``), plus contextual tokens that merge the remaining ones into a few targets; the
+  merged states replace the targets' (a :class:`~pruning.selection.Selection`).
 
 Token budget (documented choice)
 --------------------------------
@@ -37,7 +41,7 @@ import torch
 
 from pruning.common import round_half_up
 from pruning.llava.config import keep_count
-from pruning.selection import SELECTORS, SelectionContext, Selector, make_selector, register_selector, topk_keep
+from pruning.selection import SELECTORS, Selection, SelectionContext, Selector, make_selector, register_selector, topk_keep
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -117,6 +121,84 @@ class DivPruneSelector:
 
     def __call__(self, ctx: SelectionContext) -> torch.Tensor:
         return self.select_diverse(ctx.vision_hidden, ctx.alive, _k_for(ctx, self.keep))
+
+
+@register_selector("visionzip")
+class VisionZipSelector:
+    """VisionZip (Yang et al. 2025): ``keep`` tokens = the dominant ones, the top of the vision tower's CLS attention,
+    plus contextual tokens that merge the rest.
+
+    Of ``keep``, ``round(keep * dominant_share)`` (54 / 64 in the paper, at every budget) are the patches the tower's
+    CLS token attends to most in its feature layer (``ctx.vision_attention``). The others become ``keep - dominant``
+    contextual tokens: targets taken uniformly (every ``r // c``-th of the ``r`` remaining tokens, in order), every other
+    remaining token assigned to its most similar target (cosine), and each contextual token = its target + the mean of
+    its assigned tokens (the paper's code). A contextual token sits at its target's place in the sequence.
+
+    Two documented differences from the paper, both from running at the LLM input through the selector protocol:
+    the merge is on the projected features (the paper merges CLIP features before the projector) and the similarity
+    is measured on them (the paper uses the feature layer's keys).
+    """
+
+    name = "visionzip"
+    needs_vision_attention = True  # the forked get_image_features records it (tower_cls_attention)
+
+    def __init__(self, keep: int, dominant_share: float = 54 / 64) -> None:
+        if not 0.0 < dominant_share <= 1.0:
+            raise ValueError(f"dominant_share={dominant_share} must be in (0, 1]")
+        self.keep, self.dominant_share = keep, dominant_share
+
+    def __call__(self, ctx: SelectionContext) -> Selection:
+        if ctx.vision_attention is None:
+            raise ValueError("VisionZip ranks patches by the vision tower's CLS attention: run it through the forked "
+                             "LLaVA's vision_pruning (which records it) before the first LLM layer")
+        k = _k_for(ctx, self.keep)
+        dominant_count = max(1, min(k, round_half_up(k * self.dominant_share)))
+        contextual_count = k - dominant_count
+        dominant = topk_keep(ctx.vision_attention, ctx.alive, dominant_count)  # [B, Vc]
+        hidden = ctx.vision_hidden.clone()
+        keep = dominant.clone()
+        rest = (ctx.alive > 0.5) & (dominant < 0.5)  # [B, Vc]
+        if contextual_count > 0:
+            for row in range(hidden.shape[0]):
+                remaining = rest[row].nonzero().flatten()  # ascending
+                if remaining.numel() == 0:
+                    continue
+                step = max(1, remaining.numel() // contextual_count)
+                targets = remaining[::step][:contextual_count]
+                others = remaining[~torch.isin(remaining, targets)]
+                keep[row, targets] = 1.0
+                if others.numel() == 0:
+                    continue
+                features = torch.nn.functional.normalize(ctx.vision_hidden[row].float(), dim=-1)
+                nearest = (features[others] @ features[targets].T).argmax(-1)  # [others] -> target slot
+                sums = torch.zeros(len(targets), hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+                sums.index_add_(0, nearest, ctx.vision_hidden[row, others].float())
+                counts = torch.bincount(nearest, minlength=len(targets)).clamp(min=1)[:, None]
+                hidden[row, targets] = (ctx.vision_hidden[row, targets].float() + sums / counts).to(hidden.dtype)
+        return Selection(keep, hidden)
+
+
+def tower_cls_attention(vision_tower: torch.nn.Module, hidden_states: tuple[torch.Tensor, ...],
+                        feature_layer: int) -> torch.Tensor:
+    """``[n_img, N]``: the attention the CLS token gives each patch in the CLIP encoder layer that produces
+    ``hidden_states[feature_layer]`` (softmax over CLS + patches, mean over heads; CLS's own weight dropped).
+
+    Computed from that layer's own pre-attention LayerNorm, query and key projections on its input
+    ``hidden_states[feature_layer - 1]``, for the CLS query only: what ``output_attentions=True`` returns with eager
+    attention (tested), which SDPA does not return."""
+    encoder_layers = getattr(vision_tower, "vision_model", vision_tower).encoder.layers
+    index = feature_layer % len(hidden_states)  # hidden_states[i] is the output of encoder layer i - 1
+    if index < 1:
+        raise ValueError(f"vision_feature_layer={feature_layer} selects the embeddings, which no attention produced")
+    layer = encoder_layers[index - 1]
+    attention = layer.self_attn
+    x = layer.layer_norm1(hidden_states[index - 1])  # [n_img, 1 + N, Dv]
+    n_img, length, _ = x.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    query = attention.q_proj(x[:, :1]).view(n_img, 1, heads, head_dim).transpose(1, 2)  # [n_img, H, 1, d]
+    key = attention.k_proj(x).view(n_img, length, heads, head_dim).transpose(1, 2)  # [n_img, H, 1 + N, d]
+    weights = ((query @ key.transpose(-1, -2)) * attention.scale).float().softmax(-1)  # [n_img, H, 1, 1 + N]
+    return weights[:, :, 0, 1:].mean(1)
 
 
 # ----------------------------------------------------------------------------- budgets
@@ -208,24 +290,31 @@ def schedule_selectors(schedule: Schedule, seed: int = 0) -> dict[int, "Selector
     return {schedule.selector_layer: make_selector(schedule.method, keep=schedule.keep, **options)}
 
 
+BASELINES = ("random", "fastv", "divprune", "visionzip")
+"""The training-free methods system C compares against, in table order."""
+
+
 def baseline_schedule(method: str, budget: float, num_layers: int, num_vision: int, fastv_layer: int = 2) -> Schedule:
     if method == "fastv":
         return fastv_schedule(budget, num_layers, num_vision, fastv_layer)
-    if method in ("random", "divprune"):
+    if method in ("random", "divprune", "visionzip"):
         return one_shot_schedule(method, budget, num_layers, num_vision)
-    raise ValueError(f"unknown baseline {method!r}; allowed: random, fastv, divprune")
+    raise ValueError(f"unknown baseline {method!r}; allowed: {', '.join(BASELINES)}")
 
 
 __all__ = [
     "DivPruneSelector",
     "FastVSelector",
     "RandomSelector",
+    "VisionZipSelector",
+    "BASELINES",
     "Schedule",
     "baseline_schedule",
     "fastv_schedule",
     "learned_layer_tokens",
     "learned_schedule",
     "schedule_selectors",
+    "tower_cls_attention",
     "one_shot_schedule",
     "topk_keep",
 ]

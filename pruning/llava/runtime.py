@@ -72,7 +72,7 @@ from pruning.llava.config import (
     scale_pruning_layers,
 )
 from pruning.llava.modules import LayerPruner, MergerOutput, TokenMerger, keep_mask
-from pruning.selection import SelectionContext, Selector
+from pruning.selection import Selection, SelectionContext, Selector
 
 MASK_EPS = 1e-20
 """Keep-policy floor of the training-time attention bias ``log(keep + MASK_EPS)`` (-46 for a dropped key)."""
@@ -217,6 +217,12 @@ class VisionTokenPruning(nn.Module):
         """Whether stage 1 (the merger) runs in this pass."""
         return self.enabled and self.merger is not None
 
+    @property
+    def needs_vision_attention(self) -> bool:
+        """Whether a selector ranks patches by the vision tower's CLS attention (VisionZip), which the forked
+        ``get_image_features`` then records."""
+        return self.enabled and any(getattr(s, "needs_vision_attention", False) for s in self.selectors.values())
+
     def selection_layers(self) -> list[int]:
         layers = set(self.selectors)
         if self.pruners is not None and self.use_learned_pruners:
@@ -279,10 +285,16 @@ class VisionTokenPruning(nn.Module):
 
     # ------------------------------------------------------------------ selection
 
-    def select(self, ctx: SelectionContext) -> torch.Tensor:
-        """Keep mask ``[B, Vc]`` at ``ctx.layer_idx`` (a selector override, else the learned pruner)."""
+    def select(self, ctx: SelectionContext) -> torch.Tensor | Selection:
+        """Keep mask ``[B, Vc]`` at ``ctx.layer_idx`` (a selector override, else the learned pruner), or a merging
+        selector's :class:`~pruning.selection.Selection` (drop mode only)."""
         if ctx.layer_idx in self.selectors:
             keep = self.selectors[ctx.layer_idx](ctx)
+            if isinstance(keep, Selection):
+                if ctx.mode == "mask":
+                    raise ValueError(f"selector {type(self.selectors[ctx.layer_idx]).__name__} merges tokens, which "
+                                     "only drop mode (inference) supports: set vision_pruning.mode = 'drop'")
+                return Selection(keep.keep.to(ctx.alive.dtype), keep.hidden)
             return keep.to(ctx.alive.dtype) * (ctx.alive if ctx.mode == "mask" else 1.0)
         pruner = self.pruners[str(ctx.layer_idx)]
         logits = pruner(ctx.vision_hidden, ctx.question_hidden, ctx.question_mask, alive=ctx.alive.detach() > 0.5)
@@ -374,6 +386,7 @@ class LlavaPruningPass:
         self.merger_output: MergerOutput | None = None
         self.merge_keep: torch.Tensor | None = None  # [n_img, N] placeholders holding a merged token
         self.image_token_mask: torch.Tensor | None = None  # [B, T] image placeholders of this call
+        self.vision_attention: torch.Tensor | None = None  # [n_img, N] tower CLS attention (VisionZip-style selectors)
         self.trace: PruningTrace | None = None
         self.kept_rows: torch.Tensor | None = None  # [B, T_out] prompt rows of the returned sequence (drop mode)
         self.prefill = False  # set by begin_language_model: a prompt with images is being pruned
@@ -432,6 +445,11 @@ class LlavaPruningPass:
     def set_image_tokens(self, image_token_mask: torch.Tensor | None) -> None:
         """``[B, T]`` image placeholder rows of this call (None: no image in this call)."""
         self.image_token_mask = image_token_mask
+
+    def set_vision_attention(self, vision_attention: torch.Tensor | None) -> None:
+        """``[n_img, N]`` attention the vision tower's CLS token gives each patch in its feature layer (recorded only
+        when a selector needs it; :func:`pruning.llava.baselines.tower_cls_attention`)."""
+        self.vision_attention = vision_attention
 
     def _question_mask(self) -> torch.Tensor | None:
         if self.question_mask is not None:
@@ -562,6 +580,8 @@ class LlavaPruningPass:
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
             previous_layer_attention=self.last_row_attention.get(layer_idx - 1),
+            vision_attention=(None if self.vision_attention is None
+                              else self.vision_attention.to(hidden.device).reshape(vision_cols.shape[0], -1).gather(1, vision_cols)),
             training=self.pruning.training,
             temperature=self.pruning.temperature,
             generator=self.pruning.generator,
@@ -598,7 +618,13 @@ class LlavaPruningPass:
                                 torch.ones(vis_rows.shape, dtype=hidden.dtype, device=device),
                                 r.alive_cols, r.is_question, r.attention_mask, state["cos_sin"])
             with torch.no_grad():
-                keep_vis = self.pruning.select(ctx).detach() > 0.5
+                chosen = self.pruning.select(ctx)
+            if isinstance(chosen, Selection):  # a merging selector: its kept tokens carry new hidden states
+                d = state["hidden"].shape[-1]
+                state["hidden"] = state["hidden"].scatter(1, vis_rows[..., None].expand(-1, -1, d),
+                                                          chosen.hidden.to(state["hidden"].dtype))
+                chosen = chosen.keep
+            keep_vis = chosen.detach() > 0.5
             full = torch.zeros(b, r.num_vision, dtype=torch.bool, device=device)
             full.scatter_(1, r.alive_cols, keep_vis)
             trace.keep[i] = full
