@@ -93,6 +93,100 @@ def scaled_model(scale: int, device: str = "cpu", dtype: str = "float32"):
     return model.eval().requires_grad_(False), patches * patches
 
 
+class LlavaOracle:
+    """What a method's kept token counts cost by themselves, from upstream parts only.
+
+    The CLIP tower on the image, the projector on the rows that enter the LLM (all of them, or the learned merger's
+    ``M``), then transformers' own (unforked) ``LlamaModel``, split where the vision-token count changes, each part
+    run on random embeddings of exactly the length its layers process (the first rows go on), with its own KV cache,
+    and the LM head on the last row: no merger, no pruner head, no selector, no bookkeeping. The upstream layers are
+    one copy of the benchmarked model's weights, shared by every split."""
+
+    def __init__(self, model):
+        from transformers.models.llama.modeling_llama import LlamaModel as UpstreamLlamaModel
+
+        language_model = model.model.language_model
+        self.model, self.config, self.upstream_class = model, language_model.config, UpstreamLlamaModel
+        self.full = UpstreamLlamaModel(self.config).to(dtype=language_model.dtype, device=language_model.device).eval()
+        self.full.load_state_dict(language_model.state_dict(), strict=True)  # the fork has upstream's layout
+        self.parts: dict = {}
+
+    def part(self, first: int, last: int):
+        """Upstream ``LlamaModel`` running layers ``first..last - 1`` of the shared copy (final norm only at the end)."""
+        import copy
+
+        import torch
+
+        if (first, last) not in self.parts:
+            config = copy.deepcopy(self.config)
+            config.num_hidden_layers = 0
+            with torch.device("meta"):  # every module below is the shared copy's
+                part = self.upstream_class(config)
+            config.num_hidden_layers = last - first
+            if getattr(config, "layer_types", None) is not None:
+                config.layer_types = self.config.layer_types[first:last]
+            part.embed_tokens, part.rotary_emb = self.full.embed_tokens, self.full.rotary_emb
+            part.layers = torch.nn.ModuleList(self.full.layers[first:last])
+            part.norm = self.full.norm if last == self.config.num_hidden_layers else torch.nn.Identity()
+            self.parts[(first, last)] = part.eval()
+        return self.parts[(first, last)]
+
+    def groups(self, layer_tokens: list[int]) -> list[tuple[int, int, int]]:
+        """``(first, last, vision tokens)`` of each run of layers with the same vision-token count."""
+        out = []
+        for layer, tokens in enumerate(layer_tokens):
+            if out and out[-1][2] == tokens:
+                out[-1] = (out[-1][0], layer + 1, tokens)
+            else:
+                out.append((layer, layer + 1, tokens))
+        return out
+
+    def prefill(self, pixel_values, projected_rows: int, text_len: int, layer_tokens: list[int], generator) -> None:
+        """One oracle prefill (timed by the caller)."""
+        import torch
+
+        model = self.model
+        tower = model.model.vision_tower(pixel_values, output_hidden_states=model.config.vision_feature_layer)
+        features = tower.hidden_states[model.config.vision_feature_layer][:, 1:1 + projected_rows]
+        model.model.multi_modal_projector(features)
+        batch, width = pixel_values.shape[0], self.config.hidden_size
+        weight = self.full.layers[0].self_attn.q_proj.weight
+        hidden = torch.randn(batch, text_len + layer_tokens[0], width, generator=generator).to(weight.device, weight.dtype)
+        model.lm_head(self.language_model(hidden, text_len, layer_tokens)[:, -1:])
+
+    def language_model(self, inputs_embeds, text_len: int, layer_tokens: list[int]):
+        """``[B, text_len + layer_tokens[0], D]`` -> ``[B, text_len + layer_tokens[-1], D]`` last hidden state: each
+        group of layers on the first ``text_len + tokens`` rows of what the one before returned."""
+        import torch
+        from transformers import DynamicCache
+
+        hidden = inputs_embeds
+        for first, last, tokens in self.groups(layer_tokens):
+            hidden = hidden[:, : text_len + tokens]
+            positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            hidden = self.part(first, last)(inputs_embeds=hidden, position_ids=positions, past_key_values=DynamicCache(),
+                                            use_cache=True).last_hidden_state
+        return hidden
+
+
+def pruning_heads_prefill(pruning, batch: int, num_vision: int, text_len: int, layer_tokens: list[int], device,
+                          dtype, generator) -> None:
+    """The learned stages' own work alone on inputs of the right shapes (timed by the caller): the merger on the
+    ``N`` CLIP features, then each pruner head on the vision tokens entering its layer and the question rows."""
+    import torch
+
+    merger = pruning.merger
+    features = torch.randn(batch, num_vision, merger.norm.normalized_shape[0], generator=generator).to(device, dtype)
+    merger(features, temperature=pruning.temperature)
+    text_dim = next(iter(pruning.pruners.values())).vision_norm.normalized_shape[0]
+    question = torch.randn(batch, text_len, text_dim, generator=generator).to(device, dtype)
+    mask = torch.ones(batch, text_len, dtype=torch.bool, device=device)
+    for layer in pruning.pruning_layers:
+        vision = torch.randn(batch, layer_tokens[max(0, layer - 1)], text_dim, generator=generator).to(device, dtype)
+        pruning.pruners[str(layer)](vision, question, mask, alive=torch.ones(vision.shape[:2], dtype=torch.bool,
+                                                                              device=device))
+
+
 def main() -> int:
     args = parse_args()
     import torch
@@ -130,7 +224,7 @@ def main() -> int:
               "pixel_values": pixels.to(args.device, getattr(torch, args.dtype))}
     synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
-    runs = [{"method": "unpruned", "budget": 1.0, "attach": lambda: None,
+    runs = [{"method": "unpruned", "budget": 1.0, "attach": lambda: None, "projected_rows": num_vision,
              "flops": (prefill_flops(shape, [num_vision] * 32), prefill_flops(real, [real.num_vision] * 32)),
              "tokens": [num_vision] * 32}]
 
@@ -141,25 +235,27 @@ def main() -> int:
         def attach():
             pruning = attach_pruning(model, cfg)
             pruning.keep_ratios = dict(zip(pruning.pruning_layers, sched.keep_ratios))
+            pruning.merger.target_merge_tokens = sched.merged
             pruning.eval()
 
-        def flops(s, sh, m, sched_):
-            return prefill_flops(sh, sched_.layer_tokens, merged=m, pruner_layers=layers,
+        def flops(sh, sched_):
+            return prefill_flops(sh, sched_.layer_tokens, merged=sched_.merged, pruner_layers=layers,
                                  pruner_vision=[sched_.layer_tokens[max(0, l - 1)] for l in layers])
         return {"method": "learned", "budget": budget, "attach": attach, "tokens": list(sched.layer_tokens),
-                "flops": (flops(sched, shape, merged, sched), flops(real_sched, real, real_merged, real_sched))}
+                "projected_rows": sched.merged, "keep_ratios": sched.keep_ratios,
+                "flops": (flops(shape, sched), flops(real, real_sched))}
 
     def baseline(method, budget):
         sched = baseline_schedule(method, budget, 32, num_vision)
         real_sched = baseline_schedule(method, budget, 32, real.num_vision)
-        return {"method": method, "budget": budget, "tokens": list(sched.layer_tokens),
+        return {"method": method, "budget": budget, "tokens": list(sched.layer_tokens), "projected_rows": num_vision,
                 "attach": lambda: attach_pruning(model, use_merger=False, use_pruners=False,
                                                  selectors=schedule_selectors(sched)).eval(),
                 "flops": (prefill_flops(shape, sched.layer_tokens), prefill_flops(real, real_sched.layer_tokens))}
 
     runs.append(learned(None))
     for budget in args.budgets:
-        runs += [learned(budget)] + [baseline(m, budget) for m in ("random", "fastv", "divprune")]
+        runs += [learned(budget)] + [baseline(m, budget) for m in ("random", "fastv", "divprune", "visionzip")]
 
     @torch.no_grad()
     def timed(run) -> float:
@@ -172,21 +268,52 @@ def main() -> int:
         detach_pruning(model)
         return seconds
 
+    oracle = LlavaOracle(model)
+    heads = attach_pruning(model, cfg).eval()  # the learned stages' modules, timed alone (untrained: same cost)
+    detach_pruning(model)
+
+    @torch.no_grad()
+    def timed_oracle(run) -> float:
+        synchronize()
+        start = time.perf_counter()
+        oracle.prefill(inputs["pixel_values"], run["projected_rows"], text_len, run["tokens"], g)
+        synchronize()
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def timed_heads(run) -> float:
+        if run["method"] != "learned":
+            return 0.0
+        heads.keep_ratios = dict(zip(heads.pruning_layers, run["keep_ratios"]))
+        synchronize()
+        start = time.perf_counter()
+        pruning_heads_prefill(heads, args.batch_size, num_vision, text_len - before, run["tokens"], args.device,
+                              getattr(torch, args.dtype), g)
+        synchronize()
+        return time.perf_counter() - start
+
     from tqdm.auto import tqdm
 
+    measures = {"prefill": timed, "oracle": timed_oracle, "heads": timed_heads}
     for run in runs:  # warm-up
-        timed(run)
-    times = {i: [] for i in range(len(runs))}
-    for _ in tqdm(range(args.repeats), desc="interleaved rounds"):
+        for measure in measures.values():
+            measure(run)
+    samples = {i: {name: [] for name in measures} for i in range(len(runs))}
+    for _ in tqdm(range(args.repeats), desc="interleaved rounds (every method, its oracle and heads once)"):
         for i, run in enumerate(runs):
-            times[i].append(timed(run))
+            for name, measure in measures.items():
+                samples[i][name].append(measure(run))
+    times = {i: samples[i]["prefill"] for i in samples}
     base_time = statistics.median(times[0])
     results = []
     for i, run in enumerate(runs):
         t = statistics.median(times[i])
         scaled_flops, real_flops = run["flops"]
+        oracle_s, heads_s = statistics.median(samples[i]["oracle"]), statistics.median(samples[i]["heads"])
         results.append({
             "method": run["method"], "budget": run["budget"],
+            "oracle_prefill_seconds_median": oracle_s, "heads_seconds_median": heads_s,
+            "prefill_over_oracle_plus_heads": t / (oracle_s + heads_s),
             "achieved_budget": sum(run["tokens"]) / (32 * num_vision),
             "vision_tokens_per_layer": run["tokens"],
             "prefill_seconds_median": t, "prefill_seconds_all": times[i],
@@ -209,11 +336,14 @@ def main() -> int:
              else f"{torch.get_num_threads()} CPU threads")
     print(f"LLaVA-1.5-7B proportions / {scale}: {num_vision} vision + {text_len} text tokens, hidden {shape.hidden}, "
           f"32 layers, batch {args.batch_size}, {args.dtype} on {where}; unpruned prefill {base_time * 1e3:.1f} ms")
-    print(f"{'method':<10}{'budget':>8}{'achieved':>10}{'speedup':>9}{'FLOPs ratio (scaled)':>22}{'(real 7B)':>11}")
+    print(f"{'method':<10}{'budget':>8}{'achieved':>10}{'speedup':>9}{'FLOPs ratio (scaled)':>22}{'(real 7B)':>11}"
+          f"{'oracle':>9}{'heads':>8}{'/(oracle+heads)':>17}")
     for r in results:
         budget = "trained" if r["budget"] is None else f"{r['budget']:.2f}"
         print(f"{r['method']:<10}{budget:>8}{r['achieved_budget']:>10.3f}{r['speedup']:>8.2f}x"
-              f"{r['flops_ratio_scaled']:>22.3f}{r['flops_ratio_real']:>11.3f}")
+              f"{r['flops_ratio_scaled']:>22.3f}{r['flops_ratio_real']:>11.3f}"
+              f"{r['oracle_prefill_seconds_median'] * 1e3:>7.1f}ms{r['heads_seconds_median'] * 1e3:>6.1f}ms"
+              f"{r['prefill_over_oracle_plus_heads']:>17.2f}")
     print(f"wrote {args.stats_json}")
     return 0
 

@@ -329,6 +329,8 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
         tiny = learned_schedule(budget, num_layers, v, pruning.merger.target_merge_tokens if pruning.merger else v,
                                 pruning.pruning_layers, list(cfg.pruner.keep_ratios))
         pruning.keep_ratios = dict(zip(pruning.pruning_layers, tiny.keep_ratios))
+        if pruning.merger is not None:  # below what the trained merger costs alone, it keeps fewer centres
+            pruning.merger.target_merge_tokens = tiny.merged
         return tiny
 
     def attach_baseline(method, budget):
@@ -343,7 +345,7 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
         seconds = prefill_seconds()
         detach_pruning(model)
         pruned_in = [real_sched.layer_tokens[max(0, l - 1)] for l in real_layers]
-        flops = prefill_flops(real, real_sched.layer_tokens, merged=real_merged, pruner_layers=real_layers,
+        flops = prefill_flops(real, real_sched.layer_tokens, merged=real_sched.merged, pruner_layers=real_layers,
                               pruner_vision=pruned_in)
         record(name, budget, tiny, flops, answers, trajectory, layer_tokens, seconds)
 

@@ -427,6 +427,7 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
         adversarial_losses,
         answer_position_mask,
         merge_sparsity_loss,
+        paired_feature_matching,
         task_loss,
         token_budget_loss,
         total_generator_loss,
@@ -580,6 +581,8 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
                 disc.requires_grad_(True)
                 _, g_adv = adversarial_losses(d_real, d_fake)
                 parts = {"adv": g_adv, "task": task_loss(fake_out.logits, labels)}
+                if cfg.loss.feature_match_weight > 0:
+                    parts["feature_match"] = paired_feature_matching(real, fake, answer_rows)
                 if trace.merger_output is not None:
                     parts["merge_sparsity"] = merge_sparsity_loss(trace.merger_output.assignment)
                 if cfg.loss.budget_loss_weight > 0 and trace.keep:

@@ -297,6 +297,22 @@ def test_losses_are_finite_and_weighted_by_the_config():
         total_generator_loss({"nope": torch.tensor(1.0)}, cfg)
 
 
+def test_paired_feature_matching_is_the_relative_squared_distance_at_the_answer_rows() -> None:
+    from pruning.llava.modules import paired_feature_matching
+
+    real = torch.tensor([[[3.0, 4.0], [1.0, 0.0]], [[0.0, 2.0], [9.0, 9.0]]])  # [B=2, T=2, D=2]
+    fake = torch.tensor([[[3.0, 5.0], [7.0, 7.0]], [[1.0, 2.0], [0.0, 0.0]]], requires_grad=True)
+    rows = torch.tensor([[True, False], [True, False]])
+    loss = paired_feature_matching(real, fake, rows)
+    assert math.isclose(loss.item(), (1.0 + 1.0) / (25.0 + 4.0), rel_tol=1e-6)  # rows (0,0) and (1,0) only
+    loss.backward()
+    assert fake.grad[:, 1].abs().sum() == 0  # no gradient through the rows not compared
+    assert paired_feature_matching(real, real.clone(), rows).item() == 0.0
+    assert paired_feature_matching(real, fake, torch.zeros(2, 2, dtype=torch.bool)).item() == 0.0
+    cfg = LossConfig(feature_match_weight=4.0)
+    assert math.isclose(total_generator_loss({"feature_match": torch.tensor(0.5)}, cfg).item(), 2.0)
+
+
 # ----------------------------------------------------------------------------- schedules, layers
 
 

@@ -138,6 +138,15 @@ def test_budget_schedules_meet_the_budget() -> None:
     assert baseline_schedule("fastv", 0.25, 8, 64).selector_layer == 1  # too small a budget for K=2
 
 
+def test_below_what_the_merger_costs_alone_the_learned_schedule_merges_fewer_tokens() -> None:
+    """Budget 0.1 of 256 tokens in 8 layers: 128 merged tokens in layers 0-1 alone exceed it, so the merger keeps
+    round(0.1 * 256) = 26 centres and the pruners do the rest; the budget is met."""
+    sched = learned_schedule(0.1, 8, 256, 128, [2, 4, 7], [0.7, 0.75, 0.67])
+    assert sched.merged == 26 and sched.layer_tokens[:2] == (26, 26)
+    assert abs(sched.achieved - 0.1) < 0.01
+    assert learned_schedule(0.25, 8, 256, 128, [2, 4, 7], [0.7, 0.75, 0.67]).merged == 128  # feasible: unchanged
+
+
 def test_topk_keep_and_divprune_respect_alive_and_count() -> None:
     alive = torch.tensor([[1.0, 1, 0, 1, 1, 0]])
     keep = topk_keep(torch.tensor([[5.0, 1, 9, 3, 2, 8]]), alive, 2)

@@ -29,7 +29,8 @@ layer (``sum_l V_l / (L * V)``), which is what the LLM's vision-token FLOPs scal
 method pruning once before layer 0 that is simply the kept fraction; FastV at layer ``K`` keeps
 ``x`` with ``(K V + (L - K) x) / (L V) = b`` (``K`` is lowered when ``b`` is too small for it);
 the learned method keeps its trained merger (50%) and scales its per-layer keep ratios
-``r_i -> r_i ** alpha`` (bisection on ``alpha``) to meet ``b`` as closely as integer counts allow.
+``r_i -> r_i ** alpha`` (bisection on ``alpha``) to meet ``b`` as closely as integer counts allow; below what
+the merger's tokens alone cost before the first pruning layer, the merger keeps ``round(b V)`` centres.
 """
 
 from __future__ import annotations
@@ -256,7 +257,15 @@ def learned_layer_tokens(num_layers: int, num_vision: int, merged: int, pruning_
 
 def learned_schedule(budget: float | None, num_layers: int, num_vision: int, merged: int,
                      pruning_layers: Sequence[int], keep_ratios: Sequence[float]) -> Schedule:
-    """The learned method at ``budget`` (None: as trained): keep ratios ``r ** alpha``, merger fixed."""
+    """The learned method at ``budget`` (None: as trained): keep ratios ``r ** alpha``, merger fixed; below the
+    budget the fixed merger alone costs (its ``merged`` tokens in every layer before the first pruning layer), the
+    merger keeps ``round(budget * num_vision)`` tokens instead (it picks its centres by rank, so any count runs)."""
+    target_tokens = None if budget is None else budget * num_layers * num_vision
+    if target_tokens is not None and pruning_layers:
+        floor = sum(learned_layer_tokens(num_layers, num_vision, merged, pruning_layers, [0.0] * len(keep_ratios)))
+        if floor > target_tokens:
+            merged = max(1, min(merged, round_half_up(budget * num_vision)))
+
     def tokens_for(alpha: float) -> tuple[int, ...]:
         return learned_layer_tokens(num_layers, num_vision, merged, pruning_layers,
                                     [min(1.0, r ** alpha) for r in keep_ratios])

@@ -486,6 +486,20 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True, ig
     return F.cross_entropy(logits, labels, ignore_index=ignore_index)
 
 
+def paired_feature_matching(real: torch.Tensor, fake: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Relative squared distance between the pruned (``fake``) and unpruned (``real``) hidden states of the same
+    prompts at ``rows`` (the answer rows): ``sum ||fake - real||^2 / sum ||real||^2``, ``[B, T, D]`` x2, ``[B, T]`` ->
+    scalar; 0 (with a graph) when no row is selected.
+
+    The paired signal a discriminator only approximates: it compares each pruned state with its own unpruned
+    counterpart rather than with the distribution of unpruned states (an addition, ``feature_match_weight``)."""
+    rows = rows.bool()
+    if not rows.any():
+        return fake.sum() * 0.0
+    real_rows, fake_rows = real[rows].float(), fake[rows].float()
+    return (fake_rows - real_rows.detach()).pow(2).sum() / real_rows.detach().pow(2).sum().clamp(min=1e-12)
+
+
 def merge_sparsity_loss(assignment: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean entropy of the assignment rows, normalised by ``log M``: ``[B, N, M]`` -> scalar in [0, 1].
 
@@ -518,6 +532,7 @@ def token_budget_loss(masks: Sequence[torch.Tensor], target_ratios: Sequence[flo
 
 _LOSS_WEIGHTS = {
     "adv": "adv_loss_weight",
+    "feature_match": "feature_match_weight",
     "task": "task_loss_weight",
     "merge_sparsity": "merge_sparsity_weight",
     "budget": "budget_loss_weight",
