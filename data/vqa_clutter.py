@@ -384,5 +384,10 @@ def readout_targets(shapes: Sequence[Shape], asked: Sequence[int], grid: int = G
 
 def asked_patches(sample: ClutterSample, grid: int = GRID) -> np.ndarray:
     """``[grid * grid]`` bool: the patches whose main object is one the question needs (``sample.asked``)."""
-    objects = patch_objects(sample.shapes, grid)
-    return np.isin(objects - 1, np.asarray(sample.asked, dtype=np.int64)) & (objects > 0)
+    return object_patches(sample.shapes, sample.asked, grid)
+
+
+def object_patches(shapes: Sequence[Shape], objects: Sequence[int], grid: int = GRID) -> np.ndarray:
+    """``[grid * grid]`` bool: the patches whose main object is one of ``objects`` (indices into ``shapes``)."""
+    main = patch_objects(shapes, grid)
+    return np.isin(main - 1, np.asarray(objects, dtype=np.int64)) & (main > 0)

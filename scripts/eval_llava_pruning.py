@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="learned stages from train_llava_pruner.py (default: %(default)s)")
     parser.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "vision_token_pruning.yaml",
                         help="config of the 'untrained' stages when no checkpoint is evaluated (default: %(default)s)")
-    parser.add_argument("--budgets", default="0.25,0.35,0.5", help="token budgets (default: %(default)s)")
+    parser.add_argument("--budgets", default=None,
+                        help="token budgets (default: 0.25,0.35,0.5 on shapes, 0.1,0.25,0.35,0.5 on clutter)")
     parser.add_argument("--methods", default=",".join(METHODS), help="methods to run (default: %(default)s)")
     parser.add_argument("--task", default="shapes", choices=("shapes", "clutter"),
                         help="shapes: the plain 112 px task; clutter: the cluttered 224 px scenes (default: %(default)s)")
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--visualize-count", type=int, default=4, help="questions drawn (default: %(default)s)")
     parser.add_argument("--visualize-budget", type=float, default=0.25, help="budget drawn (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.budgets is None:
+        args.budgets = "0.1,0.25,0.35,0.5" if args.task == "clutter" else "0.25,0.35,0.5"
     budgets, methods = parse_budgets(args.budgets), parse_methods(args.methods)
     if args.visualize is not None:
         check_output_dir(args.visualize, "--visualize")

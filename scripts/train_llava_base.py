@@ -68,7 +68,8 @@ from models.tiny.llava_vqa import (
 
 MINIMUMS = {"steps": 1, "batch_size": 1, "eval_size": 1, "turns": 1, "warmup": 0, "weight_decay": 0.0,
             "aux_weight": 0.0, "embed_std": 0.0, "qk_std": 0.0, "clip": 0.0, "seed": 0, "position_weight": 0.0,
-            "sincos_positions": 0.0, "readout_weight": 0.0, "tower_steps": 0, "freeze_tower": 0}
+            "sincos_positions": 0.0, "readout_weight": 0.0, "tower_steps": 0, "freeze_tower": 0, "attention_weight": 0.0,
+            "value_weight": 0.0}
 """Smallest allowed value of each training setting (``lr`` must be > 0, ``text_loss`` 0 or 1; ``readout_layer`` an
 index into the LLM's hidden states, checked against the model)."""
 

@@ -476,3 +476,25 @@ def test_pruner_training_resumed_from_a_checkpoint_ends_where_the_uninterrupted_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda hist: [{k: v for k, v in h.items() if k != "seconds"} for h in hist]  # noqa: E731
     assert strip(json.loads((resumed / "train_log.json").read_text())["history"]) == strip(log["history"])
+
+
+def test_the_ablation_trains_each_variant_and_tabulates_its_accuracy_with_a_standard_error(tmp_path) -> None:
+    import json
+
+    from models.tiny.llava import tiny_llava_dir
+
+    out = tmp_path / "ablation"
+    run = _run_script("scripts/ablate_llava_pruner.py", "--task", "shapes", "--model-path", str(tiny_llava_dir()),
+                      "--variants", "untrained,task_only", "--max-steps", "2", "--eval-size", "2",
+                      "--num-questions", "4", "--budgets", "0.5", "--set", "batch_size=2", "--set", "eval_every=0",
+                      "--output-dir", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    table = json.loads((out / "ablation.json").read_text())
+    assert list(table["variants"]) == ["untrained", "task_only"]
+    assert set(table["variants"]["untrained"]) == {"unpruned", "untrained_as_trained", "untrained"}
+    assert set(table["variants"]["task_only"]) == {"unpruned", "learned_as_trained", "learned"}
+    assert (out / "task_only" / "pruning_final.pt").is_file()
+    trained = torch.load(out / "task_only" / "pruning_final.pt", weights_only=False)
+    assert trained["config"]["loss"]["adv_loss_weight"] == 0.0
+    run = _run_script("scripts/ablate_llava_pruner.py", "--variants", "magic", "--output-dir", str(out))
+    assert run.returncode == 2 and "--variants: unknown ['magic']" in run.stderr and run.stderr.count("\n") == 1

@@ -21,11 +21,13 @@ BASE_VERSION = 1
 DEFAULTS = dict(steps=1200, batch_size=16, lr=1.5e-3, warmup=50, weight_decay=0.01, aux_weight=3.0, embed_std=0.5,
                 qk_std=0.1, turns=4, text_loss=1, clip=5.0, seed=0, eval_size=400, position_weight=0.0,
                 sincos_positions=0.0, readout_weight=0.0, readout_layer=-3, tower_steps=0, tower_lr=1e-3,
-                freeze_tower=0)
+                freeze_tower=0, attention_weight=0.0, value_weight=0.0)
 CLUTTER_DEFAULTS = {**DEFAULTS, "steps": 2500, "aux_weight": 1.0, "position_weight": 1.0, "sincos_positions": 0.5,
-                    "readout_weight": 1.0, "tower_steps": 800, "freeze_tower": 1}
+                    "readout_weight": 1.0, "tower_steps": 800, "freeze_tower": 1, "attention_weight": 0.3,
+                    "value_weight": 1.0}
 """The shipped cluttered-scene base's settings (``make train-llava-base``): the tower pretrained alone on per-patch
-targets for 800 steps, then frozen for 2500 steps of LLaVA training with the position, dense and readout probes."""
+targets for 800 steps, then frozen for 2500 steps of LLaVA training with the position, dense and readout probes and
+the attention and value supervision at each answer position."""
 CLUTTER_SCHEDULE = {"eval_every": 250, "val_size": 100}
 """Its validation (and checkpoint) schedule."""
 METRICS_FILE = "vqa_base_metrics.json"
@@ -88,7 +90,7 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                weight_decay: float, aux_weight: float, embed_std: float, qk_std: float, turns: int, text_loss: int, clip: float, seed: int,
                eval_size: int, position_weight: float = 0.0, sincos_positions: float = 0.0,
                readout_weight: float = 0.0, readout_layer: int = -3, tower_steps: int = 0, tower_lr: float = 1e-3,
-               freeze_tower: int = 0, task: str = "shapes",
+               freeze_tower: int = 0, attention_weight: float = 0.0, value_weight: float = 0.0, task: str = "shapes",
                eval_every: int = 0, val_size: int = 200, checkpoint: Path | None = None, resume: bool = False,
                log=print) -> dict:
     """Train, evaluate and save; returns the metrics (also written to ``output_dir/vqa_base_metrics.json``).
@@ -146,6 +148,9 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                         f"got {readout_layer}")
     if tower_steps > 0 and not hasattr(data, "patch_targets"):
         raise UserError(f"--tower-steps needs a task with per-patch tower targets (clutter), not {task!r}")
+    if (attention_weight > 0 or value_weight > 0) and not hasattr(data, "object_patches"):
+        raise UserError(f"--attention-weight / --value-weight need a task that records the asked objects (clutter), "
+                        f"not {task!r}")
     if readout_weight > 0 and not hasattr(data, "readout_targets"):
         raise UserError(f"--readout-weight needs a task that records the asked objects (clutter), not {task!r}")
     if (aux_weight > 0 or position_weight > 0 or readout_weight > 0) and grid * grid != num_tokens:
@@ -161,6 +166,21 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     tower_classes = {**getattr(data, "TOWER_TARGET_CLASSES", {}), "row": grid, "column": grid}
     tower_probe = torch.nn.ModuleDict({name: torch.nn.Linear(vision_width, classes)
                                        for name, classes in tower_classes.items()}).to(device)
+    # attention / value supervision: at each answer position, head 0 of the middle LLM layers must look at the asked
+    # objects' patches (-log of its attention mass there), and what it brings back (its output, before o_proj) must
+    # give the first asked object's colour and shape (linear probes)
+    evidence_layers = tuple(range(max(1, layers // 4), max(2, 3 * layers // 4)))
+    head_dim = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
+    captured: dict = {}
+    hooks = []
+    if value_weight > 0:
+        for layer in evidence_layers:
+            probe[f"value{layer}_colour"] = torch.nn.Linear(head_dim, len(PALETTE)).to(device)
+            probe[f"value{layer}_shape"] = torch.nn.Linear(head_dim, len(SHAPES)).to(device)
+            hooks.append(model.model.language_model.layers[layer].self_attn.o_proj.register_forward_pre_hook(
+                lambda module, args, layer=layer: captured.__setitem__(f"heads{layer}", args[0])))
+    if attention_weight > 0:  # attention probabilities for the supervision (SDPA does not return them)
+        model.config.text_config._attn_implementation = "eager"
     # position_weight: every image token's projector output must also say its patch row and column linearly, so the
     # LLM can compare where two objects are (which the sequence order alone made it learn only slowly)
     patch_index = torch.arange(num_tokens, device=device)
@@ -181,7 +201,8 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                     weight_decay=weight_decay, aux_weight=aux_weight, embed_std=embed_std, qk_std=qk_std, turns=turns,
                     text_loss=text_loss, clip=clip, seed=seed, position_weight=position_weight,
                     sincos_positions=sincos_positions, readout_weight=readout_weight, readout_layer=readout_layer,
-                    tower_steps=tower_steps, tower_lr=tower_lr, freeze_tower=freeze_tower, task=task,
+                    tower_steps=tower_steps, tower_lr=tower_lr, freeze_tower=freeze_tower,
+                    attention_weight=attention_weight, value_weight=value_weight, task=task,
                     samples_seen=steps * batch_size)
     record = {"settings": settings, "validation": [], "loss_every_10_steps": [], "train_seconds": 0.0}
     start_step = 0
@@ -190,7 +211,8 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                                                                     "tower_probe": tower_probe}, optimizer=optimizer,
                                                scheduler=scheduler, settings=settings, log=log)
     losses = []
-    probe_hits = {"colour": [], "shape": [], "pair": [], "row": [], "column": [], "readout": [],
+    probe_hits = {"colour": [], "shape": [], "pair": [], "row": [], "column": [], "readout": [], "attention_loss": [],
+                  "value_loss": [],
                   **{f"tower_{name}": [] for name in tower_probe}}
     begin = time.perf_counter() - record["train_seconds"]
     total = tower_steps + steps
@@ -208,14 +230,23 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
         if turns > 1:
             samples = [make_conversation(seed, "train", step * batch_size + i, turns) for i in range(batch_size)]
             batch = encode_conversations(processor, samples, label_text=bool(text_loss),
-                                         answer_positions=readout_weight > 0)
+                                         answer_positions=readout_weight > 0 or attention_weight > 0 or value_weight > 0)
         else:
             samples = [make_sample(seed, "train", step * batch_size + i) for i in range(batch_size)]
             batch = encode_batch(processor, samples, with_answers=True)
             batch.pop("question_mask")
         batch = {k: v.to(device) for k, v in batch.items()}
         positions = batch.pop("answer_positions", None)
-        out = model(**batch, output_hidden_states=readout_weight > 0)
+        out = model(**batch, output_hidden_states=readout_weight > 0, output_attentions=attention_weight > 0)
+        if (attention_weight > 0 or value_weight > 0) and positions is not None:
+            loss_terms = evidence_losses(out, batch["input_ids"], positions, samples, data, evidence_layers,
+                                         model.config.image_token_id, grid, captured, probe, head_dim)
+            for name, weight in (("attention", attention_weight), ("value", value_weight)):
+                if weight > 0:
+                    probe_hits[f"{name}_loss"].append(loss_terms[name].item())
+            extra = attention_weight * loss_terms["attention"] + value_weight * loss_terms["value"]
+        else:
+            extra = 0.0
         loss = out.loss
         if readout_weight > 0:
             rows_b, turns_b = (positions >= 0).nonzero(as_tuple=True)
@@ -249,6 +280,7 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                 target = target.repeat(len(samples))
                 loss = loss + position_weight * torch.nn.functional.cross_entropy(logits, target)
                 probe_hits[name].append((logits.argmax(-1) == target).float().mean().item())
+        loss = loss + extra
         optimizer_step(loss, optimizer, scheduler, [p for p in model.parameters() if p.requires_grad], clip)
         losses.append(out.loss.item())
         _log_progress(step, total, tower_steps, losses, probe_hits, record, bar)
@@ -276,6 +308,10 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
         loss_curve={entry["step"]: entry["loss"] for entry in curve[::3]},
         validation=record["validation"],
     )
+    for hook in hooks:
+        hook.remove()
+    model.config.text_config._attn_implementation = "sdpa" if attention_weight > 0 else \
+        model.config.text_config._attn_implementation
     model.to("cpu")
     with atomic_path(Path(output_dir)) as tmp:  # a kill during the save leaves no half-written model directory
         tmp.mkdir()
@@ -284,6 +320,55 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
         write_json(tmp / METRICS_FILE, metrics)
     log(format_metrics(metrics))
     return metrics
+
+
+def evidence_losses(out, input_ids: torch.Tensor, positions: torch.Tensor, samples, data, evidence_layers,
+                    image_token_id: int, grid: int, captured: dict, probe, head_dim: int) -> dict[str, torch.Tensor]:
+    """Attention and value supervision at every turn's answer position (``positions [B, turns]``, -1 = none).
+
+    ``attention``: mean over answers and ``evidence_layers`` of ``-log`` (head 0's attention mass on the image rows
+    of the patches whose main object the turn asks about), answers that ask about no drawn patch left out.
+    ``value``: mean cross-entropy of linear probes reading the first asked object's colour and shape from head 0's
+    output (captured before ``o_proj``) at the answer position."""
+    from data.media import PALETTE, SHAPES
+
+    rows_b, turns_b = (positions >= 0).nonzero(as_tuple=True)
+    device = input_ids.device
+    zero = torch.zeros((), device=device)
+    terms = {"attention": zero, "value": zero}
+    if len(rows_b) == 0:
+        return terms
+    queries = positions[rows_b, turns_b]  # [answers]
+    image_rows = [(input_ids[b] == image_token_id).nonzero().flatten() for b in range(input_ids.shape[0])]
+    targets = torch.zeros(len(rows_b), input_ids.shape[1], dtype=torch.bool, device=device)  # [answers, T]
+    for i, (b, t) in enumerate(zip(rows_b.tolist(), turns_b.tolist())):
+        patches = torch.from_numpy(data.object_patches(samples[b].shapes, samples[b].asked[t], grid)).to(device)
+        targets[i, image_rows[b][patches]] = True
+    has_target = targets.any(-1)
+    if out.attentions is not None and has_target.any():
+        losses = []
+        for layer in evidence_layers:
+            attention = out.attentions[layer][rows_b, 0, queries]  # [answers, T]: head 0 at the answer position
+            mass = (attention * targets).sum(-1)[has_target]
+            losses.append(-torch.log(mass.float() + 1e-6).mean())
+        terms["attention"] = torch.stack(losses).mean()
+    if captured:
+        first = [samples[b].asked[t][0] if samples[b].asked[t] else None for b, t in zip(rows_b.tolist(), turns_b.tolist())]
+        keep = torch.tensor([f is not None for f in first], device=device)
+        if keep.any():
+            colour = torch.tensor([list(PALETTE).index(samples[b].shapes[f].colour) if f is not None else 0
+                                   for b, f in zip(rows_b.tolist(), first)], device=device)[keep]
+            shape = torch.tensor([SHAPES.index(samples[b].shapes[f].kind) if f is not None else 0
+                                  for b, f in zip(rows_b.tolist(), first)], device=device)[keep]
+            losses = []
+            for layer in evidence_layers:
+                head = captured.pop(f"heads{layer}")[rows_b, queries, :head_dim][keep]  # [answers, head_dim]
+                head = head * torch.rsqrt(head.pow(2).mean(-1, keepdim=True) + 1e-6)
+                losses.append(torch.nn.functional.cross_entropy(probe[f"value{layer}_colour"](head), colour)
+                              + torch.nn.functional.cross_entropy(probe[f"value{layer}_shape"](head), shape))
+            terms["value"] = torch.stack(losses).mean()
+    captured.clear()
+    return terms
 
 
 def _tower_step(model, processor, tower_probe, data, seed: int, step: int, batch_size: int, grid: int,
