@@ -85,15 +85,16 @@ eval-egoschema: $(STAMP)
 	$(PY) scripts/eval_egoschema.py $(ARGS)
 
 ## Retrain the shipped cluttered-scene LLaVA base into models/trained/llava_clutter (~50 min on 2 cores;
-## ARGS="--force" over the shipped one, ARGS="--resume" continues runs/llava_clutter_base/checkpoint.pt).
+## two phases; ARGS="--force" over the shipped one, ARGS="--resume" continues the checkpoints in runs/llava_clutter_base/).
 train-llava-base: $(STAMP)
 	$(PY) scripts/train_llava_base.py --task clutter $(ARGS)
 
-## LLaVA-1.5 learned merger + pruner heads, GAN-trained on the frozen base (tiny shapes-VQA base trained once if missing).
+## LLaVA-1.5 learned merger + pruner heads, GAN-trained on the frozen base (the shipped cluttered-scene base;
+## ARGS="--task shapes" on the shapes-VQA base, trained once if missing).
 train-llava: $(STAMP)
 	$(PY) scripts/train_llava_pruner.py $(ARGS)
 
-## Accuracy / BLEU / tokens / FLOPs of the learned method vs unpruned, random, FastV and DivPrune at equal budgets.
+## Accuracy / BLEU / tokens / FLOPs of the learned method vs unpruned, random, FastV, DivPrune and VisionZip at equal budgets.
 eval-llava: $(STAMP)
 	$(PY) scripts/eval_llava_pruning.py $(ARGS)
 

@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default=None,
                         help="token budgets (default: 0.25,0.35,0.5 on shapes, 0.1,0.25,0.35,0.5 on clutter)")
     parser.add_argument("--methods", default=",".join(METHODS), help="methods to run (default: %(default)s)")
-    parser.add_argument("--task", default="shapes", choices=("shapes", "clutter"),
-                        help="shapes: the plain 112 px task; clutter: the cluttered 224 px scenes (default: %(default)s)")
+    parser.add_argument("--task", default="clutter", choices=("shapes", "clutter"),
+                        help="clutter: the cluttered 224 px scenes; shapes: the plain 112 px task (default: %(default)s)")
     parser.add_argument("--num-questions", "--eval-size", dest="eval_size", type=int, default=400,
                         help="test questions, generated from --seed (default: %(default)s)")
     parser.add_argument("--stats-json", type=Path, default=None,

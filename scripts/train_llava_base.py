@@ -31,9 +31,10 @@ with linear heads on its feature layer that must read every patch's object colou
 patch's row and column; then ``--steps`` steps train projector and LLM on the conversations with the tower frozen
 (``--freeze-tower``), with the dense probes on the projector outputs, the row/column probes (``--position-weight``,
 ``--sincos-positions``) and the readout probes at each answer position (``--readout-weight``). Without
-``--output-dir`` it (re)trains the shipped base ``models/trained/llava_clutter`` with the settings it was made with
-(``make train-llava-base``; ``--force`` over the shipped one, ``--resume`` continues
-``runs/llava_clutter_base/checkpoint.pt``).
+``--output-dir`` it (re)trains the shipped base ``models/trained/llava_clutter`` as it was made (``make
+train-llava-base``): phase 1 with ``CLUTTER_DEFAULTS``, then phase 2 (``CLUTTER_FINETUNE``: 1500 more steps in which
+the two objects of a position or relation question are each read by their own head); ``--force`` over the shipped
+one, ``--resume`` continues the checkpoints in ``runs/llava_clutter_base/``.
 
 Default (shapes): trains once into the embedded-model cache (``.cache/tiny_models/llava-vqa-v1``) and
 reuses it afterwards; ``--output-dir`` trains into another directory, ``--force`` retrains.
@@ -69,7 +70,7 @@ from models.tiny.llava_vqa import (
 MINIMUMS = {"steps": 1, "batch_size": 1, "eval_size": 1, "turns": 1, "warmup": 0, "weight_decay": 0.0,
             "aux_weight": 0.0, "embed_std": 0.0, "qk_std": 0.0, "clip": 0.0, "seed": 0, "position_weight": 0.0,
             "sincos_positions": 0.0, "readout_weight": 0.0, "tower_steps": 0, "freeze_tower": 0, "attention_weight": 0.0,
-            "value_weight": 0.0}
+            "value_weight": 0.0, "evidence_heads": 1}
 """Smallest allowed value of each training setting (``lr`` must be > 0, ``text_loss`` 0 or 1; ``readout_layer`` an
 index into the LLM's hidden states, checked against the model)."""
 
@@ -84,6 +85,8 @@ def validate(args) -> None:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if args.text_loss not in (0, 1) or args.freeze_tower not in (0, 1):
         raise UserError(f"--text-loss and --freeze-tower must be 0 or 1, got {args.text_loss} and {args.freeze_tower}")
+    if args.evidence_heads not in (1, 2):
+        raise UserError(f"--evidence-heads must be 1 or 2, got {args.evidence_heads}")
     if not args.tower_lr > 0:
         raise UserError(f"--tower-lr must be > 0, got {args.tower_lr}")
     if args.tower_steps > 0 and args.task != "clutter":
@@ -109,10 +112,13 @@ def validate(args) -> None:
 
 
 def train_shipped_clutter_base(args, settings: dict) -> int:
-    """``--task clutter`` without ``--output-dir``: (re)train the shipped base ``models/trained/llava_clutter`` with its
-    settings (checkpoint and JSON log in ``runs/llava_clutter_base/``); the shipped one is replaced only with
-    ``--force``, and only once the new one is saved."""
+    """``--task clutter`` without ``--output-dir``: (re)train the shipped base ``models/trained/llava_clutter`` as it was
+    made, in two phases: ``CLUTTER_DEFAULTS`` from the embedded 224 px tiny LLaVA into
+    ``runs/llava_clutter_base/phase1`` (reused when complete), then ``CLUTTER_FINETUNE`` from that into the shipped
+    directory (checkpoints and JSON logs ``phase1.json`` / ``phase2.json`` in ``runs/llava_clutter_base/``). The
+    shipped one is replaced only with ``--force``, and only once the new one is saved."""
     from cli import REPO_ROOT
+    from models.tiny.llava_vqa import CLUTTER_FINETUNE
 
     if settings != CLUTTER_DEFAULTS or args.model_path is not None:
         raise UserError("the shipped clutter base has fixed settings: pass --output-dir to train with others")
@@ -122,15 +128,21 @@ def train_shipped_clutter_base(args, settings: dict) -> int:
     set_torch_threads(args.threads)
     from models.tiny.llava import tiny_clutter_llava_dir
 
-    checkpoint = args.checkpoint or REPO_ROOT / "runs" / "llava_clutter_base" / "checkpoint.pt"
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    if args.checkpoint is not None:
+        raise UserError("--checkpoint: the shipped base's checkpoints are runs/llava_clutter_base/phase1.pt and phase2.pt "
+                        "(pass --output-dir to train elsewhere)")
+    work = REPO_ROOT / "runs" / "llava_clutter_base"
+    work.mkdir(parents=True, exist_ok=True)
+    schedule = dict(task="clutter", eval_every=args.eval_every, val_size=args.val_size, resume=args.resume)
+    phase1 = work / "phase1"
+    if not (phase1 / METRICS_FILE).is_file():
+        train_base(tiny_clutter_llava_dir(), phase1, checkpoint=work / "phase1.pt", **schedule, **CLUTTER_DEFAULTS)
     readme = CLUTTER_BASE_DIR / "README.md"
     how_it_was_made = readme.read_text() if readme.is_file() else None
-    train_base(tiny_clutter_llava_dir(), CLUTTER_BASE_DIR, task="clutter", eval_every=args.eval_every,
-               val_size=args.val_size, checkpoint=checkpoint, resume=args.resume, **settings)
+    train_base(phase1, CLUTTER_BASE_DIR, checkpoint=work / "phase2.pt", **schedule, **CLUTTER_FINETUNE)
     if how_it_was_made is not None:  # the saved directory is new: keep its README (update its numbers by hand)
         readme.write_text(how_it_was_made)
-    print(f"saved to {CLUTTER_BASE_DIR} (the JSON log of the run: {checkpoint.with_suffix('.json')})")
+    print(f"saved to {CLUTTER_BASE_DIR} (the JSON logs of the two phases: {work / 'phase1.json'}, {work / 'phase2.json'})")
     return 0
 
 

@@ -36,7 +36,8 @@ unreadable ones and those of another run, config or base, and continues from the
 a fresh run into a directory that holds a run refuses unless ``--overwrite`` (which removes that
 run's checkpoints, stage files and log).
 
-    python scripts/train_llava_pruner.py                         # tiny shapes-VQA base (trained if missing)
+    python scripts/train_llava_pruner.py                         # the shipped cluttered-scene base
+    python scripts/train_llava_pruner.py --task shapes           # the tiny shapes-VQA base (trained if missing)
     python scripts/train_llava_pruner.py --model-path /path/llava-1.5-7b-hf --max-steps 2000
     python scripts/train_llava_pruner.py --resume                # continue from the newest good checkpoint
 """
@@ -304,9 +305,9 @@ def main() -> int:
     parser.add_argument("--model-path", default=None,
                         help="frozen LLaVA-1.5 directory (default: the tiny base of --task: shapes trained into the "
                              "cache if missing, clutter shipped in models/trained/llava_clutter)")
-    parser.add_argument("--task", default="shapes", choices=("shapes", "clutter"),
-                        help="training and validation questions: the plain shapes task or the cluttered scenes "
-                             "(default: %(default)s)")
+    parser.add_argument("--task", default="clutter", choices=("shapes", "clutter"),
+                        help="training and validation questions: the cluttered scenes (on the shipped base) or the "
+                             "plain shapes task (default: %(default)s)")
     parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
     parser.add_argument("--output-dir", type=Path, default=None, help="override train.output_dir")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,

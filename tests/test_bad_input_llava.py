@@ -54,7 +54,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
 
 
 def train(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run("train_llava_pruner", "--model-path", tiny_llava_dir(), *TRAIN, "--output-dir", out, *extra)
+    return run("train_llava_pruner", "--task", "shapes", "--model-path", tiny_llava_dir(), *TRAIN, "--output-dir", out,
+               *extra)
 
 
 def final_weights(out: Path) -> dict:
@@ -137,6 +138,8 @@ BAD_INPUTS = {
                                             ["--tower-steps", "--task clutter"]),
     "base_clutter_other_settings_without_output_dir": ("train_llava_base", ["--task", "clutter", "--steps", "5"],
                                                        ["fixed settings", "--output-dir"]),
+    "base_evidence_heads_three": ("train_llava_base", ["--task", "clutter", "--evidence-heads", "3", "--output-dir",
+                                                       "{tmp}/base"], ["--evidence-heads"]),
     "base_tower_lr_zero": ("train_llava_base", ["--task", "clutter", "--tower-lr", "0", "--output-dir", "{tmp}/base"],
                            ["--tower-lr"]),
     "base_freeze_tower_not_0_or_1": ("train_llava_base", ["--freeze-tower", "2", "--output-dir", "{tmp}/base"],
@@ -166,7 +169,7 @@ def test_bad_input_is_one_line_naming_the_flag_and_writes_nothing(case, tmp_path
     values = {"tmp": tmp_path, "file": tmp_path / "empty.pt", "random": tmp_path / "random.pt",
               "state": tmp_path / "state.pt"}
     args = [a.format(**values) for a in args]
-    defaults = {"--model-path": str(tiny_llava_dir())}  # tiny settings for what the case does not set
+    defaults = {"--model-path": str(tiny_llava_dir()), "--task": "shapes"}  # tiny settings for what the case does not set
     if script == "eval_llava_pruning":
         defaults.update({"--eval-size": "2", "--output": str(tmp_path / "eval.json")})
     elif script == "train_llava_pruner":
@@ -326,7 +329,8 @@ def test_evaluation_refuses_stages_trained_on_another_base_naming_both(full_run,
     stages.update(base_model="/models/llava-1.5-7b-hf", base_fingerprint="0" * 64)
     torch.save(stages, tmp_path / "foreign.pt")
     before = snapshot(tmp_path)
-    result = run("eval_llava_pruning", "--model-path", tiny_llava_dir(), "--checkpoint", tmp_path / "foreign.pt",
+    result = run("eval_llava_pruning", "--task", "shapes", "--model-path", tiny_llava_dir(), "--checkpoint",
+                 tmp_path / "foreign.pt",
                  "--methods", "learned", "--eval-size", "2", "--output", tmp_path / "eval.json")
     assert_one_line_error(result, "--checkpoint", "trained on base '/models/llava-1.5-7b-hf'",
                           f"not on '{tiny_llava_dir().resolve()}'")
@@ -348,7 +352,7 @@ def test_the_base_fingerprint_accepts_a_copy_and_rejects_changed_weights(tmp_pat
 
 
 def evaluate(checkpoint: Path, output: Path, methods: str, threads: int) -> dict:
-    result = run("eval_llava_pruning", "--model-path", tiny_llava_dir(), "--checkpoint", checkpoint,
+    result = run("eval_llava_pruning", "--task", "shapes", "--model-path", tiny_llava_dir(), "--checkpoint", checkpoint,
                  "--methods", methods, "--budgets", "0.5", "--eval-size", "2", "--batch-size", "2",
                  "--timing-batches", "1", "--threads", str(threads), "--output", output)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -452,7 +452,7 @@ def test_pruner_training_resumed_from_a_checkpoint_ends_where_the_uninterrupted_
 
     from models.tiny.llava import tiny_llava_dir
 
-    common = ["scripts/train_llava_pruner.py", "--model-path", str(tiny_llava_dir()), "--max-steps", "4",
+    common = ["scripts/train_llava_pruner.py", "--task", "shapes", "--model-path", str(tiny_llava_dir()), "--max-steps", "4",
               "--eval-size", "2", "--set", "batch_size=2", "--set", "eval_every=0", "--set", "log_every=1",
               "--set", "save_every=2"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"

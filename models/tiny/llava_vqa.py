@@ -21,13 +21,18 @@ BASE_VERSION = 1
 DEFAULTS = dict(steps=1200, batch_size=16, lr=1.5e-3, warmup=50, weight_decay=0.01, aux_weight=3.0, embed_std=0.5,
                 qk_std=0.1, turns=4, text_loss=1, clip=5.0, seed=0, eval_size=400, position_weight=0.0,
                 sincos_positions=0.0, readout_weight=0.0, readout_layer=-3, tower_steps=0, tower_lr=1e-3,
-                freeze_tower=0, attention_weight=0.0, value_weight=0.0)
+                freeze_tower=0, attention_weight=0.0, value_weight=0.0, evidence_heads=1)
 CLUTTER_DEFAULTS = {**DEFAULTS, "steps": 2500, "aux_weight": 1.0, "position_weight": 1.0, "sincos_positions": 0.5,
                     "readout_weight": 1.0, "tower_steps": 800, "freeze_tower": 1, "attention_weight": 0.3,
                     "value_weight": 1.0}
 """The shipped cluttered-scene base's settings (``make train-llava-base``): the tower pretrained alone on per-patch
 targets for 800 steps, then frozen for 2500 steps of LLaVA training with the position, dense and readout probes and
 the attention and value supervision at each answer position."""
+CLUTTER_FINETUNE = {**CLUTTER_DEFAULTS, "steps": 1500, "lr": 7.5e-4, "tower_steps": 0, "embed_std": 0.0, "qk_std": 0.0,
+                    "sincos_positions": 0.0, "evidence_heads": 2}
+"""Phase 2 of the shipped base: 1500 more steps from phase 1's model (no re-initialisation: no embedding, q/k or
+position-table rescaling, no tower pretraining; the tower stays frozen), at half the peak learning rate, with the
+position and relation questions' two objects each read by its own head (``evidence_heads=2``)."""
 CLUTTER_SCHEDULE = {"eval_every": 250, "val_size": 100}
 """Its validation (and checkpoint) schedule."""
 METRICS_FILE = "vqa_base_metrics.json"
@@ -90,7 +95,8 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                weight_decay: float, aux_weight: float, embed_std: float, qk_std: float, turns: int, text_loss: int, clip: float, seed: int,
                eval_size: int, position_weight: float = 0.0, sincos_positions: float = 0.0,
                readout_weight: float = 0.0, readout_layer: int = -3, tower_steps: int = 0, tower_lr: float = 1e-3,
-               freeze_tower: int = 0, attention_weight: float = 0.0, value_weight: float = 0.0, task: str = "shapes",
+               freeze_tower: int = 0, attention_weight: float = 0.0, value_weight: float = 0.0, evidence_heads: int = 1,
+               task: str = "shapes",
                eval_every: int = 0, val_size: int = 200, checkpoint: Path | None = None, resume: bool = False,
                log=print) -> dict:
     """Train, evaluate and save; returns the metrics (also written to ``output_dir/vqa_base_metrics.json``).
@@ -148,6 +154,8 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                         f"got {readout_layer}")
     if tower_steps > 0 and not hasattr(data, "patch_targets"):
         raise UserError(f"--tower-steps needs a task with per-patch tower targets (clutter), not {task!r}")
+    if evidence_heads not in (1, 2):
+        raise UserError(f"--evidence-heads must be 1 or 2, got {evidence_heads}")
     if (attention_weight > 0 or value_weight > 0) and not hasattr(data, "object_patches"):
         raise UserError(f"--attention-weight / --value-weight need a task that records the asked objects (clutter), "
                         f"not {task!r}")
@@ -175,8 +183,13 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     hooks = []
     if value_weight > 0:
         for layer in evidence_layers:
-            probe[f"value{layer}_colour"] = torch.nn.Linear(head_dim, len(PALETTE)).to(device)
-            probe[f"value{layer}_shape"] = torch.nn.Linear(head_dim, len(SHAPES)).to(device)
+            if evidence_heads == 1:
+                probe[f"value{layer}_colour"] = torch.nn.Linear(head_dim, len(PALETTE)).to(device)
+                probe[f"value{layer}_shape"] = torch.nn.Linear(head_dim, len(SHAPES)).to(device)
+            for head in range(evidence_heads if evidence_heads > 1 else 0):
+                for attribute, classes in (("colour", len(PALETTE)), ("shape", len(SHAPES)), ("row", grid),
+                                           ("column", grid)):
+                    probe[f"value{layer}_head{head}_{attribute}"] = torch.nn.Linear(head_dim, classes).to(device)
             hooks.append(model.model.language_model.layers[layer].self_attn.o_proj.register_forward_pre_hook(
                 lambda module, args, layer=layer: captured.__setitem__(f"heads{layer}", args[0])))
     if attention_weight > 0:  # attention probabilities for the supervision (SDPA does not return them)
@@ -203,6 +216,7 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                     sincos_positions=sincos_positions, readout_weight=readout_weight, readout_layer=readout_layer,
                     tower_steps=tower_steps, tower_lr=tower_lr, freeze_tower=freeze_tower,
                     attention_weight=attention_weight, value_weight=value_weight, task=task,
+                    **({"evidence_heads": evidence_heads} if evidence_heads != 1 else {}),
                     samples_seen=steps * batch_size)
     record = {"settings": settings, "validation": [], "loss_every_10_steps": [], "train_seconds": 0.0}
     start_step = 0
@@ -240,7 +254,8 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
         out = model(**batch, output_hidden_states=readout_weight > 0, output_attentions=attention_weight > 0)
         if (attention_weight > 0 or value_weight > 0) and positions is not None:
             loss_terms = evidence_losses(out, batch["input_ids"], positions, samples, data, evidence_layers,
-                                         model.config.image_token_id, grid, captured, probe, head_dim)
+                                         model.config.image_token_id, grid, captured, probe, head_dim,
+                                         evidence_heads)
             for name, weight in (("attention", attention_weight), ("value", value_weight)):
                 if weight > 0:
                     probe_hits[f"{name}_loss"].append(loss_terms[name].item())
@@ -323,13 +338,18 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
 
 
 def evidence_losses(out, input_ids: torch.Tensor, positions: torch.Tensor, samples, data, evidence_layers,
-                    image_token_id: int, grid: int, captured: dict, probe, head_dim: int) -> dict[str, torch.Tensor]:
+                    image_token_id: int, grid: int, captured: dict, probe, head_dim: int,
+                    heads: int = 1) -> dict[str, torch.Tensor]:
     """Attention and value supervision at every turn's answer position (``positions [B, turns]``, -1 = none).
 
-    ``attention``: mean over answers and ``evidence_layers`` of ``-log`` (head 0's attention mass on the image rows
-    of the patches whose main object the turn asks about), answers that ask about no drawn patch left out.
-    ``value``: mean cross-entropy of linear probes reading the first asked object's colour and shape from head 0's
-    output (captured before ``o_proj``) at the answer position."""
+    ``heads=1``: head 0 of each of ``evidence_layers`` looks at the patches of every object the turn asks about, and
+    its output (captured before ``o_proj``) must give the first asked object's colour and shape. ``heads=2``: where a
+    turn asks about exactly two objects (position and relation questions), head 0 looks at the first and head 1 at
+    the second, and each head's output must give its own object's colour, shape, patch row and column (what a
+    comparison of the two needs, read apart instead of mixed); the other turns as with ``heads=1``.
+
+    ``attention``: mean over supervised (answer, head) pairs and layers of ``-log`` (the head's attention mass on
+    its objects' image rows). ``value``: mean cross-entropy of the linear value probes."""
     from data.media import PALETTE, SHAPES
 
     rows_b, turns_b = (positions >= 0).nonzero(as_tuple=True)
@@ -338,35 +358,54 @@ def evidence_losses(out, input_ids: torch.Tensor, positions: torch.Tensor, sampl
     terms = {"attention": zero, "value": zero}
     if len(rows_b) == 0:
         return terms
+    answers = list(zip(rows_b.tolist(), turns_b.tolist()))
     queries = positions[rows_b, turns_b]  # [answers]
+    looks = []  # per answer, per head: the objects it looks at
+    for b, t in answers:
+        asked = tuple(samples[b].asked[t])
+        looks.append([(asked[0],), (asked[1],)] if heads == 2 and len(asked) == 2 else [asked] + [()] * (heads - 1))
     image_rows = [(input_ids[b] == image_token_id).nonzero().flatten() for b in range(input_ids.shape[0])]
-    targets = torch.zeros(len(rows_b), input_ids.shape[1], dtype=torch.bool, device=device)  # [answers, T]
-    for i, (b, t) in enumerate(zip(rows_b.tolist(), turns_b.tolist())):
-        patches = torch.from_numpy(data.object_patches(samples[b].shapes, samples[b].asked[t], grid)).to(device)
-        targets[i, image_rows[b][patches]] = True
-    has_target = targets.any(-1)
-    if out.attentions is not None and has_target.any():
+    if out.attentions is not None:
         losses = []
-        for layer in evidence_layers:
-            attention = out.attentions[layer][rows_b, 0, queries]  # [answers, T]: head 0 at the answer position
-            mass = (attention * targets).sum(-1)[has_target]
-            losses.append(-torch.log(mass.float() + 1e-6).mean())
-        terms["attention"] = torch.stack(losses).mean()
+        for head in range(heads):
+            targets = torch.zeros(len(answers), input_ids.shape[1], dtype=torch.bool, device=device)  # [answers, T]
+            for i, (b, t) in enumerate(answers):
+                if looks[i][head]:
+                    patches = torch.from_numpy(data.object_patches(samples[b].shapes, looks[i][head], grid)).to(device)
+                    targets[i, image_rows[b][patches]] = True
+            has_target = targets.any(-1)
+            if has_target.any():
+                for layer in evidence_layers:
+                    attention = out.attentions[layer][rows_b, head, queries]  # [answers, T]
+                    losses.append(-torch.log((attention * targets).sum(-1)[has_target].float() + 1e-6).mean())
+        if losses:
+            terms["attention"] = torch.stack(losses).mean()
     if captured:
-        first = [samples[b].asked[t][0] if samples[b].asked[t] else None for b, t in zip(rows_b.tolist(), turns_b.tolist())]
-        keep = torch.tensor([f is not None for f in first], device=device)
-        if keep.any():
-            colour = torch.tensor([list(PALETTE).index(samples[b].shapes[f].colour) if f is not None else 0
-                                   for b, f in zip(rows_b.tolist(), first)], device=device)[keep]
-            shape = torch.tensor([SHAPES.index(samples[b].shapes[f].kind) if f is not None else 0
-                                  for b, f in zip(rows_b.tolist(), first)], device=device)[keep]
-            losses = []
+        losses = []
+        cell = data.IMAGE_SIZE // grid
+        for head in range(heads):
+            if heads == 1:  # the first asked object, colour and shape
+                read = [look[0][0] if look[0] else None for look in looks]
+                attributes = ("colour", "shape")
+            else:
+                read = [look[head][0] if len(look[head]) == 1 else None for look in looks]
+                attributes = ("colour", "shape", "row", "column")
+            keep = torch.tensor([r is not None for r in read], device=device)
+            if not keep.any():
+                continue
+            objects = [samples[b].shapes[r] for (b, _), r in zip(answers, read) if r is not None]
+            values = {"colour": [list(PALETTE).index(o.colour) for o in objects],
+                      "shape": [SHAPES.index(o.kind) for o in objects],
+                      "row": [o.cy // cell for o in objects], "column": [o.cx // cell for o in objects]}
             for layer in evidence_layers:
-                head = captured.pop(f"heads{layer}")[rows_b, queries, :head_dim][keep]  # [answers, head_dim]
-                head = head * torch.rsqrt(head.pow(2).mean(-1, keepdim=True) + 1e-6)
-                losses.append(torch.nn.functional.cross_entropy(probe[f"value{layer}_colour"](head), colour)
-                              + torch.nn.functional.cross_entropy(probe[f"value{layer}_shape"](head), shape))
-            terms["value"] = torch.stack(losses).mean()
+                output = captured[f"heads{layer}"][rows_b, queries, head * head_dim:(head + 1) * head_dim][keep]
+                output = output * torch.rsqrt(output.pow(2).mean(-1, keepdim=True) + 1e-6)
+                name = f"value{layer}" if heads == 1 else f"value{layer}_head{head}"
+                for attribute in attributes:
+                    losses.append(torch.nn.functional.cross_entropy(
+                        probe[f"{name}_{attribute}"](output), torch.tensor(values[attribute], device=device)))
+        if losses:
+            terms["value"] = torch.stack(losses).sum() / (len(evidence_layers) * heads)
     captured.clear()
     return terms
 
