@@ -382,6 +382,21 @@ def readout_targets(shapes: Sequence[Shape], asked: Sequence[int], grid: int = G
     return targets
 
 
+def comparison_targets(shapes: Sequence[Shape], asked: Sequence[int]) -> list[int]:
+    """Where a two-object question's first object lies from its second, per axis: ``[vertical, horizontal]``, each 0
+    (above / left of it by at least ``MIN_SEPARATION`` px), 1 (level within it) or 2 (below / right of it); -100
+    (ignored) for questions about another number of objects. What a position question compares, before its relation
+    word turns the comparison into yes or no."""
+    if len(asked) != 2:
+        return [-100, -100]
+    a, b = shapes[asked[0]], shapes[asked[1]]
+
+    def side(offset: int) -> int:
+        return 1 if abs(offset) < MIN_SEPARATION else (0 if offset < 0 else 2)
+
+    return [side(a.cy - b.cy), side(a.cx - b.cx)]
+
+
 def asked_patches(sample: ClutterSample, grid: int = GRID) -> np.ndarray:
     """``[grid * grid]`` bool: the patches whose main object is one the question needs (``sample.asked``)."""
     return object_patches(sample.shapes, sample.asked, grid)

@@ -70,7 +70,7 @@ from models.tiny.llava_vqa import (
 MINIMUMS = {"steps": 1, "batch_size": 1, "eval_size": 1, "turns": 1, "warmup": 0, "weight_decay": 0.0,
             "aux_weight": 0.0, "embed_std": 0.0, "qk_std": 0.0, "clip": 0.0, "seed": 0, "position_weight": 0.0,
             "sincos_positions": 0.0, "readout_weight": 0.0, "tower_steps": 0, "freeze_tower": 0, "attention_weight": 0.0,
-            "value_weight": 0.0, "evidence_heads": 1}
+            "value_weight": 0.0, "evidence_heads": 1, "readout_comparisons": 0}
 """Smallest allowed value of each training setting (``lr`` must be > 0, ``text_loss`` 0 or 1; ``readout_layer`` an
 index into the LLM's hidden states, checked against the model)."""
 
@@ -85,6 +85,8 @@ def validate(args) -> None:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if args.text_loss not in (0, 1) or args.freeze_tower not in (0, 1):
         raise UserError(f"--text-loss and --freeze-tower must be 0 or 1, got {args.text_loss} and {args.freeze_tower}")
+    if args.readout_comparisons not in (0, 1):
+        raise UserError(f"--readout-comparisons must be 0 or 1, got {args.readout_comparisons}")
     if args.evidence_heads not in (1, 2):
         raise UserError(f"--evidence-heads must be 1 or 2, got {args.evidence_heads}")
     if not args.tower_lr > 0:

@@ -305,3 +305,22 @@ def test_tower_pretraining_changes_only_the_tower_and_a_frozen_tower_stays_as_pr
     assert not all(torch.equal(runs["one"][k], runs["two"][k]) for k in llm)  # the LLaVA steps train the LLM
     assert not all(torch.equal(runs["two"][k], runs["unfrozen"][k]) for k in tower)
     assert {"tower_shape", "tower_size", "tower_row"} <= set(metrics["probe_accuracy_last_10"])
+
+
+def test_comparison_targets_say_where_the_first_object_lies_from_the_second():
+    from data.vqa_clutter import MIN_SEPARATION, comparison_targets
+    from data.vqa_shapes import Shape
+
+    shapes = (Shape("circle", "red", 40, 40, 20), Shape("square", "blue", 120, 40 + MIN_SEPARATION, 20),
+              Shape("triangle", "green", 40 + MIN_SEPARATION - 1, 200, 20))
+    assert comparison_targets(shapes, (0, 1)) == [0, 0]  # above (by exactly the separation) and left
+    assert comparison_targets(shapes, (1, 0)) == [2, 2]
+    assert comparison_targets(shapes, (0, 2)) == [0, 1]  # level horizontally: closer than the separation
+    assert comparison_targets(shapes, (0,)) == [-100, -100] and comparison_targets(shapes, (0, 1, 2)) == [-100, -100]
+    for sample in HELDOUT:
+        if sample.qtype == "position":  # the comparison decides the answer with the relation word
+            relation = re.search(r"(left of|right of|above|below)", sample.question).group(1)
+            vertical, horizontal = comparison_targets(sample.shapes, sample.asked)
+            wanted = {"above": vertical == 0, "below": vertical == 2, "left of": horizontal == 0,
+                      "right of": horizontal == 2}[relation]
+            assert (sample.answer == "yes") == wanted, sample.question

@@ -21,7 +21,7 @@ BASE_VERSION = 1
 DEFAULTS = dict(steps=1200, batch_size=16, lr=1.5e-3, warmup=50, weight_decay=0.01, aux_weight=3.0, embed_std=0.5,
                 qk_std=0.1, turns=4, text_loss=1, clip=5.0, seed=0, eval_size=400, position_weight=0.0,
                 sincos_positions=0.0, readout_weight=0.0, readout_layer=-3, tower_steps=0, tower_lr=1e-3,
-                freeze_tower=0, attention_weight=0.0, value_weight=0.0, evidence_heads=1)
+                freeze_tower=0, attention_weight=0.0, value_weight=0.0, evidence_heads=1, readout_comparisons=0)
 CLUTTER_DEFAULTS = {**DEFAULTS, "steps": 2500, "aux_weight": 1.0, "position_weight": 1.0, "sincos_positions": 0.5,
                     "readout_weight": 1.0, "tower_steps": 800, "freeze_tower": 1, "attention_weight": 0.3,
                     "value_weight": 1.0}
@@ -29,10 +29,13 @@ CLUTTER_DEFAULTS = {**DEFAULTS, "steps": 2500, "aux_weight": 1.0, "position_weig
 targets for 800 steps, then frozen for 2500 steps of LLaVA training with the position, dense and readout probes and
 the attention and value supervision at each answer position."""
 CLUTTER_FINETUNE = {**CLUTTER_DEFAULTS, "steps": 1500, "lr": 7.5e-4, "tower_steps": 0, "embed_std": 0.0, "qk_std": 0.0,
-                    "sincos_positions": 0.0, "evidence_heads": 2}
+                    "sincos_positions": 0.0, "evidence_heads": 2, "readout_comparisons": 1, "text_loss": 0}
 """Phase 2 of the shipped base: 1500 more steps from phase 1's model (no re-initialisation: no embedding, q/k or
 position-table rescaling, no tower pretraining; the tower stays frozen), at half the peak learning rate, with the
-position and relation questions' two objects each read by its own head (``evidence_heads=2``)."""
+position and relation questions' two objects each read by its own head (``evidence_heads=2``), the readout probes also
+reading where the first object lies from the second (``readout_comparisons``), and the answers alone supervised
+(``text_loss=0``: the question words no longer outweigh them). Phase 1 left position questions at chance
+(docs/BENCHMARKS.md)."""
 CLUTTER_SCHEDULE = {"eval_every": 250, "val_size": 100}
 """Its validation (and checkpoint) schedule."""
 METRICS_FILE = "vqa_base_metrics.json"
@@ -96,7 +99,7 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                eval_size: int, position_weight: float = 0.0, sincos_positions: float = 0.0,
                readout_weight: float = 0.0, readout_layer: int = -3, tower_steps: int = 0, tower_lr: float = 1e-3,
                freeze_tower: int = 0, attention_weight: float = 0.0, value_weight: float = 0.0, evidence_heads: int = 1,
-               task: str = "shapes",
+               readout_comparisons: int = 0, task: str = "shapes",
                eval_every: int = 0, val_size: int = 200, checkpoint: Path | None = None, resume: bool = False,
                log=print) -> dict:
     """Train, evaluate and save; returns the metrics (also written to ``output_dir/vqa_base_metrics.json``).
@@ -110,7 +113,8 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     turn's answer position, linear probes on the LLM's hidden state ``readout_layer`` (an index into
     ``hidden_states``; -3: the output of the last layer but one) must read the colour, shape, patch row and column
     of the first two objects the question asks (``data.vqa_clutter.readout_targets``), so the layers before it learn
-    to bring the asked objects' attributes to where the answer is made.
+    to bring the asked objects' attributes to where the answer is made; ``readout_comparisons`` adds two heads that
+    must read where the first of two objects lies from the second (``data.vqa_clutter.comparison_targets``).
 
     ``tower_steps`` > 0 (tasks with ``patch_targets``, ``data.vqa_clutter``): first that many steps pretrain the CLIP
     tower alone, at peak ``tower_lr``, with linear heads on its selected feature layer that must read each patch's
@@ -168,8 +172,10 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                                  "shape": torch.nn.Linear(width, len(SHAPES) + 1),
                                  "pair": torch.nn.Linear(width, len(PALETTE) * len(SHAPES) + 1),
                                  "row": torch.nn.Linear(width, grid), "column": torch.nn.Linear(width, grid),
-                                 "readout": torch.nn.Linear(width, 2 * (len(PALETTE) + len(SHAPES) + 2 * grid))}).to(device)
-    readout_sizes = [len(PALETTE), len(SHAPES), grid, grid] * 2  # the readout probe's 8 heads, in that order
+                                 "readout": torch.nn.Linear(width, 2 * (len(PALETTE) + len(SHAPES) + 2 * grid)
+                                                            + 6 * readout_comparisons)}).to(device)
+    # the readout probe's 8 heads, in that order, and with readout_comparisons the 2 comparison heads (3 classes each)
+    readout_sizes = [len(PALETTE), len(SHAPES), grid, grid] * 2 + [3, 3] * readout_comparisons
     vision_width = model.config.vision_config.hidden_size
     tower_classes = {**getattr(data, "TOWER_TARGET_CLASSES", {}), "row": grid, "column": grid}
     tower_probe = torch.nn.ModuleDict({name: torch.nn.Linear(vision_width, classes)
@@ -217,6 +223,7 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                     tower_steps=tower_steps, tower_lr=tower_lr, freeze_tower=freeze_tower,
                     attention_weight=attention_weight, value_weight=value_weight, task=task,
                     **({"evidence_heads": evidence_heads} if evidence_heads != 1 else {}),
+                    **({"readout_comparisons": readout_comparisons} if readout_comparisons else {}),
                     samples_seen=steps * batch_size)
     record = {"settings": settings, "validation": [], "loss_every_10_steps": [], "train_seconds": 0.0}
     start_step = 0
@@ -267,6 +274,8 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
             rows_b, turns_b = (positions >= 0).nonzero(as_tuple=True)
             states = out.hidden_states[readout_layer][rows_b, positions[rows_b, turns_b]]  # [answers, D]
             targets = torch.tensor([data.readout_targets(samples[b].shapes, samples[b].asked[t], grid)
+                                    + (data.comparison_targets(samples[b].shapes, samples[b].asked[t])
+                                       if readout_comparisons else [])
                                     for b, t in zip(rows_b.tolist(), turns_b.tolist())], device=device)  # [answers, 8]
             logits = probe["readout"](states).split(readout_sizes, dim=-1)
             hits = []
