@@ -118,9 +118,14 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
 
     ``tower_steps`` > 0 (tasks with ``patch_targets``, ``data.vqa_clutter``): first that many steps pretrain the CLIP
     tower alone, at peak ``tower_lr``, with linear heads on its selected feature layer that must read each patch's
-    object colour, shape, size and centre, and its row and column (our stand-in for CLIP's pretraining: the tower of LLaVA-1.5 comes trained);
+    object colour, shape, size and centre, and its row and column (our stand-in for CLIP's pretraining: the tower of
+    LLaVA-1.5 comes trained);
     then ``steps`` steps train the whole LLaVA as below, with the tower frozen if ``freeze_tower`` (as LLaVA-1.5's
-    is)."""
+    is).
+
+    ``attention_weight`` / ``value_weight`` > 0 (clutter): at each answer position, head 0 (and 1, with
+    ``evidence_heads=2``) of the middle LLM layers is trained to look at the asked objects' patches and to bring back
+    their attributes (:func:`evidence_losses`; the LLM runs eager attention while training, for the probabilities)."""
     from tqdm.auto import tqdm
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
