@@ -424,12 +424,12 @@ def write_selection_pictures(args, model, processor, task, samples, methods, att
     holds each method's kept counts, its answers, and how many of the asked objects' patches it kept."""
     from data.vqa_shapes import encode_batch, normalize_answer
     from evaluation.llava_overlay import draw_selection_row, save_selection_figure, selection_panels
-    from pruning.llava.runtime import detach_pruning
+    from pruning.llava.runtime import detach_pruning, num_image_tokens
 
     budget = args.visualize_budget
     batch = encode_batch(processor, samples, with_answers=False)
     batch.pop("question_mask")
-    grid = int(round(num_image_tokens_of(model) ** 0.5))
+    grid = int(round(num_image_tokens(model.config) ** 0.5))
     asked = [task.asked_patches(s, grid) if hasattr(task, "asked_patches") else None for s in samples]
     runs = []  # (method, panels per sample, answers)
     learned = "learned" if "learned" in methods else "untrained" if "untrained" in methods else None
@@ -460,12 +460,6 @@ def write_selection_pictures(args, model, processor, task, samples, methods, att
     record = {"figure": str(figure), "budget": budget, "methods": chosen, "questions": stats}
     write_json(Path(args.visualize) / "selection.json", record)
     return record
-
-
-def num_image_tokens_of(model) -> int:
-    from pruning.llava.runtime import num_image_tokens
-
-    return num_image_tokens(model.config)
 
 
 def standard_error(accuracy: float, n: int) -> float:

@@ -324,3 +324,17 @@ def test_comparison_targets_say_where_the_first_object_lies_from_the_second():
             wanted = {"above": vertical == 0, "below": vertical == 2, "left of": horizontal == 0,
                       "right of": horizontal == 2}[relation]
             assert (sample.answer == "yes") == wanted, sample.question
+
+
+def test_attention_and_value_supervision_train_and_leave_the_saved_model_on_its_own_attention(tmp_path):
+    import json
+
+    from models.tiny.llava import tiny_clutter_llava_dir
+    from models.tiny.llava_vqa import DEFAULTS, train_base
+
+    settings = {**DEFAULTS, "steps": 2, "batch_size": 2, "turns": 2, "eval_size": 2, "readout_weight": 1.0,
+                "attention_weight": 0.3, "value_weight": 1.0, "evidence_heads": 2, "readout_comparisons": 1}
+    metrics = train_base(tiny_clutter_llava_dir(), tmp_path / "base", task="clutter", log=lambda *_: None, **settings)
+    assert {"attention_loss", "value_loss", "readout"} <= set(metrics["probe_accuracy_last_10"])
+    assert metrics["probe_accuracy_last_10"]["attention_loss"] > 0 and metrics["probe_accuracy_last_10"]["value_loss"] > 0
+    assert "_attn_implementation" not in json.loads((tmp_path / "base" / "config.json").read_text())["text_config"]

@@ -203,6 +203,7 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                     probe[f"value{layer}_head{head}_{attribute}"] = torch.nn.Linear(head_dim, classes).to(device)
             hooks.append(model.model.language_model.layers[layer].self_attn.o_proj.register_forward_pre_hook(
                 lambda module, args, layer=layer: captured.__setitem__(f"heads{layer}", args[0])))
+    saved_attention = model.config.text_config._attn_implementation
     if attention_weight > 0:  # attention probabilities for the supervision (SDPA does not return them)
         model.config.text_config._attn_implementation = "eager"
     # position_weight: every image token's projector output must also say its patch row and column linearly, so the
@@ -339,8 +340,7 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     )
     for hook in hooks:
         hook.remove()
-    model.config.text_config._attn_implementation = "sdpa" if attention_weight > 0 else \
-        model.config.text_config._attn_implementation
+    model.config.text_config._attn_implementation = saved_attention  # the saved model runs as it was built
     model.to("cpu")
     with atomic_path(Path(output_dir)) as tmp:  # a kill during the save leaves no half-written model directory
         tmp.mkdir()
