@@ -84,8 +84,8 @@ eval-video: $(STAMP)
 eval-egoschema: $(STAMP)
 	$(PY) scripts/eval_egoschema.py $(ARGS)
 
-## Retrain the shipped cluttered-scene LLaVA base into models/trained/llava_clutter (~50 min on 2 cores;
-## two phases; ARGS="--force" over the shipped one, ARGS="--resume" continues the checkpoints in runs/llava_clutter_base/).
+## Retrain the shipped cluttered-scene LLaVA base into models/trained/llava_clutter (~90 min on 2 cores;
+## three phases; ARGS="--force" over the shipped one, ARGS="--resume" continues the checkpoints in runs/llava_clutter_base/).
 train-llava-base: $(STAMP)
 	$(PY) scripts/train_llava_base.py --task clutter $(ARGS)
 

@@ -339,16 +339,25 @@ def make_sample(seed: int, split: str, index: int) -> ClutterSample:
             return ClutterSample(shapes, background, qa[0], qa[1], qtype, qa[2])
 
 
-def make_conversation(seed: int, split: str, index: int, turns: int = 4) -> ClutterConversation:
-    """Scene ``index`` of ``split`` with up to ``turns`` distinct questions (types drawn uniformly): the base model's
-    multi-turn training data (a separate stream from :func:`make_sample`)."""
+def make_conversation(seed: int, split: str, index: int, turns: int = 4,
+                      type_weights: Sequence[float] | None = None) -> ClutterConversation:
+    """Scene ``index`` of ``split`` with up to ``turns`` distinct questions (types drawn uniformly, or with
+    ``type_weights`` over ``QUESTION_TYPES``): the base model's multi-turn training data (a separate stream from
+    :func:`make_sample`)."""
+    if type_weights is not None:
+        weights = np.asarray(type_weights, dtype=np.float64)
+        if weights.shape != (len(QUESTION_TYPES),) or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"type_weights={list(type_weights)}: need {len(QUESTION_TYPES)} non-negative weights "
+                             f"(over {', '.join(QUESTION_TYPES)}), not all 0")
+        weights = weights / weights.sum()
     rng = _rng(seed, split, index, 1)
     while True:
         background, shapes = _background(rng), _scene(rng)
         found: list[tuple[str, str, str]] = []
         asked: list[tuple[int, ...]] = []
         for _ in range(4 * turns):
-            qtype = _pick(rng, QUESTION_TYPES)
+            qtype = (_pick(rng, QUESTION_TYPES) if type_weights is None
+                     else QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=weights))])
             qa = _try_question(rng, shapes, qtype)
             if qa is not None and all(qa[0] != q for q, _, _ in found):
                 found.append((qa[0], qa[1], qtype))
@@ -400,6 +409,20 @@ def comparison_targets(shapes: Sequence[Shape], asked: Sequence[int]) -> list[in
 def asked_patches(sample: ClutterSample, grid: int = GRID) -> np.ndarray:
     """``[grid * grid]`` bool: the patches whose main object is one the question needs (``sample.asked``)."""
     return object_patches(sample.shapes, sample.asked, grid)
+
+
+def relation_targets(question: str, shapes: Sequence[Shape], asked: Sequence[int]) -> list[int]:
+    """What a question with a relation word needs at its answer: ``[axis, direction, on_side]``: the relation's axis
+    (0: x, 1: y), its direction (0: left / above, 1: right / below), and whether the first asked object lies on that
+    side of the second (1) or not (0), which is a position question's answer; -100 (ignored) for questions without a
+    relation word, and ``on_side`` also for relation questions (their referent is on that side by construction)."""
+    words = [word for word in RELATIONS if f" {word} the " in question]
+    if len(words) != 1 or len(asked) != 2:
+        return [-100, -100, -100]
+    axis, sign = RELATIONS[words[0]]
+    a, b = shapes[asked[0]], shapes[asked[1]]
+    on_side = int(_offset(a, b, axis) * sign > 0) if question.startswith("Is the ") else -100
+    return [axis, int(sign > 0), on_side]
 
 
 def object_patches(shapes: Sequence[Shape], objects: Sequence[int], grid: int = GRID) -> np.ndarray:

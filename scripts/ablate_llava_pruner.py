@@ -27,10 +27,14 @@ VARIANTS: dict[str, list[str]] = {
     "full_gan": [],
     "feature_match": ["feature_match_weight=25"],
     "question_aware": ["merger_type=question_aware", "feature_match_weight=25"],
+    "distill": ["attention_distill_weight=10"],
+    "distill_question_aware": ["merger_type=question_aware", "attention_distill_weight=10"],
 }
 """Variant -> config overrides (``--set``) of its training run. ``full_gan`` is the configured objective
 (``configs/vision_token_pruning.yaml``); ``feature_match`` adds paired feature matching at the task loss's weight;
-``question_aware`` also conditions the merger on the question."""
+``question_aware`` also conditions the merger on the question; ``distill`` adds attention distillation (each stage's
+scores learn the unpruned answer's attention over the vision tokens), ``distill_question_aware`` with the
+question-aware merger."""
 
 
 def parse_args(argv=None):

@@ -33,8 +33,10 @@ patch's row and column; then ``--steps`` steps train projector and LLM on the co
 ``--sincos-positions``) and the readout probes at each answer position (``--readout-weight``). Without
 ``--output-dir`` it (re)trains the shipped base ``models/trained/llava_clutter`` as it was made (``make
 train-llava-base``): phase 1 with ``CLUTTER_DEFAULTS``, then phase 2 (``CLUTTER_FINETUNE``: 1500 more steps in which
-the two objects of a position or relation question are each read by their own head); ``--force`` over the shipped
-one, ``--resume`` continues the checkpoints in ``runs/llava_clutter_base/``.
+the two objects of a position or relation question are each read by their own head), then phase 3
+(``CLUTTER_POSITION``: 800 more steps, two in five questions about position, with readout probes for the relation
+word's axis and direction and for the answer); ``--force`` over the shipped one, ``--resume`` continues the
+checkpoints in ``runs/llava_clutter_base/``.
 
 Default (shapes): trains once into the embedded-model cache (``.cache/tiny_models/llava-vqa-v1``) and
 reuses it afterwards; ``--output-dir`` trains into another directory, ``--force`` retrains.
@@ -115,12 +117,13 @@ def validate(args) -> None:
 
 def train_shipped_clutter_base(args, settings: dict) -> int:
     """``--task clutter`` without ``--output-dir``: (re)train the shipped base ``models/trained/llava_clutter`` as it was
-    made, in two phases: ``CLUTTER_DEFAULTS`` from the embedded 224 px tiny LLaVA into
-    ``runs/llava_clutter_base/phase1`` (reused when complete), then ``CLUTTER_FINETUNE`` from that into the shipped
-    directory (checkpoints and JSON logs ``phase1.json`` / ``phase2.json`` in ``runs/llava_clutter_base/``). The
-    shipped one is replaced only with ``--force``, and only once the new one is saved."""
+    made, in three phases: ``CLUTTER_DEFAULTS`` from the embedded 224 px tiny LLaVA into
+    ``runs/llava_clutter_base/phase1``, ``CLUTTER_FINETUNE`` from that into ``runs/llava_clutter_base/phase2`` (each
+    reused when complete), then ``CLUTTER_POSITION`` from that into the shipped directory (checkpoints and JSON logs
+    ``phase1.json`` ... ``phase3.json`` in ``runs/llava_clutter_base/``). The shipped one is replaced only with
+    ``--force``, and only once the new one is saved."""
     from cli import REPO_ROOT
-    from models.tiny.llava_vqa import CLUTTER_FINETUNE
+    from models.tiny.llava_vqa import CLUTTER_FINETUNE, CLUTTER_POSITION
 
     if settings != CLUTTER_DEFAULTS or args.model_path is not None:
         raise UserError("the shipped clutter base has fixed settings: pass --output-dir to train with others")
@@ -131,7 +134,7 @@ def train_shipped_clutter_base(args, settings: dict) -> int:
     from models.tiny.llava import tiny_clutter_llava_dir
 
     if args.checkpoint is not None:
-        raise UserError("--checkpoint: the shipped base's checkpoints are runs/llava_clutter_base/phase1.pt and phase2.pt "
+        raise UserError("--checkpoint: the shipped base's checkpoints are runs/llava_clutter_base/phase<1-3>.pt "
                         "(pass --output-dir to train elsewhere)")
     work = REPO_ROOT / "runs" / "llava_clutter_base"
     work.mkdir(parents=True, exist_ok=True)
@@ -141,10 +144,13 @@ def train_shipped_clutter_base(args, settings: dict) -> int:
         train_base(tiny_clutter_llava_dir(), phase1, checkpoint=work / "phase1.pt", **schedule, **CLUTTER_DEFAULTS)
     readme = CLUTTER_BASE_DIR / "README.md"
     how_it_was_made = readme.read_text() if readme.is_file() else None
-    train_base(phase1, CLUTTER_BASE_DIR, checkpoint=work / "phase2.pt", **schedule, **CLUTTER_FINETUNE)
+    phase2 = work / "phase2"
+    if not (phase2 / METRICS_FILE).is_file():
+        train_base(phase1, phase2, checkpoint=work / "phase2.pt", **schedule, **CLUTTER_FINETUNE)
+    train_base(phase2, CLUTTER_BASE_DIR, checkpoint=work / "phase3.pt", **schedule, **CLUTTER_POSITION)
     if how_it_was_made is not None:  # the saved directory is new: keep its README (update its numbers by hand)
         readme.write_text(how_it_was_made)
-    print(f"saved to {CLUTTER_BASE_DIR} (the JSON logs of the two phases: {work / 'phase1.json'}, {work / 'phase2.json'})")
+    print(f"saved to {CLUTTER_BASE_DIR} (the JSON logs of the three phases: {work}/phase<1-3>.json)")
     return 0
 
 

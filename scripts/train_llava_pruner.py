@@ -45,6 +45,7 @@ run's checkpoints, stage files and log).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import shutil
@@ -289,6 +290,20 @@ def copy_atomic(source: Path, target: Path) -> None:
         shutil.copyfile(source, tmp)
 
 
+@contextlib.contextmanager
+def eager_attention(model, active: bool = True):
+    """Run the language model with eager attention inside the block (SDPA returns no attention weights), then
+    restore the implementation it had."""
+    text_config = model.config.text_config
+    saved = text_config._attn_implementation
+    if active:
+        text_config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        text_config._attn_implementation = saved
+
+
 @torch.no_grad()
 def split_accuracy(model, processor, samples) -> float:
     from data.vqa_shapes import accuracy_by_type, generate_answers
@@ -426,6 +441,7 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
     from pruning.llava.modules import (
         Discriminator,
         adversarial_losses,
+        answer_attention_teacher,
         answer_position_mask,
         merge_sparsity_loss,
         paired_feature_matching,
@@ -433,7 +449,7 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
         token_budget_loss,
         total_generator_loss,
     )
-    from pruning.llava.runtime import attach_pruning, pruning_checkpoint
+    from pruning.llava.runtime import attach_pruning, pruning_checkpoint, stage_distillation
 
     model_path = args.model_path
     if model_path is None:
@@ -470,6 +486,9 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
                                          collate_fn=VQACollator(processor, with_answers=True))
     model, gen_opt, discriminator, disc_opt, loader = accelerator.prepare(model, gen_opt, discriminator, disc_opt, loader)
     layer = cfg.discriminator.discriminator_hidden_layer
+    distill = cfg.loss.attention_distill_weight > 0
+    image_id = accelerator.unwrap_model(model).config.image_token_id
+
     provenance = {"run_id": run_id, "config_fingerprint": fingerprint, **base}
 
     start_step, history, evals = 0, [], []
@@ -559,8 +578,12 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
             labels = batch.pop("labels")
             answer_rows = answer_position_mask(labels)  # the rows the discriminator compares
             with accelerator.accumulate(model, discriminator):
-                with torch.no_grad(), pruning.disabled():
-                    real = model(**batch, output_hidden_states=True).hidden_states[layer].float()
+                with torch.no_grad(), pruning.disabled(), eager_attention(accelerator.unwrap_model(model), distill):
+                    real_out = model(**batch, output_hidden_states=True, output_attentions=distill)
+                    real = real_out.hidden_states[layer].float()
+                    teacher = (answer_attention_teacher(real_out.attentions, answer_rows, batch["input_ids"] == image_id)
+                               if distill else None)
+                    del real_out
                 fake_out = model(**batch, output_hidden_states=True, vision_question_mask=question_mask)
                 fake = fake_out.hidden_states[layer].float()
                 trace = pruning.last_trace
@@ -584,6 +607,8 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
                 parts = {"adv": g_adv, "task": task_loss(fake_out.logits, labels)}
                 if cfg.loss.feature_match_weight > 0:
                     parts["feature_match"] = paired_feature_matching(real, fake, answer_rows)
+                if distill:
+                    parts["attention_distill"] = stage_distillation(trace, teacher)
                 if trace.merger_output is not None:
                     parts["merge_sparsity"] = merge_sparsity_loss(trace.merger_output.assignment)
                 if cfg.loss.budget_loss_weight > 0 and trace.keep:

@@ -346,6 +346,45 @@ def test_masked_training_forward_sends_gradients_to_merger_and_every_pruner(fork
     assert all(p.grad is None for p in fork.model.language_model.parameters())
 
 
+def test_attention_distillation_reaches_the_merger_and_every_pruner_over_the_tokens_alive_when_it_chose(
+        fork, batch_inputs) -> None:
+    from pruning.llava.modules import answer_attention_teacher, attention_distillation, merged_teacher
+    from pruning.llava.runtime import stage_distillation
+
+    fork.requires_grad_(False)
+    pruning = _attach(fork)
+    image_mask = batch_inputs["input_ids"] == fork.config.image_token_id
+    rows = torch.zeros_like(image_mask)
+    rows[:, -1] = True  # the row that predicts the answer's first token
+    fork.config.text_config._attn_implementation = "eager"
+    with torch.no_grad(), pruning.disabled():
+        attentions = fork(**batch_inputs, output_attentions=True).attentions
+    fork.config.text_config._attn_implementation = "sdpa"
+    teacher = answer_attention_teacher(attentions, rows, image_mask)
+    assert teacher.shape == (2, 64) and torch.allclose(teacher.sum(-1), torch.ones(2))
+
+    fork.train()
+    pruning.train()
+    pruning.temperature = 0.5
+    pruning.generator = torch.Generator().manual_seed(0)
+    fork(**batch_inputs)
+    trace = pruning.last_trace
+    assert sorted(trace.keep_logits) == sorted(int(k) for k in pruning.pruners)
+    alive_counts = [int(alive[0].sum()) for _, alive in trace.keep_logits.values()]
+    assert alive_counts == trace.num_vision_tokens[1:-1]  # each head chose among the survivors of the stage before
+    loss = stage_distillation(trace, teacher)
+    out = trace.merger_output  # the same loss, term by term
+    merged = merged_teacher(teacher, out.assignment, out.centre_indices)
+    terms = [attention_distillation(out.importance_logits, teacher)]
+    terms += [attention_distillation(logits, merged, alive) for logits, alive in trace.keep_logits.values()]
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+    loss.backward()
+    assert pruning.merger.importance.fc2.weight.grad.abs().sum() > 0
+    for layer, head in pruning.pruners.items():
+        assert head.predictor.fc2.weight.grad is not None and head.predictor.fc2.weight.grad.abs().sum() > 0, layer
+    assert all(p.grad is None for p in fork.model.language_model.parameters())
+
+
 def test_keep_mask_gradients_are_bounded_and_budget_preserving(fork, batch_inputs) -> None:
     """Training-mode keep gradients are finite and bounded; the heads receive them projected to sum zero."""
     from pruning.llava.runtime import _BudgetProjectedGradient
@@ -498,3 +537,37 @@ def test_the_ablation_trains_each_variant_and_tabulates_its_accuracy_with_a_stan
     assert trained["config"]["loss"]["adv_loss_weight"] == 0.0
     run = _run_script("scripts/ablate_llava_pruner.py", "--variants", "magic", "--output-dir", str(out))
     assert run.returncode == 2 and "--variants: unknown ['magic']" in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_pruner_training_with_attention_distillation_logs_the_term_and_restores_sdpa(tmp_path) -> None:
+    import json
+
+    run = _run_script("scripts/train_llava_pruner.py", "--task", "shapes", "--model-path", str(tiny_llava_dir()),
+                      "--max-steps", "2", "--eval-size", "2", "--set", "batch_size=2", "--set", "eval_every=0",
+                      "--set", "log_every=1", "--set", "attention_distill_weight=2", "--output-dir", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-2000:]
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert all(h["g_attention_distill"] > 0 and math.isfinite(h["g_attention_distill"]) for h in log["history"])
+    assert log["config"]["loss"]["attention_distill_weight"] == 2.0
+
+
+def test_eager_attention_is_restored_after_the_block_even_on_error() -> None:
+    from tests.script_loader import load_script
+
+    module = load_script("train_llava_pruner")
+
+    class Config:
+        class text_config:
+            _attn_implementation = "sdpa"
+
+    class Model:
+        config = Config
+
+    with module.eager_attention(Model):
+        assert Model.config.text_config._attn_implementation == "eager"
+    assert Model.config.text_config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError), module.eager_attention(Model):
+        raise RuntimeError("boom")
+    assert Model.config.text_config._attn_implementation == "sdpa"
+    with module.eager_attention(Model, active=False):
+        assert Model.config.text_config._attn_implementation == "sdpa"

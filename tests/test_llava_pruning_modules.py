@@ -313,6 +313,55 @@ def test_paired_feature_matching_is_the_relative_squared_distance_at_the_answer_
     assert math.isclose(total_generator_loss({"feature_match": torch.tensor(0.5)}, cfg).item(), 2.0)
 
 
+def test_answer_attention_teacher_averages_layers_heads_and_answer_rows_over_the_image_tokens() -> None:
+    from pruning.llava.modules import answer_attention_teacher
+
+    gen = torch.Generator().manual_seed(0)
+    b, h, t = 2, 3, 6
+    attentions = [torch.rand(b, h, t, t, generator=gen).softmax(-1) for _ in range(2)]
+    rows = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 0]], dtype=torch.bool)
+    image = torch.tensor([[0, 1, 1, 0, 0, 0], [1, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    teacher = answer_attention_teacher(attentions, rows, image)
+    for i in range(b):  # a loop over the definition, one prompt at a time
+        acc = torch.zeros(t)
+        for a in attentions:
+            for head in range(h):
+                acc += a[i, head][rows[i]].mean(0)
+        expected = acc[image[i]] / acc[image[i]].sum()
+        torch.testing.assert_close(teacher[i], expected)
+    torch.testing.assert_close(teacher.sum(-1), torch.ones(b))
+
+
+def test_merged_teacher_keeps_the_total_mass_at_the_centres() -> None:
+    from pruning.llava.modules import merged_teacher
+
+    teacher = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    assignment = torch.tensor([[[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.0, 1.0]]])  # [B, N=4, M=2]
+    out = merged_teacher(teacher, assignment, torch.tensor([[1, 3]]))
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.2, 0.0, 0.8]]))
+
+
+def test_attention_distillation_is_the_kl_to_the_renormalised_teacher_over_the_alive_tokens() -> None:
+    from pruning.llava.modules import attention_distillation
+
+    teacher = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    alive = torch.tensor([[True, False, True, True]])
+    p = torch.tensor([0.1, 0.3, 0.4]) / 0.8
+    exact = torch.zeros(1, 4)
+    exact[0, [0, 2, 3]] = p.log()
+    exact[0, 1] = 123.0  # a dead token's score does not matter
+    assert attention_distillation(exact, teacher, alive).abs().item() < 1e-6
+    logits = torch.zeros(1, 4, requires_grad=True)
+    loss = attention_distillation(logits, teacher, alive)
+    q = torch.full((3,), 1 / 3)
+    assert math.isclose(loss.item(), float((p * (p / q).log()).sum()), rel_tol=1e-5)
+    loss.backward()
+    assert logits.grad[0, 1] == 0  # no gradient to a dead token
+    assert logits.grad[0, 3] < 0 < logits.grad[0, 0]  # raise the most attended, lower the least
+    cfg = LossConfig(attention_distill_weight=3.0)
+    assert math.isclose(total_generator_loss({"attention_distill": torch.tensor(0.5)}, cfg).item(), 1.5)
+
+
 # ----------------------------------------------------------------------------- schedules, layers
 
 

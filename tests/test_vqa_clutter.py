@@ -338,3 +338,38 @@ def test_attention_and_value_supervision_train_and_leave_the_saved_model_on_its_
     assert {"attention_loss", "value_loss", "readout"} <= set(metrics["probe_accuracy_last_10"])
     assert metrics["probe_accuracy_last_10"]["attention_loss"] > 0 and metrics["probe_accuracy_last_10"]["value_loss"] > 0
     assert "_attn_implementation" not in json.loads((tmp_path / "base" / "config.json").read_text())["text_config"]
+
+
+def test_relation_targets_give_a_position_questions_answer_as_axis_direction_and_side():
+    from data.vqa_clutter import relation_targets
+
+    for sample in HELDOUT:
+        axis, direction, on_side = relation_targets(sample.question, sample.shapes, sample.asked)
+        if sample.qtype in ("position", "relation"):
+            relation = re.search(r"(left of|right of|above|below)", sample.question).group(1)
+            assert (axis, direction) == {"left of": (0, 0), "right of": (0, 1), "above": (1, 0), "below": (1, 1)}[relation]
+            assert on_side == ({"yes": 1, "no": 0}[sample.answer] if sample.qtype == "position" else -100)
+        else:
+            assert (axis, direction, on_side) == (-100, -100, -100), sample.question
+
+
+def test_type_weights_set_the_share_of_each_question_type_and_are_checked():
+    from data.vqa_clutter import QUESTION_TYPES, make_conversation
+
+    weights = [0.0 if t != "position" else 1.0 for t in QUESTION_TYPES]
+    conversations = [make_conversation(0, "train", i, turns=2, type_weights=weights) for i in range(20)]
+    assert {qtype for c in conversations for _, _, qtype in c.turns} == {"position"}
+    assert make_conversation(0, "train", 3) == make_conversation(0, "train", 3, type_weights=None)  # default stream
+    with pytest.raises(ValueError, match="type_weights"):
+        make_conversation(0, "train", 0, type_weights=[1.0, 0.0])
+
+
+def test_the_relation_probe_and_the_position_share_train(tmp_path):
+    from models.tiny.llava import tiny_clutter_llava_dir
+    from models.tiny.llava_vqa import DEFAULTS, train_base
+
+    settings = {**DEFAULTS, "steps": 2, "batch_size": 2, "turns": 2, "eval_size": 2, "readout_weight": 1.0,
+                "readout_relation": 1, "position_share": 0.9}
+    metrics = train_base(tiny_clutter_llava_dir(), tmp_path / "base", task="clutter", log=lambda *_: None, **settings)
+    assert "relation" in metrics["probe_accuracy_last_10"]
+    assert metrics["settings"]["readout_relation"] == 1 and metrics["settings"]["position_share"] == 0.9

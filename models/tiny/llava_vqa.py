@@ -21,7 +21,8 @@ BASE_VERSION = 1
 DEFAULTS = dict(steps=1200, batch_size=16, lr=1.5e-3, warmup=50, weight_decay=0.01, aux_weight=3.0, embed_std=0.5,
                 qk_std=0.1, turns=4, text_loss=1, clip=5.0, seed=0, eval_size=400, position_weight=0.0,
                 sincos_positions=0.0, readout_weight=0.0, readout_layer=-3, tower_steps=0, tower_lr=1e-3,
-                freeze_tower=0, attention_weight=0.0, value_weight=0.0, evidence_heads=1, readout_comparisons=0)
+                freeze_tower=0, attention_weight=0.0, value_weight=0.0, evidence_heads=1, readout_comparisons=0,
+                readout_relation=0, position_share=0.0)
 CLUTTER_DEFAULTS = {**DEFAULTS, "steps": 2500, "aux_weight": 1.0, "position_weight": 1.0, "sincos_positions": 0.5,
                     "readout_weight": 1.0, "tower_steps": 800, "freeze_tower": 1, "attention_weight": 0.3,
                     "value_weight": 1.0}
@@ -36,6 +37,13 @@ position and relation questions' two objects each read by its own head (``eviden
 reading where the first object lies from the second (``readout_comparisons``), and the answers alone supervised
 (``text_loss=0``: the question words no longer outweigh them). Phase 1 left position questions at chance
 (docs/BENCHMARKS.md)."""
+CLUTTER_POSITION = {**CLUTTER_FINETUNE, "steps": 800, "lr": 5e-4, "readout_relation": 1, "position_share": 0.4}
+"""Phase 3 of the shipped base: 800 more steps from phase 2's model, at a third of phase 1's peak learning rate, with
+two in five questions position questions (``position_share``) and three more readout probes at the answer position
+(``readout_relation``): the relation word's axis and direction, and whether the first object lies on that side of
+the second. Phase 2 left position questions at chance: at the answer position the comparison along the asked axis
+read out linearly at 0.80, the relation's direction only at 0.77, and the yes / no answer, their XOR, at chance even
+for an MLP probe (docs/BENCHMARKS.md)."""
 CLUTTER_SCHEDULE = {"eval_every": 250, "val_size": 100}
 """Its validation (and checkpoint) schedule."""
 METRICS_FILE = "vqa_base_metrics.json"
@@ -99,7 +107,8 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                eval_size: int, position_weight: float = 0.0, sincos_positions: float = 0.0,
                readout_weight: float = 0.0, readout_layer: int = -3, tower_steps: int = 0, tower_lr: float = 1e-3,
                freeze_tower: int = 0, attention_weight: float = 0.0, value_weight: float = 0.0, evidence_heads: int = 1,
-               readout_comparisons: int = 0, task: str = "shapes",
+               readout_comparisons: int = 0, readout_relation: int = 0, position_share: float = 0.0,
+               task: str = "shapes",
                eval_every: int = 0, val_size: int = 200, checkpoint: Path | None = None, resume: bool = False,
                log=print) -> dict:
     """Train, evaluate and save; returns the metrics (also written to ``output_dir/vqa_base_metrics.json``).
@@ -114,7 +123,13 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
     ``hidden_states``; -3: the output of the last layer but one) must read the colour, shape, patch row and column
     of the first two objects the question asks (``data.vqa_clutter.readout_targets``), so the layers before it learn
     to bring the asked objects' attributes to where the answer is made; ``readout_comparisons`` adds two heads that
-    must read where the first of two objects lies from the second (``data.vqa_clutter.comparison_targets``).
+    must read where the first of two objects lies from the second (``data.vqa_clutter.comparison_targets``);
+    ``readout_relation`` three more that must read a relation word's axis and direction and whether the first object
+    lies on that side of the second (``data.vqa_clutter.relation_targets``: a position question's answer, as two
+    features the last layers only have to combine).
+
+    ``position_share`` > 0 (clutter): that share of the conversations' questions are position questions (the other
+    types share the rest equally); 0 draws the types uniformly.
 
     ``tower_steps`` > 0 (tasks with ``patch_targets``, ``data.vqa_clutter``): first that many steps pretrain the CLIP
     tower alone, at peak ``tower_lr``, with linear heads on its selected feature layer that must read each patch's
@@ -181,6 +196,16 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                                                             + 6 * readout_comparisons)}).to(device)
     # the readout probe's 8 heads, in that order, and with readout_comparisons the 2 comparison heads (3 classes each)
     readout_sizes = [len(PALETTE), len(SHAPES), grid, grid] * 2 + [3, 3] * readout_comparisons
+    if readout_relation:  # axis, direction, on that side (2 classes each)
+        probe["relation"] = torch.nn.Linear(width, 6).to(device)
+    type_weights = None
+    if position_share > 0:
+        if not 0 < position_share < 1 or "position" not in getattr(data, "QUESTION_TYPES", ()):
+            raise UserError(f"--position-share must be in (0, 1) with a task that has position questions "
+                            f"(clutter), got {position_share} with {task!r}")
+        others = len(data.QUESTION_TYPES) - 1
+        type_weights = [position_share if t == "position" else (1 - position_share) / others
+                        for t in data.QUESTION_TYPES]
     vision_width = model.config.vision_config.hidden_size
     tower_classes = {**getattr(data, "TOWER_TARGET_CLASSES", {}), "row": grid, "column": grid}
     tower_probe = torch.nn.ModuleDict({name: torch.nn.Linear(vision_width, classes)
@@ -230,6 +255,8 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                     attention_weight=attention_weight, value_weight=value_weight, task=task,
                     **({"evidence_heads": evidence_heads} if evidence_heads != 1 else {}),
                     **({"readout_comparisons": readout_comparisons} if readout_comparisons else {}),
+                    **({"readout_relation": readout_relation} if readout_relation else {}),
+                    **({"position_share": position_share} if position_share else {}),
                     samples_seen=steps * batch_size)
     record = {"settings": settings, "validation": [], "loss_every_10_steps": [], "train_seconds": 0.0}
     start_step = 0
@@ -238,7 +265,8 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                                                                     "tower_probe": tower_probe}, optimizer=optimizer,
                                                scheduler=scheduler, settings=settings, log=log)
     losses = []
-    probe_hits = {"colour": [], "shape": [], "pair": [], "row": [], "column": [], "readout": [], "attention_loss": [],
+    probe_hits = {"colour": [], "shape": [], "pair": [], "row": [], "column": [], "readout": [], "relation": [],
+                  "attention_loss": [],
                   "value_loss": [],
                   **{f"tower_{name}": [] for name in tower_probe}}
     begin = time.perf_counter() - record["train_seconds"]
@@ -255,7 +283,9 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
         if freeze_tower and model.model.vision_tower.training:
             model.model.vision_tower.requires_grad_(False).eval()
         if turns > 1:
-            samples = [make_conversation(seed, "train", step * batch_size + i, turns) for i in range(batch_size)]
+            samples = [make_conversation(seed, "train", step * batch_size + i, turns,
+                                         **({"type_weights": type_weights} if type_weights else {}))
+                       for i in range(batch_size)]
             batch = encode_conversations(processor, samples, label_text=bool(text_loss),
                                          answer_positions=readout_weight > 0 or attention_weight > 0 or value_weight > 0)
         else:
@@ -292,6 +322,18 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                                                                                      ignore_index=-100)
                     hits.append((head_logits.argmax(-1) == target)[target >= 0].float().mean().item())
             probe_hits["readout"].append(sum(hits) / len(hits) if hits else 0.0)
+            if readout_relation:
+                targets = torch.tensor([data.relation_targets(samples[b].turns[t][0], samples[b].shapes,
+                                                              samples[b].asked[t])
+                                        for b, t in zip(rows_b.tolist(), turns_b.tolist())], device=device)
+                hits = []
+                for head, head_logits in enumerate(probe["relation"](states).split(2, dim=-1)):
+                    target = targets[:, head]
+                    if (target >= 0).any():
+                        loss = loss + readout_weight * torch.nn.functional.cross_entropy(head_logits, target,
+                                                                                         ignore_index=-100)
+                        hits.append((head_logits.argmax(-1) == target)[target >= 0].float().mean().item())
+                probe_hits["relation"].append(sum(hits) / len(hits) if hits else 0.0)
         if aux_weight > 0:
             feats = out.image_hidden_states.view(len(samples), num_tokens, -1)
             targets = [patch_labels(s, grid) for s in samples]

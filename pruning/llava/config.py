@@ -189,6 +189,7 @@ class LossConfig:
     merge_sparsity_weight: float = 1e-4
     budget_loss_weight: float = 0.0  # an addition; 0 keeps the published three-term objective
     feature_match_weight: float = 0.0  # an addition: paired feature matching (pruned vs unpruned answer-row states)
+    attention_distill_weight: float = 0.0  # an addition: selection scores distilled from the unpruned answer attention
 
     def __post_init__(self) -> None:
         for f in fields(self):

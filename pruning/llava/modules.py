@@ -500,6 +500,49 @@ def paired_feature_matching(real: torch.Tensor, fake: torch.Tensor, rows: torch.
     return (fake_rows - real_rows.detach()).pow(2).sum() / real_rows.detach().pow(2).sum().clamp(min=1e-12)
 
 
+def answer_attention_teacher(attentions: Sequence[torch.Tensor], rows: torch.Tensor,
+                             image_mask: torch.Tensor) -> torch.Tensor:
+    """What the unpruned model's answer rows look at: ``[B, N]`` attention over each prompt's N image tokens.
+
+    ``attentions``: per layer ``[B, H, T, T]`` softmax attention of the unpruned pass (eager attention,
+    ``output_attentions=True``); ``rows [B, T]``: the answer rows (:func:`answer_position_mask`); ``image_mask
+    [B, T]``: the image placeholders, N per row. Mean over layers, heads and answer rows, renormalised over the image
+    tokens (each row sums to 1). The teacher of :func:`attention_distillation`; no gradient."""
+    with torch.no_grad():
+        rows_f = rows.float()
+        mean = torch.stack([a.float().mean(1) for a in attentions]).mean(0)  # [B, T, T]
+        answer = (mean * rows_f[..., None]).sum(1) / rows_f.sum(1, keepdim=True).clamp(min=1.0)  # [B, T]
+        n = int(image_mask[0].sum())
+        vision = answer[image_mask.bool()].view(answer.shape[0], n)  # [B, N]
+        return vision / vision.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+def merged_teacher(teacher: torch.Tensor, assignment: torch.Tensor, centre_indices: torch.Tensor) -> torch.Tensor:
+    """The teacher of the merged tokens, at their centres' positions: ``[B, N]`` -> ``[B, N]``.
+
+    Merged token m carries ``sum_i assignment[i, m] * teacher[i]`` (``assignment [B, N, M]``, rows sum to 1, so the
+    total is kept), placed at ``centre_indices [B, M]``; every other position gets 0 (no token there after stage 1)."""
+    mass = (assignment.float().transpose(1, 2) @ teacher.float()[..., None]).squeeze(-1)  # [B, M]
+    return torch.zeros_like(teacher, dtype=torch.float32).scatter(1, centre_indices, mass)
+
+
+def attention_distillation(logits: torch.Tensor, teacher: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
+    """Listwise KL ``KL(p || softmax(logits))`` over the alive tokens, mean over B: ``[B, N]`` x2 (+ ``alive [B, N]``
+    bool) -> scalar.
+
+    ``p`` is ``teacher`` restricted to the alive tokens and renormalised. The selection scores learn to rank tokens
+    as the unpruned model's answer attends to them (an addition, ``attention_distill_weight``): a dense,
+    per-token signal, where the task loss reaches a score only through a straight-through top-k."""
+    logits, teacher = logits.float(), teacher.float().detach()
+    if alive is not None:
+        alive = alive.bool()
+        teacher = teacher * alive
+        logits = logits.masked_fill(~alive, -1e4)  # finite: 0 * log q stays 0 at dead tokens
+    p = teacher / teacher.sum(-1, keepdim=True).clamp(min=1e-12)
+    log_q = logits.log_softmax(-1)
+    return (p * (p.clamp(min=1e-12).log() - log_q)).sum(-1).mean()
+
+
 def merge_sparsity_loss(assignment: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean entropy of the assignment rows, normalised by ``log M``: ``[B, N, M]`` -> scalar in [0, 1].
 
@@ -533,6 +576,7 @@ def token_budget_loss(masks: Sequence[torch.Tensor], target_ratios: Sequence[flo
 _LOSS_WEIGHTS = {
     "adv": "adv_loss_weight",
     "feature_match": "feature_match_weight",
+    "attention_distill": "attention_distill_weight",
     "task": "task_loss_weight",
     "merge_sparsity": "merge_sparsity_weight",
     "budget": "budget_loss_weight",
@@ -568,7 +612,9 @@ def answer_position_mask(labels: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "answer_attention_teacher",
     "answer_position_mask",
+    "attention_distillation",
     "CrossAttention",
     "Discriminator",
     "LayerPruner",
@@ -579,6 +625,7 @@ __all__ = [
     "gumbel_topk",
     "keep_mask",
     "merge_sparsity_loss",
+    "merged_teacher",
     "task_loss",
     "token_budget_loss",
     "total_generator_loss",

@@ -71,7 +71,14 @@ from pruning.llava.config import (
     VisionTokenPruningConfig,
     scale_pruning_layers,
 )
-from pruning.llava.modules import LayerPruner, MergerOutput, TokenMerger, keep_mask
+from pruning.llava.modules import (
+    LayerPruner,
+    MergerOutput,
+    TokenMerger,
+    attention_distillation,
+    keep_mask,
+    merged_teacher,
+)
 from pruning.selection import Selection, SelectionContext, Selector
 
 MASK_EPS = 1e-20
@@ -128,6 +135,8 @@ class PruningTrace:
     num_vision_tokens: list[int] = field(default_factory=list)  # tower, [after merger], after each pruning layer
     stage_names: list[str] = field(default_factory=list)
     keep: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, V] cumulative keep (straight-through in mask mode)
+    keep_logits: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # layer -> ([B, V] a learned pruner head's keep logits, [B, V] bool: the tokens alive when it chose); mask mode
     merger_output: MergerOutput | None = None
     merge_keep: torch.Tensor | None = None  # [B, V] image positions holding a merged token (stage 1)
     layer_tokens: list[int] = field(default_factory=list)  # sequence length (alive tokens) entering each layer
@@ -143,6 +152,23 @@ class PrunedCacheState:
     prefill_length: int  # T0, original numbering
     seen: int  # original-numbering tokens seen so far (T0 + decoded)
     groups: list[tuple[int, torch.Tensor]]  # (first layer, [B, T_g] kept original rows or [B, T0] key keep)
+
+
+def stage_distillation(trace: PruningTrace, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over the learned stages of a mask-mode prefill of the listwise KL to ``teacher [B, N]``, the unpruned
+    answer attention over the N image tokens (:func:`~pruning.llava.modules.answer_attention_teacher`): the merger's
+    importance logits over the N tower tokens, and each pruner head's keep logits over the tokens alive when it
+    chose, where a merged token carries its members' teacher mass (:func:`~pruning.llava.modules.merged_teacher`).
+    Raises if the prefill ran no learned stage."""
+    terms, out = [], trace.merger_output
+    if out is not None:
+        terms.append(attention_distillation(out.importance_logits, teacher))
+        teacher = merged_teacher(teacher, out.assignment, out.centre_indices)
+    terms += [attention_distillation(logits, teacher, alive) for logits, alive in trace.keep_logits.values()]
+    if not terms:
+        raise ValueError("attention distillation needs a learned stage: this prefill ran neither the merger nor a "
+                         "pruner head")
+    return torch.stack(terms).mean()
 
 
 # ----------------------------------------------------------------------------- the module
@@ -285,9 +311,10 @@ class VisionTokenPruning(nn.Module):
 
     # ------------------------------------------------------------------ selection
 
-    def select(self, ctx: SelectionContext) -> torch.Tensor | Selection:
+    def select(self, ctx: SelectionContext, trace: PruningTrace | None = None) -> torch.Tensor | Selection:
         """Keep mask ``[B, Vc]`` at ``ctx.layer_idx`` (a selector override, else the learned pruner), or a merging
-        selector's :class:`~pruning.selection.Selection` (drop mode only)."""
+        selector's :class:`~pruning.selection.Selection` (drop mode only). A learned pruner head records its keep
+        logits in ``trace.keep_logits`` when ``trace`` is given."""
         if ctx.layer_idx in self.selectors:
             keep = self.selectors[ctx.layer_idx](ctx)
             if isinstance(keep, Selection):
@@ -298,6 +325,8 @@ class VisionTokenPruning(nn.Module):
             return keep.to(ctx.alive.dtype) * (ctx.alive if ctx.mode == "mask" else 1.0)
         pruner = self.pruners[str(ctx.layer_idx)]
         logits = pruner(ctx.vision_hidden, ctx.question_hidden, ctx.question_mask, alive=ctx.alive.detach() > 0.5)
+        if trace is not None:
+            trace.keep_logits[ctx.layer_idx] = (logits, ctx.alive.detach() > 0.5)
         prev = ctx.alive if ctx.mode == "mask" else None
         keep = keep_mask(logits, self.keep_ratios[ctx.layer_idx], temperature=ctx.temperature,
                          training=self.training, prev_mask=prev, generator=self.generator)
@@ -651,7 +680,7 @@ class LlavaPruningPass:
             cols = torch.arange(r.num_vision, device=device).expand(b, r.num_vision)
             ctx = self._context(i, hidden, r.vision_rows, r.policy, cols, r.question_mask, r.attention_mask,
                                 position_embeddings)
-            r.policy = self.pruning.select(ctx)
+            r.policy = self.pruning.select(ctx, trace)
             trace.keep[i] = r.policy
             trace.num_vision_tokens.append(int((r.policy[0].detach() > 0.5).sum()))
             trace.stage_names.append(f"layer {i}")
@@ -940,4 +969,5 @@ __all__ = [
     "load_pruning",
     "num_image_tokens",
     "pruning_checkpoint",
+    "stage_distillation",
 ]
