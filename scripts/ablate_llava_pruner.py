@@ -5,10 +5,12 @@ Each variant is one ``train_llava_pruner.py`` run (same base, task, steps and se
 config) into ``--output-dir/<variant>``; its ``pruning_final.pt`` (the stages of the periodic validation with the
 best accuracy) is then evaluated by ``eval_llava_pruning.py --methods learned`` on freshly generated test questions
 at every budget. ``untrained`` is the same architecture with freshly initialised heads (no training). The table
-(accuracy with its binomial standard error, per budget) is printed and written to ``--output-dir/ablation.json``.
+(accuracy with its binomial standard error, per budget) is printed and written to ``--output-dir/ablation.json``;
+variants evaluated earlier on the same task, seed and number of questions stay in it.
 
     python scripts/ablate_llava_pruner.py --task clutter --max-steps 200
     python scripts/ablate_llava_pruner.py --variants full_gan,feature_match --max-steps 400
+    python scripts/ablate_llava_pruner.py --evaluate-only      # the trained variants again (e.g. after an eval change)
 """
 
 from __future__ import annotations
@@ -29,12 +31,16 @@ VARIANTS: dict[str, list[str]] = {
     "question_aware": ["merger_type=question_aware", "feature_match_weight=25"],
     "distill": ["attention_distill_weight=10"],
     "distill_question_aware": ["merger_type=question_aware", "attention_distill_weight=10"],
+    "task_only_lr1e-3": ["adv_loss_weight=0", "lr_merger=1e-3", "lr_pruners=1e-3"],
+    "full_gan_lr1e-3": ["lr_merger=1e-3", "lr_pruners=1e-3"],
+    "distill_lr1e-3": ["attention_distill_weight=10", "lr_merger=1e-3", "lr_pruners=1e-3"],
 }
 """Variant -> config overrides (``--set``) of its training run. ``full_gan`` is the configured objective
 (``configs/vision_token_pruning.yaml``); ``feature_match`` adds paired feature matching at the task loss's weight;
 ``question_aware`` also conditions the merger on the question; ``distill`` adds attention distillation (each stage's
 scores learn the unpruned answer's attention over the vision tokens), ``distill_question_aware`` with the
-question-aware merger."""
+question-aware merger; ``*_lr1e-3`` the same objectives at 50 times the published learning rate of the merger and
+the pruner heads (2e-5, set for heads on a 7B model; these heads are trained from scratch in 200 steps)."""
 
 
 def parse_args(argv=None):
@@ -49,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="test questions' seed (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="overrides for every variant")
     p.add_argument("--output-dir", type=Path, default=REPO_ROOT / "runs" / "llava_ablation")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="re-evaluate the stages each variant already has in --output-dir (no training)")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -74,7 +82,7 @@ def run(script: str, *argv: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     common = ["--task", args.task] + (["--model-path", args.model_path] if args.model_path else [])
-    table = {}
+    table, selection = {}, {}
     for variant in args.variants:
         out = args.output_dir / variant
         evaluate = ["eval_llava_pruning", *common, "--seed", str(args.seed), "--num-questions", str(args.num_questions),
@@ -85,15 +93,33 @@ def main(argv=None) -> int:
             run(*evaluate, "--methods", "untrained")
         else:
             sets = [x for s in VARIANTS[variant] + args.set for x in ("--set", s)]
-            print(f"[{variant}] training ({' '.join(VARIANTS[variant] + args.set) or 'the configured objective'})")
-            run("train_llava_pruner", *common, "--max-steps", str(args.max_steps), "--eval-size", str(args.eval_size),
-                "--output-dir", str(out), "--overwrite", *sets)
+            if args.evaluate_only:
+                if not (out / "pruning_final.pt").is_file():
+                    raise UserError(f"--evaluate-only: no trained stages at {out / 'pruning_final.pt'}; train the "
+                                    f"variant first (drop --evaluate-only)")
+            else:
+                print(f"[{variant}] training ({' '.join(VARIANTS[variant] + args.set) or 'the configured objective'})")
+                run("train_llava_pruner", *common, "--max-steps", str(args.max_steps), "--eval-size",
+                    str(args.eval_size), "--output-dir", str(out), "--overwrite", *sets)
             run(*evaluate, "--methods", "learned", "--checkpoint", str(out / "pruning_final.pt"))
         table[variant] = json.loads((out / "stats.json").read_text())["methods"]
+        log_path = out / "train_log.json"
+        if variant != "untrained" and log_path.is_file():  # which periodic validation chose the stages
+            evals = [e for e in json.loads(log_path.read_text())["evals"] if "val_accuracy" in e]
+            best = max(evals, key=lambda e: (e["val_accuracy"], e["step"]))
+            selection[variant] = {"selected_step": best["step"], "validation_accuracy": best["val_accuracy"],
+                                  "steps_trained": json.loads(log_path.read_text())["step"]}
         print(f"[{variant}] " + ", ".join(f"{name} {m['accuracy']:.3f}+-{m['accuracy_se']:.3f}"
                                           for name, m in table[variant].items()))
-    write_json(args.output_dir / "ablation.json", {"task": args.task, "max_steps": args.max_steps, "seed": args.seed,
-                                                   "num_questions": args.num_questions, "variants": table})
+    path = args.output_dir / "ablation.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    same_setup = all(previous.get(k) == v for k, v in (("task", args.task), ("seed", args.seed),
+                                                        ("num_questions", args.num_questions)))
+    if previous and same_setup:  # other variants evaluated earlier on the same questions stay in the table
+        table = {**{k: v for k, v in previous.get("variants", {}).items() if k not in table}, **table}
+        selection = {**{k: v for k, v in previous.get("selection", {}).items() if k not in selection}, **selection}
+    write_json(path, {"task": args.task, "max_steps": args.max_steps, "seed": args.seed,
+                      "num_questions": args.num_questions, "variants": table, "selection": selection})
     print(f"wrote {args.output_dir / 'ablation.json'}")
     return 0
 

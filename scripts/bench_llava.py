@@ -37,7 +37,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budgets", default="0.25,0.35,0.5", help="token budgets (default: %(default)s)")
+    p.add_argument("--budgets", default="0.1,0.25,0.35,0.5", help="token budgets (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=1, help="prompts per prefill (the same prompt repeated)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

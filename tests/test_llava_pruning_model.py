@@ -535,6 +535,17 @@ def test_the_ablation_trains_each_variant_and_tabulates_its_accuracy_with_a_stan
     assert (out / "task_only" / "pruning_final.pt").is_file()
     trained = torch.load(out / "task_only" / "pruning_final.pt", weights_only=False)
     assert trained["config"]["loss"]["adv_loss_weight"] == 0.0
+    assert table["selection"]["task_only"]["selected_step"] in (0, 2) and "untrained" not in table["selection"]
+    again = _run_script("scripts/ablate_llava_pruner.py", "--task", "shapes", "--model-path", str(tiny_llava_dir()),
+                        "--variants", "task_only", "--evaluate-only", "--num-questions", "4", "--budgets", "0.5",
+                        "--output-dir", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "training" not in again.stdout  # the same stages, evaluated again
+    merged = json.loads((out / "ablation.json").read_text())
+    assert merged["variants"] == table["variants"]  # task_only evaluated again, untrained kept from the first run
+    missing = _run_script("scripts/ablate_llava_pruner.py", "--variants", "full_gan", "--evaluate-only",
+                          "--output-dir", str(out))
+    assert missing.returncode == 2 and "no trained stages" in missing.stderr and missing.stderr.count("\n") == 1
     run = _run_script("scripts/ablate_llava_pruner.py", "--variants", "magic", "--output-dir", str(out))
     assert run.returncode == 2 and "--variants: unknown ['magic']" in run.stderr and run.stderr.count("\n") == 1
 

@@ -131,20 +131,27 @@ def test_budget_schedules_meet_the_budget() -> None:
             sched = baseline_schedule(method, budget, 8, 64)
             assert abs(sched.achieved - budget) < 0.02, (method, budget, sched)
         learned = learned_schedule(budget, 8, 64, 32, [2, 4, 7], [0.7, 0.75, 0.67])
-        assert abs(learned.achieved - budget) < 0.02 and learned.layer_tokens[:2] == (32, 32)
+        assert abs(learned.achieved - budget) < 0.02 and learned.keep_ratios == (0.7, 0.75, 0.67)
     trained = learned_schedule(None, 8, 64, 32, [2, 4, 7], [0.7, 0.75, 0.67])
-    assert trained.layer_tokens == (32, 32, 22, 22, 17, 17, 17, 11)
+    assert trained.layer_tokens == (32, 32, 22, 22, 17, 17, 17, 11) and trained.merged == 32
     assert baseline_schedule("fastv", 0.5, 8, 64).selector_layer == 2
     assert baseline_schedule("fastv", 0.25, 8, 64).selector_layer == 1  # too small a budget for K=2
 
 
-def test_below_what_the_merger_costs_alone_the_learned_schedule_merges_fewer_tokens() -> None:
-    """Budget 0.1 of 256 tokens in 8 layers: 128 merged tokens in layers 0-1 alone exceed it, so the merger keeps
-    round(0.1 * 256) = 26 centres and the pruners do the rest; the budget is met."""
-    sched = learned_schedule(0.1, 8, 256, 128, [2, 4, 7], [0.7, 0.75, 0.67])
-    assert sched.merged == 26 and sched.layer_tokens[:2] == (26, 26)
-    assert abs(sched.achieved - 0.1) < 0.01
-    assert learned_schedule(0.25, 8, 256, 128, [2, 4, 7], [0.7, 0.75, 0.67]).merged == 128  # feasible: unchanged
+def test_the_learned_schedule_scales_the_merger_and_keeps_the_trained_ratios() -> None:
+    """256 tokens, 8 layers, pruners at 2 / 4 / 7: the merger's count follows the budget with the ratios as trained;
+    above what 256 merged tokens cost with them, every token stays merged-in and the ratios relax instead."""
+    ratios = [0.7, 0.75, 0.67]
+    for budget in (0.1, 0.25, 0.35):
+        sched = learned_schedule(budget, 8, 256, 128, [2, 4, 7], ratios)
+        assert sched.keep_ratios == tuple(ratios) and abs(sched.achieved - budget) < 0.01, sched
+        for other in (sched.merged - 1, sched.merged + 1):  # the closest count
+            tokens = learned_schedule(None, 8, 256, other, [2, 4, 7], ratios).layer_tokens
+            assert abs(sum(tokens) / 2048 - budget) >= abs(sched.achieved - budget)
+    assert learned_schedule(0.25, 8, 256, 128, [2, 4, 7], ratios).merged == 96
+    high = learned_schedule(0.8, 8, 256, 128, [2, 4, 7], ratios)
+    assert high.merged == 256 and all(r > k for r, k in zip(high.keep_ratios, ratios))
+    assert abs(high.achieved - 0.8) < 0.01
 
 
 def test_topk_keep_and_divprune_respect_alive_and_count() -> None:
