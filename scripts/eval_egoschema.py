@@ -28,12 +28,22 @@ nothing written. Checked before the model is loaded: every flag, ``--output``, `
 video (opened), and each question's text (question, options, chat template) plus ``--max-new-tokens``
 against the model's context; the exact prompt with its video tokens is checked again per question
 (still one line, nothing written). The JSON is written once, at the end, through a temporary file
-renamed into place; Ctrl-C exits 130 and leaves no file.
+renamed into place; Ctrl-C exits 130 and leaves no JSON.
+
+Each question's record (every preset's prediction, logits, token counts and times) is appended to ``--records``
+(default: the output's name with ``.records.jsonl``) as soon as it is answered; ``--resume`` skips the questions
+already there for the same model, presets and data, and refuses (one line) records of another configuration
+(:mod:`evaluation.records`). Under ``accelerate launch --num_processes N`` (or ``torchrun``) the questions are split
+between the processes and their records gathered, in question order, on the main process, which alone writes the
+JSON; the result is the one-process result, except that the times are left out (processes that share a machine do
+not time the method; the report says so). On a machine without GPUs accelerate starts several processes through its
+torchrun path: ``accelerate launch --multi_gpu --num_processes 2 scripts/eval_egoschema.py ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import statistics
 import sys
@@ -96,7 +106,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default: 1 for the embedded tiny model on CPU; torch's default otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    return p.parse_args(argv)
+    p.add_argument("--records", type=Path, default=None,
+                   help="per-question records, one JSON line each as it finishes (default: --output with the suffix "
+                        ".records.jsonl)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the questions --records already holds for the same model, presets and data")
+    args = p.parse_args(argv)
+    if args.records is None:
+        args.records = args.output.with_suffix(".records.jsonl")
+    return args
 
 
 def validate(args) -> None:
@@ -110,6 +128,9 @@ def validate(args) -> None:
     if args.questions is not None and args.video_dir is None:
         raise UserError("--questions needs --video-dir (the folder holding <q_uid>.mp4)")
     check_output_file(args.output, "--output")
+    check_output_file(args.records, "--records")
+    if args.records.resolve() == args.output.resolve():
+        raise UserError("--records and --output must be different files")
     check_device(args.device)
 
 
@@ -216,9 +237,11 @@ def print_table(summary: dict) -> None:
     for name, s in summary.items():
         tokens = f"{s['mean_tokens_before_stage1']:.1f} -> {s['mean_tokens_after_stage1']:.1f} -> {s['mean_tokens_after_stage2']:.1f}"
         speedup = f"{s['ttft_speedup']:.2f}x" if s["ttft_speedup"] is not None else "-"
+        number = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
         print(
             f"{name:<13} {pct(s['accuracy']):>8} {tokens:>40} {pct(s['mean_total_compression']):>6} "
-            f"{s['mean_ttft_s']:>8.4f} {speedup:>7} {s['mean_seconds_per_question']:>10.3f} {pct(s['agreement_with_baseline']):>6}"
+            f"{number(s['mean_ttft_s'], '.4f'):>8} {speedup:>7} {number(s['mean_seconds_per_question'], '.3f'):>10} "
+            f"{pct(s['agreement_with_baseline']):>6}"
         )
 
 
@@ -233,8 +256,13 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
+    from evaluation.records import RecordsError, RunRecords, gather_in_order, process_state, shard
     from pipelines.prunevid import Qwen25VLPruneVid
 
+    state = process_state(args.device)
+    sharded = state.num_processes > 1
+    if sharded and args.device is None and state.device.type != "cpu":
+        args.device = str(state.device)  # each process on its own GPU
     hf_logging.disable_progress_bar()
     configure_torch_threads(args.threads, args.model_path, args.device)
     try:
@@ -256,12 +284,34 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as error:
             raise UserError(f"q_uid {q.q_uid!r}: {str(error).splitlines()[0]}") from None
 
-    answer(pipes[args.presets[0]], questions[0])  # warm-up (first-call allocations), not reported
-    records = []
-    # counts answers: every question once per preset
-    progress = tqdm(total=len(questions) * len(args.presets), desc="answer (question x preset)", unit="answer",
-                    disable=args.no_progress, file=sys.stderr)  # fmt: skip
-    for q in questions:
+    identity = {
+        "evaluator": "eval_egoschema", "model": base.model_path, "num_frames": args.num_frames,
+        "max_new_tokens": args.max_new_tokens, "attn_implementation": args.attn_implementation,
+        "presets": {name: dataclasses.asdict(pipe.config) for name, pipe in pipes.items()},
+        "questions": [(q.q_uid, q.question, list(q.options), q.answer, str(q.video_path)) for q in questions],
+    }  # fmt: skip
+    try:  # the main process starts (or checks) the file before the others append to it
+        run_records = RunRecords(args.records, identity, resume=args.resume, main_process=True) \
+            if state.is_main_process else None
+        state.wait_for_everyone()
+        if run_records is None:
+            run_records = RunRecords(args.records, identity, resume=True, main_process=False)
+    except RecordsError as error:
+        raise UserError(str(error)) from None
+    resumed = len(run_records.done)
+    mine = shard(len(questions), state.process_index, state.num_processes)
+    todo = [i for i in mine if questions[i].q_uid not in run_records.done]
+    done_here = [(i, run_records.done[questions[i].q_uid]) for i in mine if questions[i].q_uid in run_records.done]
+    if done_here and state.is_main_process:
+        print(f"--resume: {len(done_here)} of this process's {len(mine)} questions already recorded in {args.records}")
+    if todo:
+        answer(pipes[args.presets[0]], questions[todo[0]])  # warm-up (first-call allocations), not reported
+    pairs = list(done_here)
+    # counts answers: every question of this process once per preset
+    progress = tqdm(total=len(todo) * len(args.presets), desc="answer (question x preset)", unit="answer",
+                    disable=args.no_progress or not state.is_main_process, file=sys.stderr)  # fmt: skip
+    for index in todo:
+        q = questions[index]
         record = {"q_uid": q.q_uid, "question": q.question, "answer": q.answer, "video": str(q.video_path), "presets": {}}
         for name, pipe in pipes.items():
             prediction, text, stats, seconds = answer(pipe, q)
@@ -277,10 +327,18 @@ def main(argv=None) -> int:
                 "seconds": seconds,
             }
             progress.update()
-        records.append(record)
+        run_records.append(q.q_uid, record)
+        pairs.append((index, record))
     progress.close()
+    records = gather_in_order(pairs, state if sharded else None)
+    if not state.is_main_process:
+        return 0
 
     summary = summarise(records, args.presets)
+    if sharded:  # several processes share the machine: their times are not the method's
+        for s in summary.values():
+            for key in ("mean_ttft_s", "mean_seconds_per_question", "ttft_speedup"):
+                s[key] = None
     report = {
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["eval_egoschema.py", *argv]),
         "machine": machine_info(torch, base.device),
@@ -296,8 +354,15 @@ def main(argv=None) -> int:
         "pruning_layer": {name: pipe.config.pruning_layer if pipe.config.enable_pruning else None for name, pipe in pipes.items()},
         "chance_level": CHANCE_LEVEL,
         "summary": summary,
+        "processes": state.num_processes,
+        "records_file": str(args.records),
+        "resumed_questions": resumed,
         "questions": records,
     }
+    if sharded:
+        report["timing_note"] = (
+            f"sharded over {state.num_processes} processes: accuracy and agreement only; the times of processes "
+            "sharing a machine are not the method's (run one process for the speed table)")
     if args.model_path is None:
         report["note"] = (
             "embedded tiny model with random weights: accuracy is at chance level (20%, 1 of 5 options); only the "
@@ -309,6 +374,8 @@ def main(argv=None) -> int:
     print_table(summary)
     if "note" in report:
         print(f"note: {report['note']}")
+    if "timing_note" in report:
+        print(f"note: {report['timing_note']}")
     write_json(args.output, report)
     print(f"results in {args.output}")
     return 0

@@ -245,7 +245,12 @@ def test_eval_egoschema_interrupted_mid_run_exits_130_and_writes_no_results(monk
                                                   "--presets", "baseline,default", "--no-progress",
                                                   "--output", str(output)]))  # fmt: skip
     assert info.value.code == 130
-    assert not output.exists() and snapshot(workdir) == before
+    assert not output.exists()  # no results JSON; the per-question records stay for --resume
+    assert snapshot(workdir) == before | {"results.records.jsonl"}
+    from evaluation.records import read_records
+
+    header, records = read_records(workdir / "results.records.jsonl")
+    assert header is not None and records == {}  # interrupted inside the first question: none complete
 
 
 def test_sweep_sigint_mid_run_exits_130_within_seconds_and_leaves_no_file(workdir):

@@ -1,0 +1,88 @@
+"""The evaluators shard over processes, gather exactly, record each item as it finishes, and resume.
+
+Two CPU processes are started the way accelerate starts them on a machine without GPUs (its torchrun path,
+``accelerate launch --multi_gpu --num_processes 2``); their merged per-item records must equal a one-process run's,
+in the same order. A run cut short (its records file ending after some items, the last line torn) continues with
+``--resume`` to the same records, and a changed configuration refuses to mix with them in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = REPO_ROOT / ".venv" / "bin"
+PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+       "PYTHONPATH": str(REPO_ROOT)}
+EGOSCHEMA = ["--synthetic-questions", "4", "--presets", "baseline,default", "--num-frames", "4", "--no-progress"]
+
+
+def run(argv: list[str], processes: int = 1) -> subprocess.CompletedProcess:
+    if processes == 1:
+        command = [PYTHON, *argv]
+    else:
+        accelerate = str(VENV_BIN / "accelerate") if (VENV_BIN / "accelerate").exists() else shutil.which("accelerate")
+        command = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0",
+                   *argv]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=ENV, timeout=300)
+
+
+def deterministic(record: dict) -> dict:
+    """A question's record without its wall times (which no two runs share)."""
+    return {**record, "presets": {name: {k: v for k, v in preset.items() if k not in ("ttft_s", "seconds")}
+                                  for name, preset in record["presets"].items()}}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("one") / "one.json"
+    done = run(["scripts/eval_egoschema.py", *EGOSCHEMA, "--output", str(out)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_two_processes_give_the_one_process_records_in_the_same_order(one_process, tmp_path) -> None:
+    out = tmp_path / "two.json"
+    done = run(["scripts/eval_egoschema.py", *EGOSCHEMA, "--output", str(out)], processes=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = json.loads(out.read_text())
+    assert two["processes"] == 2 and one_process["processes"] == 1
+    assert [deterministic(r) for r in two["questions"]] == [deterministic(r) for r in one_process["questions"]]
+    for name, summary in two["summary"].items():  # accuracy and agreement as one process; no times
+        assert summary["accuracy"] == one_process["summary"][name]["accuracy"]
+        assert summary["agreement_with_baseline"] == one_process["summary"][name]["agreement_with_baseline"]
+        assert summary["mean_ttft_s"] is None and summary["ttft_speedup"] is None
+    assert "accuracy and agreement only" in two["timing_note"] and "timing_note" not in one_process
+    lines = (tmp_path / "two.records.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + len(one_process["questions"])  # the header, then one line per question
+
+
+def test_an_interrupted_run_resumes_to_the_same_records(one_process, tmp_path) -> None:
+    out = tmp_path / "run.json"
+    records = tmp_path / "run.records.jsonl"
+    first = run(["scripts/eval_egoschema.py", *EGOSCHEMA, "--output", str(out)])
+    assert first.returncode == 0, first.stderr[-2000:]
+    lines = records.read_bytes().split(b"\n")
+    records.write_bytes(b"\n".join(lines[:3]) + b"\n" + lines[3][:20])  # header + 2 questions + a torn third
+    out.unlink()
+    resumed = run(["scripts/eval_egoschema.py", *EGOSCHEMA, "--output", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "2 of this process's 4 questions already recorded" in resumed.stdout
+    report = json.loads(out.read_text())
+    assert report["resumed_questions"] == 2
+    assert [deterministic(r) for r in report["questions"]] == [deterministic(r) for r in one_process["questions"]]
+    assert len(records.read_text().splitlines()) == 5
+
+    other = [("8" if previous == "--num-frames" else arg) for previous, arg in zip([None, *EGOSCHEMA], EGOSCHEMA)]
+    changed = run(["scripts/eval_egoschema.py", *other, "--output", str(out), "--resume"])  # another configuration
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert changed.stderr.count("\n") == 1 and "another configuration (num_frames: 4 -> 8)" in changed.stderr
+    assert len(records.read_text().splitlines()) == 5  # the records are left as they were
