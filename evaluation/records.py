@@ -155,15 +155,16 @@ def process_state(device: str | None = None):
     return PartialState(cpu=on_cpu)
 
 
-def gather_in_order(mine: Iterable[tuple[int, dict]], accelerator=None) -> list[dict] | None:
-    """Every process's ``(item index, record)`` pairs, on the main process, as one list in item order (None on the
-    other processes). Without an accelerator (or with one process): the records of this process, in order."""
+def gather_in_order(mine: Iterable[tuple[int, dict]], accelerator=None, *, to_all: bool = False) -> list[dict] | None:
+    """Every process's ``(item index, record)`` pairs as one list in item order, on the main process (None on the
+    others), or on every process with ``to_all`` (a later phase that depends on all items). Without an accelerator
+    (or with one process): the records of this process, in order."""
     pairs = list(mine)
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        pairs = gather_object(pairs)
-        if not accelerator.is_main_process:
+        pairs = gather_object(pairs)  # every process receives every process's pairs
+        if not (to_all or accelerator.is_main_process):
             return None
     return [record for _, record in sorted(pairs, key=lambda pair: pair[0])]
 

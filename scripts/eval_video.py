@@ -19,8 +19,17 @@ baseline's answers, mean visual tokens after stage 1 and at the end, the LLM pre
 this model's shape and at Qwen2.5-VL-7B's (the same fractions of 2048 visual tokens), and the
 measured TTFT ratio. ``--stats-json`` writes ``{"methods": {name: {...}}}``.
 
+Each question's results are appended to ``--records`` (JSON lines, default beside ``--stats-json``) as they finish,
+in two phases: the baseline and the presets, then (once every question's ``default`` and ``aggressive`` token counts
+fix the equal budgets) the alternatives. ``--resume`` skips what is recorded for the same model, data and methods.
+Under ``accelerate launch --num_processes N`` (on a machine without GPUs: ``accelerate launch --multi_gpu
+--num_processes N``) the questions are split between the processes and the records gathered in question order; the
+accuracies and agreements are the one-process ones, the times are left out (and the report says so). The random
+baseline draws from a generator seeded by the question's index, so no result depends on which process ran it.
+
     python scripts/eval_video.py                         # make eval-video: 240 test questions
     python scripts/eval_video.py --seed 7 --num-videos 60 --stats-json /tmp/eval.json
+    accelerate launch --num_processes 8 scripts/eval_video.py --model-path /path/to/model --resume
 """
 
 from __future__ import annotations
@@ -54,7 +63,15 @@ def parse_args(argv=None):
     p.add_argument("--stats-json", type=Path, default=Path("outputs_eval/eval_video.json"))
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--records", type=Path, default=None,
+                   help="per-question records, one JSON line per question and phase as it finishes (default: "
+                        "--stats-json with the suffix .records.jsonl)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip what --records already holds for the same model, data and methods")
+    args = p.parse_args(argv)
+    if args.records is None:
+        args.records = args.stats_json.with_suffix(".records.jsonl")
+    return args
 
 
 def validate(args):
@@ -72,6 +89,9 @@ def validate(args):
             raise UserError(f"no trained video-QA model at {SHIPPED_DIR}: train it with make train-video-base")
     check_model_path(str(args.model_path))
     check_output_file(args.stats_json, "--stats-json")
+    check_output_file(args.records, "--records")
+    if args.records.resolve() == args.stats_json.resolve():
+        raise UserError("--records and --stats-json must be different files")
     if args.methods is not None:
         known = {"baseline", *PRESET_METHODS, *ALTERNATIVES}
         unknown = sorted(set(args.methods.split(",")) - known)
@@ -123,17 +143,34 @@ def main(argv=None) -> int:
     from pipelines.prunevid import Qwen25VLPruneVid
     from pipelines.video_io import uniform_frame_indices
     from pruning.common import scale_layer_index
+    from evaluation.records import RecordsError, RunRecords, gather_in_order, process_state, shard
+    from models.tiny.llava_vqa import base_identity  # the fingerprint of a model directory (config + weights)
     from pruning.selection import make_selector
 
     split = "test"
     samples = make_split(split, args.num_videos, seed=args.seed)
     wanted = set(args.methods.split(",")) if args.methods else None
-    pipe = Qwen25VLPruneVid(str(args.model_path), preset="baseline", num_frames=NUM_FRAMES)
+    state = process_state(None)  # one process, or one of `accelerate launch --num_processes N`
+    sharded = state.num_processes > 1
+    device = str(state.device) if sharded and state.device.type != "cpu" else None  # each process on its own GPU
+    pipe = Qwen25VLPruneVid(str(args.model_path), preset="baseline", num_frames=NUM_FRAMES, device=device)
     text_config = pipe.model.config.get_text_config()
     num_layers = text_config.num_hidden_layers
-    frames = [s.frames() for s in tqdm(samples, desc="render video", disable=args.no_progress)]
-    full_inputs = [pipe.prepare_inputs(loaded(f, list(range(NUM_FRAMES))), s.question) for f, s in zip(frames, samples)]
-    pipe.generate_from_inputs(full_inputs[0], max_new_tokens=1)  # warm-up
+    identity = {"evaluator": "eval_video", **base_identity(args.model_path), "split": split, "seed": args.seed,
+                "num_videos": args.num_videos, "methods": sorted(wanted) if wanted else None}
+    try:  # the main process starts (or checks) the records file before the others append to it
+        records = RunRecords(args.records, identity, resume=args.resume) if state.is_main_process else None
+        state.wait_for_everyone()
+        if records is None:
+            records = RunRecords(args.records, identity, resume=True, main_process=False)
+    except RecordsError as error:
+        raise UserError(str(error)) from None
+    resumed = len(records.done)
+    mine = list(shard(len(samples), state.process_index, state.num_processes))
+    frames = {i: samples[i].frames() for i in tqdm(mine, desc="render video", disable=args.no_progress)}
+    full_inputs = {i: pipe.prepare_inputs(loaded(frames[i], list(range(NUM_FRAMES))), samples[i].question) for i in mine}
+    if mine:
+        pipe.generate_from_inputs(full_inputs[mine[0]], max_new_tokens=1)  # warm-up
 
     real = Qwen2_5_VLTextShape()
     tokens_per_step = GRID * GRID  # visual tokens of one grid step (2 frames)
@@ -154,42 +191,69 @@ def main(argv=None) -> int:
                        / qwen2_5_vl_prefill_flops(real, real.visual_tokens, real.visual_tokens))
         return sum(tiny) / len(tiny), sum(big) / len(big)
 
-    def run(name: str, runner, inputs_list, pruning_layer_real=None) -> dict:
-        answers, results = [], []
-        for inputs in tqdm(inputs_list, desc=name, disable=args.no_progress):
-            result = runner.generate_from_inputs(inputs, max_new_tokens=4)
-            answers.append(result["generated_text"].strip())
-            results.append(result)
-        tiny, big = flops(results, pruning_layer_real)
-        return {"answers": answers, "results": results, "flops": (tiny, big)}
+    def answer(runner, inputs) -> dict:
+        result = runner.generate_from_inputs(inputs, max_new_tokens=4)
+        return {**result, "answer": result["generated_text"].strip()}
 
-    runs: dict[str, dict] = {}
-    runs["baseline"] = run("baseline", pipe, full_inputs)
-    for name in PRESET_METHODS:
-        if wanted is None or name in wanted or name in ("default", "aggressive"):
-            runs[name] = run(name, pipe.with_config(name), full_inputs)
+    def run_phase(phase: str, methods_of, progress_label: str) -> list[dict]:
+        """Every method of ``methods_of(i)`` on each of this process's questions, recorded one question at a time
+        (``<i>/<phase>``, skipped when already recorded); every process's records, in question order, on every
+        process."""
+        pairs = []
+        todo = [i for i in mine if f"{i}/{phase}" not in records.done]
+        for i in tqdm(mine, desc=progress_label, disable=args.no_progress or not todo):
+            key = f"{i}/{phase}"
+            if key not in records.done:
+                records.append(key, {name: answer(runner, inputs) for name, (runner, inputs) in methods_of(i).items()})
+            pairs.append((i, records.done[key]))
+        return gather_in_order(pairs, state if sharded else None, to_all=True)
+
+    presets = ["baseline"] + [name for name in PRESET_METHODS
+                              if wanted is None or name in wanted or name in ("default", "aggressive")]
+    preset_runners = {name: pipe if name == "baseline" else pipe.with_config(name) for name in presets}
+    first = run_phase("presets", lambda i: {name: (runner, full_inputs[i]) for name, runner in preset_runners.items()},
+                      "presets (per question)")
 
     budgets = {}
-    for name in ("default", "aggressive"):
-        budgets[name] = max(1, round(sum(r["tokens_after"] for r in runs[name]["results"]) / len(samples)))
+    for name in ("default", "aggressive"):  # from every question's result, whichever process ran it
+        budgets[name] = max(1, round(sum(r[name]["tokens_after"] for r in first) / len(samples)))
     for fraction in FRACTION_BUDGETS:
         budgets[f"{round(100 * fraction)}pct"] = max(1, round(fraction * full_visual))
     layer = 0  # random / divprune: the earliest place system B selects (after layer 0)
     fastv_layer = scale_layer_index(2, 32, num_layers)  # FastV's layer 2 of 32 at the same depth
+    budget_runners, pruning_layer_real, subsampled = {}, {}, {}
     for label, keep in budgets.items():
         if wanted is None or "frame_subsample" in wanted:
             steps = max(1, min(NUM_STEPS, round(keep / tokens_per_step)))
-            indices = uniform_frame_indices(NUM_FRAMES, FRAMES_PER_STEP * steps)
-            sub_inputs = [pipe.prepare_inputs(loaded(f, indices), s.question) for f, s in zip(frames, samples)]
-            runs[f"frame_subsample_{label}"] = run(f"frame_subsample_{label}", pipe, sub_inputs)
+            subsampled[f"frame_subsample_{label}"] = uniform_frame_indices(NUM_FRAMES, FRAMES_PER_STEP * steps)
+            budget_runners[f"frame_subsample_{label}"] = lambda i: pipe
         for method, selector, at in (("random", "random", layer), ("divprune", "divprune", layer),
                                      ("fastv", "last_token_attention", fastv_layer)):
             if wanted is not None and method not in wanted:
                 continue
-            kwargs = {"keep": keep, "seed": 0} if selector == "random" else {"keep": keep}
-            runner = pipe.with_config("stage2_only", pruning_layer=at, enable_cache_compression=True,
-                                      selector=make_selector(selector, **kwargs))
-            runs[f"{method}_{label}"] = run(f"{method}_{label}", runner, full_inputs, pruning_layer_real=2 if method == "fastv" else 0)
+
+            def runner_for(i, selector=selector, keep=keep, at=at):
+                # random: seeded by the question's index, so a question's draw does not depend on which
+                # process runs it, or after which other questions
+                kwargs = {"keep": keep, "seed": i} if selector == "random" else {"keep": keep}
+                return pipe.with_config("stage2_only", pruning_layer=at, enable_cache_compression=True,
+                                        selector=make_selector(selector, **kwargs))
+
+            budget_runners[f"{method}_{label}"] = runner_for
+            pruning_layer_real[f"{method}_{label}"] = 2 if method == "fastv" else 0
+
+    def budget_methods(i):
+        return {name: (runner_for(i), pipe.prepare_inputs(loaded(frames[i], subsampled[name]), samples[i].question)
+                       if name in subsampled else full_inputs[i]) for name, runner_for in budget_runners.items()}
+
+    second = run_phase("budgets", budget_methods, "equal-budget methods (per question)")
+    if not state.is_main_process:
+        return 0
+    runs: dict[str, dict] = {}
+    for name, phase in [(name, first) for name in presets] + [(name, second) for name in budget_runners]:
+        results = [r[name] for r in phase]
+        runs[name] = {"answers": [r["answer"] for r in results], "results": results,
+                      "flops": flops(results, pruning_layer_real.get(name))}
 
     baseline_answers = runs["baseline"]["answers"]
     base_ttft = sum(r["ttft_s"] for r in runs["baseline"]["results"]) / len(samples)
@@ -198,6 +262,8 @@ def main(argv=None) -> int:
         methods[name] = summarize(samples, r["answers"], r["results"], baseline_answers, *r["flops"], base_ttft)
         if name.split("_")[-1] in budgets and name not in PRESET_METHODS:
             methods[name]["budget"] = budgets[name.split("_")[-1]]
+        if sharded:  # several processes share the machine: their times are not the method's
+            methods[name]["ttft_s"] = methods[name]["ttft_ratio"] = None
     stats = {
         "command": "python scripts/eval_video.py " + " ".join(argv or []),
         "machine": machine_info(torch, pipe.device),
@@ -206,12 +272,20 @@ def main(argv=None) -> int:
         "seed": args.seed,
         "num_videos": args.num_videos,
         "budgets": budgets,
+        "processes": state.num_processes,
+        "records_file": str(args.records),
+        "resumed_records": resumed,
         "methods": methods,
         "examples": [{"question": s.question, "answer": s.answer,
                       **{name: runs[name]["answers"][i] for name in ("baseline", "default") if name in runs}}
                      for i, s in enumerate(samples[:8])],
     }
+    if sharded:
+        stats["timing_note"] = (f"sharded over {state.num_processes} processes: accuracy and agreement only; the times "
+                                "of processes sharing a machine are not the method's (run one process for TTFT)")
     print(format_table(methods))
+    if sharded:
+        print(f"note: {stats['timing_note']}")
     write_json(args.stats_json, stats)
     print(f"stats in {args.stats_json}")
     return 0
@@ -227,8 +301,9 @@ def format_table(methods: dict) -> str:
         agree = "-" if m["agreement_with_baseline"] is None else f"{m['agreement_with_baseline']:.2f}"
         per = " ".join(f"{m['per_type'][t]['accuracy']:>5.2f}" if not math.isnan(m["per_type"][t]["accuracy"])
                        else f"{'-':>5}" for t in QUESTION_TYPES)
+        ttft = "-" if m["ttft_ratio"] is None else f"{m['ttft_ratio']:.2f}"
         lines.append(f"{name:<26}{m['accuracy']:>7.3f}{m['accuracy_se']:>7.3f}{agree:>7}{m['visual_tokens']:>8.0f}"
-                     f"{m['flops_ratio_7b']:>9.2f}{m['ttft_ratio']:>6.2f}  {per}")
+                     f"{m['flops_ratio_7b']:>9.2f}{ttft:>6}  {per}")
     return "\n".join(lines)
 
 

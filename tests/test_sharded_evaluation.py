@@ -86,3 +86,40 @@ def test_an_interrupted_run_resumes_to_the_same_records(one_process, tmp_path) -
     assert changed.returncode == 2 and "Traceback" not in changed.stderr
     assert changed.stderr.count("\n") == 1 and "another configuration (num_frames: 4 -> 8)" in changed.stderr
     assert len(records.read_text().splitlines()) == 5  # the records are left as they were
+
+
+VIDEO = ["--num-videos", "4", "--methods", "baseline,default,random", "--no-progress"]
+TIMES = ("ttft_s", "decode_tokens_per_s", "generate_s", "peak_memory_bytes")
+
+
+def video_records(path: Path) -> dict:
+    """eval_video's records without their wall times and memory peaks."""
+    from evaluation.records import read_records
+
+    return {key: {method: {k: v for k, v in result.items() if k not in TIMES} for method, result in record.items()}
+            for key, record in read_records(path)[1].items()}
+
+
+def test_video_evaluation_sharded_and_resumed_equals_one_process(tmp_path) -> None:
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    done = run(["scripts/eval_video.py", *VIDEO, "--stats-json", str(one)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = run(["scripts/eval_video.py", *VIDEO, "--stats-json", str(two)], processes=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = video_records(tmp_path / "one.records.jsonl")
+    assert video_records(tmp_path / "two.records.jsonl") == reference  # per question and phase, random included
+    a, b = json.loads(one.read_text())["methods"], json.loads(two.read_text())["methods"]
+    assert list(a) == list(b) and "random_25pct" in a
+    for name in a:
+        assert (b[name]["accuracy"], b[name]["agreement_with_baseline"]) == (a[name]["accuracy"],
+                                                                             a[name]["agreement_with_baseline"])
+        assert b[name]["ttft_ratio"] is None and a[name]["ttft_ratio"] is not None
+
+    records = tmp_path / "two.records.jsonl"  # cut after the first phase's records of 3 questions
+    lines = records.read_bytes().split(b"\n")
+    records.write_bytes(b"\n".join(lines[:4]) + b"\n")
+    two.unlink()
+    resumed = run(["scripts/eval_video.py", *VIDEO, "--stats-json", str(two), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads(two.read_text())["resumed_records"] == 3
+    assert video_records(records) == reference
