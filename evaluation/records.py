@@ -51,6 +51,32 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_SAMPLE = 1 << 20  # bytes read at the start, middle and end of a weight file
+
+
+def model_identity(model_path: str | Path | None) -> dict[str, Any]:
+    """``{"model", "model_fingerprint"}``: the absolute path of a local model directory and a sha256 over its files,
+    walked recursively (a diffusers pipeline keeps its parts in subfolders): every ``.json`` whole, every weight file
+    by name, size and three 1 MiB samples (a 7B checkpoint is fingerprinted without reading it whole). A hub id or
+    None (an embedded default) is kept as given, with no fingerprint."""
+    path = Path(model_path) if model_path is not None else None
+    if path is None or not path.is_dir():
+        return {"model": None if model_path is None else str(model_path), "model_fingerprint": None}
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path).as_posix()
+        if file.suffix == ".json":
+            digest.update(f"{relative}\n".encode() + file.read_bytes())
+        elif file.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+            size = file.stat().st_size
+            digest.update(f"{relative}:{size}\n".encode())
+            with file.open("rb") as fh:
+                for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+                    fh.seek(offset)
+                    digest.update(fh.read(_SAMPLE))
+    return {"model": str(path.resolve()), "model_fingerprint": digest.hexdigest()}
+
+
 def read_records(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict]]:
     """``(header, {key: record})`` of a records file; a torn (unparsable) last line is skipped, any other one is an
     error. A missing or empty file gives ``(None, {})``."""
@@ -169,5 +195,5 @@ def gather_in_order(mine: Iterable[tuple[int, dict]], accelerator=None, *, to_al
     return [record for _, record in sorted(pairs, key=lambda pair: pair[0])]
 
 
-__all__ = ["FORMAT", "RecordsError", "RunRecords", "fingerprint", "gather_in_order", "process_state", "read_records",
-           "shard"]
+__all__ = ["FORMAT", "RecordsError", "RunRecords", "fingerprint", "gather_in_order", "model_identity", "process_state",
+           "read_records", "shard"]

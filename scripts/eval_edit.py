@@ -24,6 +24,12 @@ overheads dominate it; ``scripts/bench_edit.py`` measures speed at a shape-faith
 (``--stats-json``) and ``quality_vs_speed.png`` (PSNR against the target over the real-shape FLOP speedup) into
 ``--output-dir``.
 
+Each edit's scores (every method, one transformer) are appended to ``--records`` (JSON lines) as they finish;
+``--resume`` skips the edits recorded for the same testbed, edits and methods. Under ``accelerate launch
+--num_processes N`` (on a machine without GPUs: ``accelerate launch --multi_gpu --num_processes N``) the edits are
+split between the processes and their records gathered in edit order; the quality and FLOP columns are the
+one-process ones, the measured speedup is left out (the report says so).
+
     python scripts/eval_edit.py                              # make eval-edit: 100 test edits, both transformers
     python scripts/eval_edit.py --num-edits 20 --methods baseline,kv_once,steps_2 --no-zero-cond-t
 """
@@ -69,7 +75,15 @@ def parse_args(argv=None):
     p.add_argument("-o", "--output-dir", type=Path, default=Path("outputs_edit_eval"))
     p.add_argument("--stats-json", type=Path, default=None, help="default: <output-dir>/eval_edit.json")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
-    return p.parse_args(argv)
+    p.add_argument("--records", type=Path, default=None,
+                   help="per-edit records, one JSON line per edit and transformer as it finishes (default: "
+                        "<output-dir>/eval_edit.records.jsonl)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the edits --records already holds for the same testbed, edits and methods")
+    args = p.parse_args(argv)
+    if args.records is None:
+        args.records = args.output_dir / "eval_edit.records.jsonl"
+    return args
 
 
 def validate(args) -> list[str]:
@@ -94,6 +108,7 @@ def validate(args) -> list[str]:
         raise UserError(f"--model-path {str(args.model_path)!r} has no {ZERO_COND_T_SUBFOLDER}/: pass --no-zero-cond-t")
     check_output_dir(args.output_dir, "-o/--output-dir")
     check_output_file(args.stats_json, "--stats-json")
+    check_output_file(args.records, "--records")
     return methods
 
 
@@ -126,66 +141,73 @@ def analytic_flops_ratio(spec: dict, num_steps: int) -> float | None:
     return size * qwenimage_edit_flops_ratio(shape, mode, refresh, steps) * steps / num_steps
 
 
-def evaluate_variant(pipe, samples, methods, specs, mag_ratios, progress) -> dict:
-    """Every method on every sample: per-item scores and the aggregates (``{"methods": {...}}``)."""
-    from cli import ModuleTimer
-    from evaluation.flops import qwenimage_counted_flops_ratio
+def edit_item(pipe, sample, index: int, methods, specs, mag_ratios, timer, counter) -> dict:
+    """Every method on one edit: ``{method: {scores against the target and the baseline, transformer seconds, work
+    counts}}`` (JSON-able; infinite PSNR, identical images, as the string "inf")."""
     from evaluation.metrics import psnr, ssim
-    from models.tiny.edit_testbed import NUM_STEPS, REFERENCE_AREA, edit_scores, run_edit, summarise
-    from pruning.edit.step_caches import WorkCounter, cache_config, step_cache
+    from models.tiny.edit_testbed import NUM_STEPS, edit_scores, run_edit
+    from pruning.edit.step_caches import cache_config, step_cache
 
-    timer = ModuleTimer(pipe.transformer)
-    counter = WorkCounter(pipe.transformer)
-    baseline_images, baseline_counts, results = [], None, {}
-    try:
-        for name in methods:
-            spec = specs[name]
-            items, seconds = [], 0.0
-            counter.reset()
-            for index, sample in enumerate(samples):
-                if name == "identity":
-                    image = sample.source_image()
-                else:
-                    call = {k: v for k, v in spec.items() if k != "cache"}
-                    timer.reset()
-                    if "cache" in spec:
-                        with step_cache(pipe.transformer, cache_config(spec["cache"], NUM_STEPS, mag_ratios)):
-                            image = run_edit(pipe, sample, seed=index, **call)
-                    else:
-                        image = run_edit(pipe, sample, seed=index, **call)
-                    seconds += timer.seconds
-                if name == "baseline":
-                    baseline_images.append(image)
-                scores = edit_scores(sample, image)
-                items.append({"psnr_vs_target": scores["psnr"], "ssim_vs_target": scores["ssim"],
-                              "colour_right": scores["colour_right"],
-                              "psnr_vs_baseline": psnr(image, baseline_images[index]),
-                              "ssim_vs_baseline": ssim(image, baseline_images[index])})
-                progress.update(1)
-            counts = dict(counter.counts)
-            if name == "baseline":
-                baseline_counts, baseline_seconds = counts, seconds
-            flops = 0.0 if name == "identity" else analytic_flops_ratio(spec, NUM_STEPS)
-            if flops is None:
-                flops = qwenimage_counted_flops_ratio(real_shape(REFERENCE_AREA), counts, baseline_counts)
-            finite = lambda key: [i[key] for i in items if math.isfinite(i[key])]  # noqa: E731 - identical images: inf
-            result = {key: summarise(finite(key)) if finite(key) else None
-                      for key in ("psnr_vs_baseline", "ssim_vs_baseline", "psnr_vs_target", "ssim_vs_target")}
-            result["identical_to_baseline"] = sum(not math.isfinite(i["psnr_vs_baseline"]) for i in items)
-            colour = [float(i["colour_right"]) for i in items if i["colour_right"] is not None]
-            result["recolour_accuracy"] = summarise(colour) if colour else None
-            result["flops_ratio_real"] = round(flops, 4)
-            result["speedup_measured"] = round(baseline_seconds / seconds, 3) if name != "identity" and seconds else None
-            result["transformer_seconds"] = round(seconds, 3)
-            result["work_counts"] = counts
-            result["per_type_psnr_vs_target"] = {}
-            for edit_type in sorted({s.edit_type for s in samples}):
-                chosen = [i["psnr_vs_target"] for s, i in zip(samples, items) if s.edit_type == edit_type]
-                result["per_type_psnr_vs_target"][edit_type] = summarise(chosen)
-            results[name] = result
-    finally:
-        timer.remove()
-        counter.remove()
+    record, baseline_image = {}, None
+    for name in methods:  # the baseline first (validate puts it there): the others are compared with it
+        spec = specs[name]
+        counter.reset()
+        seconds = 0.0
+        if name == "identity":
+            image = sample.source_image()
+        else:
+            call = {k: v for k, v in spec.items() if k != "cache"}
+            timer.reset()
+            if "cache" in spec:
+                with step_cache(pipe.transformer, cache_config(spec["cache"], NUM_STEPS, mag_ratios)):
+                    image = run_edit(pipe, sample, seed=index, **call)
+            else:
+                image = run_edit(pipe, sample, seed=index, **call)
+            seconds = timer.seconds
+        if name == "baseline":
+            baseline_image = image
+        scores = edit_scores(sample, image)
+        record[name] = {"psnr_vs_target": scores["psnr"], "ssim_vs_target": scores["ssim"],
+                        "colour_right": scores["colour_right"], "psnr_vs_baseline": psnr(image, baseline_image),
+                        "ssim_vs_baseline": ssim(image, baseline_image), "seconds": seconds,
+                        "work_counts": dict(counter.counts)}
+    return record
+
+
+def aggregate(samples, methods, specs, items: list[dict], timed: bool) -> dict:
+    """The per-method aggregates (``{"methods": {...}}``) of every edit's record (``items``, in edit order).
+    ``timed=False`` (records made by several processes at once): no measured speedup or seconds."""
+    from evaluation.flops import qwenimage_counted_flops_ratio
+    from models.tiny.edit_testbed import NUM_STEPS, REFERENCE_AREA, summarise
+
+    def total_counts(name):
+        return {key: sum(item[name]["work_counts"][key] for item in items) for key in items[0][name]["work_counts"]}
+
+    baseline_counts = total_counts("baseline")
+    baseline_seconds = sum(item["baseline"]["seconds"] for item in items)
+    results = {}
+    for name in methods:
+        rows = [item[name] for item in items]
+        counts, seconds = total_counts(name), sum(row["seconds"] for row in rows)
+        flops = 0.0 if name == "identity" else analytic_flops_ratio(specs[name], NUM_STEPS)
+        if flops is None:
+            flops = qwenimage_counted_flops_ratio(real_shape(REFERENCE_AREA), counts, baseline_counts)
+        finite = lambda key: [float(r[key]) for r in rows if math.isfinite(float(r[key]))]  # noqa: E731 - identical: inf
+        result = {key: summarise(finite(key)) if finite(key) else None
+                  for key in ("psnr_vs_baseline", "ssim_vs_baseline", "psnr_vs_target", "ssim_vs_target")}
+        result["identical_to_baseline"] = sum(not math.isfinite(float(r["psnr_vs_baseline"])) for r in rows)
+        colour = [float(r["colour_right"]) for r in rows if r["colour_right"] is not None]
+        result["recolour_accuracy"] = summarise(colour) if colour else None
+        result["flops_ratio_real"] = round(flops, 4)
+        result["speedup_measured"] = (round(baseline_seconds / seconds, 3)
+                                      if timed and name != "identity" and seconds else None)
+        result["transformer_seconds"] = round(seconds, 3) if timed else None
+        result["work_counts"] = counts
+        result["per_type_psnr_vs_target"] = {}
+        for edit_type in sorted({s.edit_type for s in samples}):
+            chosen = [float(r["psnr_vs_target"]) for s, r in zip(samples, rows) if s.edit_type == edit_type]
+            result["per_type_psnr_vs_target"][edit_type] = summarise(chosen)
+        results[name] = result
     return {"methods": results}
 
 
@@ -252,29 +274,66 @@ def main(argv=None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from cli import machine_info
+    from cli import ModuleTimer, machine_info
     from data.edit_task import make_edit, make_split
+    from evaluation.records import RecordsError, RunRecords, gather_in_order, model_identity, process_state, shard
     from models.tiny.edit_testbed import NUM_STEPS, run_edit, shipped_pipeline
-    from pruning.edit.step_caches import calibrate_mag_ratios
+    from pruning.edit.step_caches import WorkCounter, calibrate_mag_ratios
 
     specs = method_specs()
     samples = make_split("test", args.num_edits, seed=args.seed)
     variants = {"default": False} if args.no_zero_cond_t else {"default": False, "zero_cond_t": True}
+    state = process_state("cpu")  # one process, or one of `accelerate launch --num_processes N` (CPU processes)
+    sharded = state.num_processes > 1
+    identity = {"evaluator": "eval_edit", **model_identity(args.model_path), "seed": args.seed,
+                "num_edits": args.num_edits, "methods": methods, "variants": list(variants)}
+    try:  # the main process starts (or checks) the records file before the others append to it
+        records = RunRecords(args.records, identity, resume=args.resume) if state.is_main_process else None
+        state.wait_for_everyone()
+        if records is None:
+            records = RunRecords(args.records, identity, resume=True, main_process=False)
+    except RecordsError as error:
+        raise UserError(str(error)) from None
+    resumed = len(records.done)
+    mine = shard(len(samples), state.process_index, state.num_processes)
     report = {"settings": {"num_edits": args.num_edits, "seed": args.seed, "split": "test", "steps": NUM_STEPS,
                            "model_path": str(args.model_path), "methods": methods},
-              "machine": machine_info(torch, torch.device("cpu")), "variants": {}}
+              "machine": machine_info(torch, torch.device("cpu")), "variants": {},
+              "processes": state.num_processes, "records_file": str(args.records), "resumed_records": resumed}
     begin = time.perf_counter()
-    with tqdm(total=len(variants) * len(methods) * len(samples), desc="edits", unit="edit", dynamic_ncols=True) as bar:
+    todo = sum(f"{variant}/{i}" not in records.done for variant in variants for i in mine)
+    with tqdm(total=todo * len(methods), desc="edits", unit="edit", dynamic_ncols=True,
+              disable=not state.is_main_process) as bar:
         for variant, zero_cond_t in variants.items():
             pipe = shipped_pipeline(zero_cond_t=zero_cond_t, path=args.model_path)
             mag_ratios = None
-            if "mag_cache" in methods:
+            if "mag_cache" in methods:  # every process calibrates on the same validation edit: the same ratios
                 calibration = make_edit(args.seed, "val", 0)
                 mag_ratios = calibrate_mag_ratios(lambda: run_edit(pipe, calibration), pipe.transformer, NUM_STEPS)
-            with torch.no_grad():
-                report["variants"][variant] = evaluate_variant(pipe, samples, methods, specs, mag_ratios, bar)
-            report["variants"][variant]["mag_ratios"] = mag_ratios
+            timer, counter = ModuleTimer(pipe.transformer), WorkCounter(pipe.transformer)
+            pairs = []
+            try:
+                for i in mine:
+                    key = f"{variant}/{i}"
+                    if key not in records.done:
+                        with torch.no_grad():
+                            item = edit_item(pipe, samples[i], i, methods, specs, mag_ratios, timer, counter)
+                        records.append(key, item)
+                        bar.update(len(methods))
+                    pairs.append((i, records.done[key]))
+            finally:
+                timer.remove()
+                counter.remove()
+            items = gather_in_order(pairs, state if sharded else None)
+            if state.is_main_process:
+                report["variants"][variant] = aggregate(samples, methods, specs, items, timed=not sharded)
+                report["variants"][variant]["mag_ratios"] = mag_ratios
+    if not state.is_main_process:
+        return 0
     report["seconds"] = round(time.perf_counter() - begin, 1)
+    if sharded:
+        report["timing_note"] = (f"sharded over {state.num_processes} processes: quality and FLOPs only; the times of "
+                                 "processes sharing a machine are not the method's (run one process for the speedup)")
     # the file's top level: the default transformer's methods; the zero_cond_t transformer's under "zero_cond_t"
     stats = {"methods": report["variants"]["default"]["methods"], **report}
     if "zero_cond_t" in report["variants"]:
@@ -286,6 +345,8 @@ def main(argv=None) -> int:
     for variant, results in report["variants"].items():
         print(f"\n{variant} transformer ({args.num_edits} test edits, {NUM_STEPS} steps):")
         print(table(results["methods"]))
+    if sharded:
+        print(f"\nnote: {report['timing_note']}")
     print(f"\nstats in {stats_path}, plot in {args.output_dir / 'quality_vs_speed.png'} ({report['seconds']:.0f} s)")
     return 0
 

@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
-    from evaluation.records import RecordsError, RunRecords, gather_in_order, process_state, shard
+    from evaluation.records import RecordsError, RunRecords, gather_in_order, model_identity, process_state, shard
     from pipelines.prunevid import Qwen25VLPruneVid
 
     state = process_state(args.device)
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
             raise UserError(f"q_uid {q.q_uid!r}: {str(error).splitlines()[0]}") from None
 
     identity = {
-        "evaluator": "eval_egoschema", "model": base.model_path, "num_frames": args.num_frames,
+        "evaluator": "eval_egoschema", **model_identity(args.model_path), "num_frames": args.num_frames,
         "max_new_tokens": args.max_new_tokens, "attn_implementation": args.attn_implementation,
         "presets": {name: dataclasses.asdict(pipe.config) for name, pipe in pipes.items()},
         "questions": [(q.q_uid, q.question, list(q.options), q.answer, str(q.video_path)) for q in questions],

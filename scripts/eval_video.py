@@ -143,8 +143,7 @@ def main(argv=None) -> int:
     from pipelines.prunevid import Qwen25VLPruneVid
     from pipelines.video_io import uniform_frame_indices
     from pruning.common import scale_layer_index
-    from evaluation.records import RecordsError, RunRecords, gather_in_order, process_state, shard
-    from models.tiny.llava_vqa import base_identity  # the fingerprint of a model directory (config + weights)
+    from evaluation.records import RecordsError, RunRecords, gather_in_order, model_identity, process_state, shard
     from pruning.selection import make_selector
 
     split = "test"
@@ -156,7 +155,7 @@ def main(argv=None) -> int:
     pipe = Qwen25VLPruneVid(str(args.model_path), preset="baseline", num_frames=NUM_FRAMES, device=device)
     text_config = pipe.model.config.get_text_config()
     num_layers = text_config.num_hidden_layers
-    identity = {"evaluator": "eval_video", **base_identity(args.model_path), "split": split, "seed": args.seed,
+    identity = {"evaluator": "eval_video", **model_identity(args.model_path), "split": split, "seed": args.seed,
                 "num_videos": args.num_videos, "methods": sorted(wanted) if wanted else None}
     try:  # the main process starts (or checks) the records file before the others append to it
         records = RunRecords(args.records, identity, resume=args.resume) if state.is_main_process else None

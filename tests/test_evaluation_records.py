@@ -74,3 +74,17 @@ def test_a_file_that_is_not_a_records_file_is_refused(tmp_path):
 
 def test_one_process_gathers_its_own_records_in_item_order():
     assert gather_in_order([(2, {"i": 2}), (0, {"i": 0}), (1, {"i": 1})]) == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+def test_a_model_directory_is_fingerprinted_through_its_subfolders(tmp_path):
+    from evaluation.records import model_identity
+
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 100)
+    first = model_identity(tmp_path)
+    assert first["model"] == str(tmp_path.resolve()) and first["model_fingerprint"]
+    (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"\1" + b"\0" * 99)
+    assert model_identity(tmp_path)["model_fingerprint"] != first["model_fingerprint"]  # retrained weights
+    assert model_identity(None) == {"model": None, "model_fingerprint": None}
+    assert model_identity("Qwen/Qwen2.5-VL-7B-Instruct")["model_fingerprint"] is None

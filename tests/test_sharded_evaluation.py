@@ -123,3 +123,35 @@ def test_video_evaluation_sharded_and_resumed_equals_one_process(tmp_path) -> No
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads(two.read_text())["resumed_records"] == 3
     assert video_records(records) == reference
+
+
+EDIT = ["--num-edits", "3", "--methods", "baseline,identity,kv_once,mag_cache", "--no-zero-cond-t"]
+
+
+def edit_records(path: Path) -> dict:
+    from evaluation.records import read_records
+
+    return {key: {method: {k: v for k, v in scores.items() if k != "seconds"} for method, scores in record.items()}
+            for key, record in read_records(path)[1].items()}
+
+
+def test_edit_evaluation_sharded_and_resumed_equals_one_process(tmp_path) -> None:
+    done = run(["scripts/eval_edit.py", *EDIT, "-o", str(tmp_path / "one")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = run(["scripts/eval_edit.py", *EDIT, "-o", str(tmp_path / "two")], processes=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = edit_records(tmp_path / "one" / "eval_edit.records.jsonl")
+    assert len(reference) == 3 and edit_records(tmp_path / "two" / "eval_edit.records.jsonl") == reference
+    a = json.loads((tmp_path / "one" / "eval_edit.json").read_text())["methods"]
+    b = json.loads((tmp_path / "two" / "eval_edit.json").read_text())["methods"]
+    timing = ("speedup_measured", "transformer_seconds")
+    assert {m: {k: v for k, v in r.items() if k not in timing} for m, r in b.items()} == \
+        {m: {k: v for k, v in r.items() if k not in timing} for m, r in a.items()}
+    assert b["kv_once"]["speedup_measured"] is None and a["kv_once"]["speedup_measured"] is not None
+
+    records = tmp_path / "two" / "eval_edit.records.jsonl"
+    records.write_bytes(b"\n".join(records.read_bytes().split(b"\n")[:2]) + b"\n")  # the header and one edit
+    resumed = run(["scripts/eval_edit.py", *EDIT, "-o", str(tmp_path / "two"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "eval_edit.json").read_text())["resumed_records"] == 1
+    assert edit_records(records) == reference
