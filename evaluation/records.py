@@ -105,6 +105,16 @@ def read_records(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict]]:
     return header, records
 
 
+def check_resume(path: Path, identity: dict[str, Any]) -> None:
+    """Raise :class:`RecordsError` (one line) if ``path`` holds records of another identity; writes nothing. For an
+    evaluator that checks ``--resume`` before loading its model."""
+    header, _ = read_records(Path(path))
+    if header is not None and header["fingerprint"] != fingerprint(identity):
+        raise RecordsError(f"--resume: {path} holds records of another configuration "
+                           f"({first_difference(header.get('run', {}), identity)}); pass the same settings, or drop "
+                           "--resume to start afresh")
+
+
 class RunRecords:
     """The JSON-lines records of one evaluation run (see the module docstring).
 
@@ -124,11 +134,7 @@ class RunRecords:
         self.done: dict[str, dict] = {}
         header, records = read_records(self.path) if resume else (None, {})
         if header is not None:
-            if header["fingerprint"] != self.fingerprint:
-                raise RecordsError(
-                    f"--resume: {self.path} holds records of another configuration "
-                    f"({first_difference(header.get('run', {}), identity)}); pass the same settings, or drop "
-                    "--resume to start afresh")
+            check_resume(self.path, identity)
             self.done = records
             if main_process:  # a torn last line (an interrupt mid-write) goes, so the next record starts a line
                 data = self.path.read_bytes()
@@ -195,5 +201,5 @@ def gather_in_order(mine: Iterable[tuple[int, dict]], accelerator=None, *, to_al
     return [record for _, record in sorted(pairs, key=lambda pair: pair[0])]
 
 
-__all__ = ["FORMAT", "RecordsError", "RunRecords", "fingerprint", "gather_in_order", "model_identity", "process_state",
+__all__ = ["FORMAT", "RecordsError", "RunRecords", "check_resume", "fingerprint", "gather_in_order", "model_identity", "process_state",
            "read_records", "shard"]

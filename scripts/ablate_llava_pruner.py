@@ -103,12 +103,6 @@ def main(argv=None) -> int:
                     str(args.eval_size), "--output-dir", str(out), "--overwrite", *sets)
             run(*evaluate, "--methods", "learned", "--checkpoint", str(out / "pruning_final.pt"))
         table[variant] = json.loads((out / "stats.json").read_text())["methods"]
-        log_path = out / "train_log.json"
-        if variant != "untrained" and log_path.is_file():  # which periodic validation chose the stages
-            evals = [e for e in json.loads(log_path.read_text())["evals"] if "val_accuracy" in e]
-            best = max(evals, key=lambda e: (e["val_accuracy"], e["step"]))
-            selection[variant] = {"selected_step": best["step"], "validation_accuracy": best["val_accuracy"],
-                                  "steps_trained": json.loads(log_path.read_text())["step"]}
         print(f"[{variant}] " + ", ".join(f"{name} {m['accuracy']:.3f}+-{m['accuracy_se']:.3f}"
                                           for name, m in table[variant].items()))
     path = args.output_dir / "ablation.json"
@@ -117,7 +111,14 @@ def main(argv=None) -> int:
                                                         ("num_questions", args.num_questions)))
     if previous and same_setup:  # other variants evaluated earlier on the same questions stay in the table
         table = {**{k: v for k, v in previous.get("variants", {}).items() if k not in table}, **table}
-        selection = {**{k: v for k, v in previous.get("selection", {}).items() if k not in selection}, **selection}
+    for variant in table:  # which periodic validation chose each variant's stages (its training log says)
+        log_path = args.output_dir / variant / "train_log.json"
+        if variant != "untrained" and log_path.is_file():
+            log = json.loads(log_path.read_text())
+            evals = [e for e in log["evals"] if "val_accuracy" in e]
+            best = max(evals, key=lambda e: (e["val_accuracy"], e["step"]))
+            selection[variant] = {"selected_step": best["step"], "validation_accuracy": best["val_accuracy"],
+                                  "steps_trained": log["step"]}
     write_json(path, {"task": args.task, "max_steps": args.max_steps, "seed": args.seed,
                       "num_questions": args.num_questions, "variants": table, "selection": selection})
     print(f"wrote {args.output_dir / 'ablation.json'}")

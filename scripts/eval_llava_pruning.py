@@ -6,7 +6,7 @@ On freshly generated test questions (``--task``: the shapes or the cluttered-sce
 
 * the unpruned base (the fork with nothing attached: upstream's computation),
 * the learned method (``pruning_final.pt`` from ``train_llava_pruner.py``), as trained and at
-  each budget (its per-layer keep ratios rescaled, the merger fixed),
+  each budget (the merger's count follows the budget, the pruner heads keep their trained ratios),
 * the same stages untrained (``untrained``: freshly initialised heads, seed ``--seed``; their
   logits are the distinctiveness prior plus random-head noise; inference temperature
   ``temperature_min`` as a trained run saves it), the ablation that shows what
@@ -29,6 +29,13 @@ Every input is checked before the model is loaded: the stage file must come from
 ``train_llava_pruner.py`` and have been trained on the evaluated base (``--model-path``; the
 base's fingerprint recorded in the file decides, so a copied base directory passes), FastV's
 layer must lie inside the model, ``--output`` must be a writable file path.
+
+Each question's answers (every run) are appended to ``--records`` (JSON lines) as its batch finishes; ``--resume``
+skips the questions recorded for the same base, stages, config and data. Under ``accelerate launch --num_processes
+N`` (without GPUs: ``accelerate launch --multi_gpu --num_processes N``) the batches, fixed by the question order
+alone, are split between the processes and the records gathered in question order: the accuracies and agreements
+are the one-process ones (the random baseline draws from a generator seeded by the batch's index), the times are
+left out (the report says so).
 
     python scripts/eval_llava_pruning.py
     python scripts/eval_llava_pruning.py --budgets 0.25,0.5 --methods random,divprune --eval-size 200
@@ -108,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
                              "first test questions, drawn on the patch grid (and DIR/selection.json)")
     parser.add_argument("--visualize-count", type=int, default=4, help="questions drawn (default: %(default)s)")
     parser.add_argument("--visualize-budget", type=float, default=0.25, help="budget drawn (default: %(default)s)")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="per-question records (every run's answer), one JSON line per question as its batch "
+                             "finishes (default: --output with the suffix .records.jsonl)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the questions --records already holds for the same base, stages, config and data")
     args = parser.parse_args(argv)
+    if args.records is None:
+        args.records = args.output.with_suffix(".records.jsonl")
     if args.budgets is None:
         args.budgets = "0.1,0.25,0.35,0.5" if args.task == "clutter" else "0.25,0.35,0.5"
     budgets, methods = parse_budgets(args.budgets), parse_methods(args.methods)
@@ -124,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     check_output_file(args.output, "--output")
+    check_output_file(args.records, "--records")
+    if args.records.resolve() == args.output.resolve():
+        raise UserError("--records and --output must be different files")
     if args.stats_json is not None:
         check_output_file(args.stats_json, "--stats-json")
     check_model_path(args.model_path)
@@ -232,6 +249,16 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
     from pruning.llava.config import config_from_dict, vision_token_trajectory
     from pruning.llava.runtime import attach_pruning, detach_pruning, load_pruning, num_image_tokens
     from data.vqa_shapes import accuracy_by_type, chance_levels, encode_batch, normalize_answer, sentence_bleu
+    from evaluation.records import (
+        RecordsError,
+        RunRecords,
+        check_resume,
+        gather_in_order,
+        model_identity,
+        process_state,
+        shard,
+    )
+    from tqdm.auto import tqdm
     from models.tiny.llava_vqa import task_module
 
     task = task_module(args.task)
@@ -242,46 +269,68 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
 
         model_path = str(trained_base_dir())
     set_torch_threads(args.threads)
+    cfg = config_from_dict(checkpoint["config"], "checkpoint") if checkpoint else read_config(args.config)
+    # every run: (label, method, budget); the unpruned model first (the others' agreement is with it)
+    runs = [("unpruned", "unpruned", None)]
+    runs += [(f"{name}@trained", name, None) for name in ("learned", "untrained") if name in methods]
+    runs += [(f"{method}@{budget}", method, budget) for budget in budgets for method in methods]
+    # --resume with another configuration's records is refused before the model loads
+    state = process_state(None)
+    sharded = state.num_processes > 1
+    identity = {"evaluator": "eval_llava_pruning", **model_identity(model_path), "task": args.task,
+                "seed": args.seed, "num_questions": args.eval_size, "batch_size": args.batch_size,
+                "fastv_layer": args.fastv_layer, "runs": [label for label, _, _ in runs],
+                "stages": None if checkpoint is None else {k: checkpoint.get(k) for k in ("run_id", "steps")},
+                "config": cfg.to_dict()}
+    try:
+        if args.resume:
+            check_resume(args.records, identity)
+    except RecordsError as error:
+        raise UserError(str(error)) from None
     processor = load_or_explain("the LLaVA processor", model_path, lambda: AutoProcessor.from_pretrained(model_path))
     model = load_or_explain("the LLaVA model", model_path, lambda: LlavaForConditionalGeneration.from_pretrained(model_path))
     model.eval().requires_grad_(False)
     if checkpoint:
-        cfg = config_from_dict(checkpoint["config"], "checkpoint")
         try:  # the stages fit this model (before any answer is generated)
             load_pruning(model, checkpoint)
         except ValueError as error:
             raise UserError(f"--checkpoint {str(args.checkpoint)!r}: {error}") from None
         detach_pruning(model)
-    else:
-        cfg = read_config(args.config)
+    try:  # the main process starts (or checks) the records file before the others append to it
+        records = RunRecords(args.records, identity, resume=args.resume) if state.is_main_process else None
+        state.wait_for_everyone()
+        if records is None:
+            records = RunRecords(args.records, identity, resume=True, main_process=False)
+    except RecordsError as error:
+        raise UserError(str(error)) from None
+    resumed = len(records.done)
     num_layers = model.config.text_config.num_hidden_layers
     v = num_image_tokens(model.config)
     samples = task.make_split("heldout", args.eval_size, seed=args.seed)
-    batches = []
-    for start in range(0, len(samples), args.batch_size):
-        batch = encode_batch(processor, samples[start:start + args.batch_size], with_answers=False)
-        batch.pop("question_mask")
-        batches.append(batch)
+    # the batches are fixed by the question order alone (not by the processes), so a batch's padding, its answers
+    # and the random baseline's draw (seeded by the batch's index) are the same however the work is split
+    spans = [range(start, min(start + args.batch_size, len(samples))) for start in range(0, len(samples), args.batch_size)]
     tokenizer = processor.tokenizer
     real = LlavaShape()
     real_layers, real_ratios = list(cfg.pruner.pruning_layers), list(cfg.pruner.keep_ratios)
     real_merged = cfg.merger.resolve_num_tokens(real.num_vision)
 
-    @torch.no_grad()
-    def run_answers() -> tuple[list[str], list[int] | None, list[int] | None]:
-        answers, trajectory, layer_tokens = [], None, None
-        for batch in batches:
-            out = model.generate(**batch, do_sample=False, max_new_tokens=3, pad_token_id=tokenizer.pad_token_id)
-            answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            trace = getattr(getattr(model.model, "vision_pruning", None), "last_trace", None)
-            if trace is not None:
-                trajectory = list(trace.num_vision_tokens)
-                layer_tokens = list(trace.layer_tokens)
-        return answers, trajectory, layer_tokens
+    def encode(span) -> dict:
+        batch = encode_batch(processor, [samples[i] for i in span], with_answers=False)
+        batch.pop("question_mask")
+        return batch
 
     @torch.no_grad()
-    def prefill_seconds() -> float:
-        timed = batches[: args.timing_batches]
+    def answer_batch(batch) -> tuple[list[str], list[int] | None, list[int] | None]:
+        out = model.generate(**batch, do_sample=False, max_new_tokens=3, pad_token_id=tokenizer.pad_token_id)
+        answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        trace = getattr(getattr(model.model, "vision_pruning", None), "last_trace", None)
+        if trace is None:
+            return answers, None, None
+        return answers, list(trace.num_vision_tokens), list(trace.layer_tokens)
+
+    @torch.no_grad()
+    def prefill_seconds(timed: list[dict]) -> float:
         model(**timed[0])  # warm-up
         best = math.inf
         for _ in range(3):
@@ -290,35 +339,6 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
                 model(**batch)
             best = min(best, time.perf_counter() - start)
         return best
-
-    results = []
-    unpruned_answers: list[str] = []
-
-    def record(name, budget, schedule_tiny, real_flops, answers, trajectory, layer_tokens, seconds) -> None:
-        acc = accuracy_by_type(samples, answers)
-        bleu = sum(sentence_bleu(a, s.answer) for a, s in zip(answers, samples)) / len(samples)
-        agree = (sum(normalize_answer(a) == normalize_answer(b) for a, b in zip(answers, unpruned_answers)) / len(samples)
-                 if unpruned_answers else 1.0)
-        results.append({
-            "method": name, "budget": budget,
-            "achieved_budget_tiny": None if schedule_tiny is None else round(schedule_tiny.achieved, 4),
-            "vision_tokens_per_layer_tiny": None if schedule_tiny is None else list(schedule_tiny.layer_tokens),
-            "vision_tokens_after_each_stage_tiny": trajectory, "sequence_length_per_layer_tiny": layer_tokens,
-            "accuracy": acc["all"], "accuracy_se": standard_error(acc["all"], len(samples)),
-            "accuracy_by_type": {k: acc[k] for k in task.QUESTION_TYPES if k in acc},
-            "bleu": bleu, "agreement_with_unpruned": agree,
-            "real_shape_prefill_flops": real_flops, "prefill_seconds": seconds,
-            "examples": [{"question": s.question, "answer": s.answer, "prediction": a}
-                         for s, a in list(zip(samples, answers))[:4]],
-        })
-
-    t0 = time.perf_counter()
-    print(f"base: {model_path}; {len(samples)} held-out questions; budgets {budgets}")
-    unpruned_flops = prefill_flops(real, [real.num_vision] * real.num_layers)
-    answers, _, _ = run_answers()
-    unpruned_answers = answers
-    base_seconds = prefill_seconds()
-    record("unpruned", 1.0, None, unpruned_flops, answers, [v], None, base_seconds)
 
     def attach_learned(budget, name="learned"):
         """Attach the learned (or untrained) stages at ``budget`` (None: as trained); returns the tiny schedule."""
@@ -332,48 +352,102 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
         tiny = learned_schedule(budget, num_layers, v, pruning.merger.target_merge_tokens if pruning.merger else v,
                                 pruning.pruning_layers, list(cfg.pruner.keep_ratios))
         pruning.keep_ratios = dict(zip(pruning.pruning_layers, tiny.keep_ratios))
-        if pruning.merger is not None:  # below what the trained merger costs alone, it keeps fewer centres
+        if pruning.merger is not None:  # the merger's count follows the budget
             pruning.merger.target_merge_tokens = tiny.merged
         return tiny
 
-    def attach_baseline(method, budget):
+    def attach_baseline(method, budget, seed=None):
         tiny = baseline_schedule(method, budget, num_layers, v, args.fastv_layer)
-        attach_pruning(model, use_merger=False, use_pruners=False, selectors=schedule_selectors(tiny, args.seed)).eval()
+        selectors = schedule_selectors(tiny, args.seed if seed is None else seed)
+        attach_pruning(model, use_merger=False, use_pruners=False, selectors=selectors).eval()
         return tiny
 
-    def learned_run(budget, name="learned"):
-        tiny = attach_learned(budget, name)
-        real_sched = learned_schedule(budget, real.num_layers, real.num_vision, real_merged, real_layers, real_ratios)
-        answers, trajectory, layer_tokens = run_answers()
-        seconds = prefill_seconds()
-        detach_pruning(model)
-        pruned_in = [real_sched.layer_tokens[max(0, l - 1)] for l in real_layers]
-        flops = prefill_flops(real, real_sched.layer_tokens, merged=real_sched.merged, pruner_layers=real_layers,
-                              pruner_vision=pruned_in)
-        record(name, budget, tiny, flops, answers, trajectory, layer_tokens, seconds)
 
-    for name in ("learned", "untrained"):
-        if name in methods:
-            learned_run(None, name)
-            print(f"  {name} (trained schedule) done [{time.perf_counter() - t0:.0f} s]")
-    for budget in budgets:
-        for method in methods:
-            if method in ("learned", "untrained"):
-                learned_run(budget, method)
-            else:
-                tiny = attach_baseline(method, budget)
-                real_sched = baseline_schedule(method, budget, real.num_layers, real.num_vision, args.fastv_layer)
-                answers, trajectory, layer_tokens = run_answers()
-                seconds = prefill_seconds()
+    def attach(method, budget, batch_index=0):
+        """Attach ``method`` at ``budget``; returns its tiny schedule (None: unpruned, nothing attached)."""
+        if method == "unpruned":
+            return None
+        if method in ("learned", "untrained"):
+            return attach_learned(budget, method)
+        return attach_baseline(method, budget, seed=args.seed + 1000 * batch_index)
+
+    t0 = time.perf_counter()
+    print(f"base: {model_path}; {len(samples)} held-out questions; budgets {budgets}"
+          + (f"; {state.num_processes} processes" if sharded else ""))
+    pairs = []
+    mine = shard(len(spans), state.process_index, state.num_processes)
+    progress = tqdm(total=sum(len(spans[b]) for b in mine), desc="questions (every method)", unit="question",
+                    disable=not state.is_main_process, dynamic_ncols=True)
+    for b in mine:
+        span = spans[b]
+        if not all(str(i) in records.done for i in span):
+            batch = encode(span)
+            per_run = {}
+            for label, method, budget in runs:
+                attach(method, budget, b)
+                per_run[label] = answer_batch(batch)
                 detach_pruning(model)
-                record(method, budget, tiny, prefill_flops(real, real_sched.layer_tokens), answers, trajectory,
-                       layer_tokens, seconds)
-        print(f"  budget {budget} done [{time.perf_counter() - t0:.0f} s]")
+            for k, i in enumerate(span):  # one record per question, as its batch finishes
+                records.append(i, {label: {"answer": answers[k], "trajectory": trajectory, "layer_tokens": layers}
+                                   for label, (answers, trajectory, layers) in per_run.items()})
+        pairs += [(i, records.done[str(i)]) for i in span]
+        progress.update(len(span))
+    progress.close()
+    items = gather_in_order(pairs, state if sharded else None)
+    if not state.is_main_process:
+        return 0
+    seconds = {}
+    if not sharded:  # timed in this process, every run on the same first batches as the unpruned model
+        timed = [encode(span) for span in spans[: args.timing_batches]]
+        for label, method, budget in runs:
+            attach(method, budget)
+            seconds[label] = prefill_seconds(timed)
+            detach_pruning(model)
+    unpruned_answers = [item["unpruned"]["answer"] for item in items]
+    results = []
 
-    base_total = unpruned_flops["total"]
+    def record(name, budget, schedule_tiny, real_flops, label) -> None:
+        answers = [item[label]["answer"] for item in items]
+        trajectory, layer_tokens = items[-1][label]["trajectory"], items[-1][label]["layer_tokens"]
+        acc = accuracy_by_type(samples, answers)
+        bleu = sum(sentence_bleu(a, s.answer) for a, s in zip(answers, samples)) / len(samples)
+        agree = sum(normalize_answer(a) == normalize_answer(b) for a, b in zip(answers, unpruned_answers)) / len(samples)
+        results.append({
+            "method": name, "budget": budget,
+            "achieved_budget_tiny": None if schedule_tiny is None else round(schedule_tiny.achieved, 4),
+            "vision_tokens_per_layer_tiny": None if schedule_tiny is None else list(schedule_tiny.layer_tokens),
+            "vision_tokens_after_each_stage_tiny": trajectory if name != "unpruned" else [v],
+            "sequence_length_per_layer_tiny": layer_tokens,
+            "accuracy": acc["all"], "accuracy_se": standard_error(acc["all"], len(samples)),
+            "accuracy_by_type": {k: acc[k] for k in task.QUESTION_TYPES if k in acc},
+            "bleu": bleu, "agreement_with_unpruned": agree,
+            "real_shape_prefill_flops": real_flops, "prefill_seconds": seconds.get(label),
+            "examples": [{"question": s.question, "answer": s.answer, "prediction": a}
+                         for s, a in list(zip(samples, answers))[:4]],
+        })
+
+    unpruned_flops = prefill_flops(real, [real.num_vision] * real.num_layers)
+    for label, method, budget in runs:
+        if method == "unpruned":
+            record("unpruned", 1.0, None, unpruned_flops, label)
+        elif method in ("learned", "untrained"):
+            tiny = attach_learned(budget, method)  # the schedule only (nothing is run)
+            detach_pruning(model)
+            real_sched = learned_schedule(budget, real.num_layers, real.num_vision, real_merged, real_layers,
+                                          real_ratios)
+            pruned_in = [real_sched.layer_tokens[max(0, l - 1)] for l in real_layers]
+            flops = prefill_flops(real, real_sched.layer_tokens, merged=real_sched.merged, pruner_layers=real_layers,
+                                  pruner_vision=pruned_in)
+            record(method, budget, tiny, flops, label)
+        else:
+            tiny = baseline_schedule(method, budget, num_layers, v, args.fastv_layer)
+            real_sched = baseline_schedule(method, budget, real.num_layers, real.num_vision, args.fastv_layer)
+            record(method, budget, tiny, prefill_flops(real, real_sched.layer_tokens), label)
+
+    base_total, base_seconds = unpruned_flops["total"], seconds.get("unpruned")
     for r in results:
         r["real_shape_flops_ratio"] = r["real_shape_prefill_flops"]["total"] / base_total
-        r["prefill_time_ratio"] = r["prefill_seconds"] / base_seconds
+        r["prefill_time_ratio"] = None if base_seconds is None else r["prefill_seconds"] / base_seconds
         r["accuracy_drop"] = results[0]["accuracy"] - r["accuracy"]
         r["bleu_drop"] = results[0]["bleu"] - r["bleu"]
     real_traj = vision_token_trajectory(real.num_vision, cfg)
@@ -400,13 +474,21 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
         "timing": {"what": f"prefill forward of {args.timing_batches} batch(es) of {args.batch_size} prompts, best of 3",
                    "threads": torch.get_num_threads(), "unpruned_seconds": base_seconds},
         "results": results,
+        "processes": state.num_processes,
+        "records_file": str(args.records),
+        "resumed_records": resumed,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    if sharded:
+        report["timing_note"] = (f"sharded over {state.num_processes} processes: accuracy and agreement only; the times "
+                                 "of processes sharing a machine are not the method's (run one process for the times)")
     if args.visualize is not None:
         report["pictures"] = write_selection_pictures(
             args, model, processor, task, samples[: args.visualize_count], methods, attach_learned, attach_baseline)
     write_json(args.output, report)
     print(format_table(report))
+    if sharded:
+        print(f"note: {report['timing_note']}")
     print(f"wrote {args.output}")
     if args.visualize is not None:
         print(f"wrote {report['pictures']['figure']}")
@@ -486,16 +568,16 @@ def method_stats(results: list[dict], several_budgets: bool) -> dict:
 
 def format_table(report: dict) -> str:
     lines = [f"held-out exact match / BLEU on {report['eval_size']} questions; budget = mean vision-token fraction per layer",
-             f"{'method':<11}{'budget':>8}{'tiny tokens/stage':>22}{'acc':>7}{'dAcc':>7}{'BLEU':>7}{'agree':>7}"
+             f"{'method':<11}{'budget':>8}{'tiny tokens/stage':>25}{'acc':>7}{'dAcc':>7}{'BLEU':>7}{'agree':>7}"
              f"{'FLOPs@7B':>10}{'time':>7}"]
     for r in report["results"]:
         budget = "trained" if r["budget"] is None else f"{r['budget']:.2f}"
         if r["achieved_budget_tiny"] is not None and r["budget"] is not None and abs(r["achieved_budget_tiny"] - r["budget"]) > 0.005:
             budget += f"~{r['achieved_budget_tiny']:.2f}"
         traj = "->".join(str(n) for n in (r["vision_tokens_after_each_stage_tiny"] or []))
-        lines.append(f"{r['method']:<11}{budget:>8}{traj:>22}{r['accuracy']:>7.3f}{-r['accuracy_drop']:>+7.3f}"
+        lines.append(f"{r['method']:<11}{budget:>8}{traj:>25}{r['accuracy']:>7.3f}{-r['accuracy_drop']:>+7.3f}"
                      f"{r['bleu']:>7.3f}{r['agreement_with_unpruned']:>7.3f}{r['real_shape_flops_ratio']:>10.3f}"
-                     f"{r['prefill_time_ratio']:>7.2f}")
+                     + (f"{r['prefill_time_ratio']:>7.2f}" if r["prefill_time_ratio"] is not None else f"{'-':>7}"))
     traj = report["token_trajectory"]
     lines.append(f"real LLaVA-1.5-7B vision tokens per stage: {traj['real_shape_vision']} "
                  f"(+{traj['real_shape_text_tokens']} text: {traj['real_shape_vision_plus_text']}); "

@@ -363,4 +363,4 @@ def test_evaluation_runs_stages_on_the_base_they_were_trained_on(full_run, tmp_p
     report = evaluate(full_run / "pruning_final.pt", tmp_path / "eval.json", "learned,fastv", threads=1)
     assert [r["method"] for r in report["results"]] == ["unpruned", "learned", "learned", "fastv"]
     assert report["timing"]["threads"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "eval.records.jsonl"]  # no temporary left

@@ -49,7 +49,7 @@ def test_eval_visualize_draws_the_learned_stages_next_to_divprune_fastv_and_visi
     assert record["methods"] == ["untrained", "divprune", "fastv", "visionzip"] and len(record["questions"]) == 2
     first = record["questions"][0]["methods"]
     assert list(first["untrained"]["kept"]) == ["merger", "layer 2", "layer 4", "layer 7"]
-    assert first["untrained"]["kept"]["merger"] == 128  # 256 -> 128 merged tokens
+    assert first["untrained"]["kept"]["merger"] == 96  # at budget 0.25 the merger keeps 96 of 256 (learned_schedule)
     assert first["divprune"]["kept"] == {"divprune": 64} and first["visionzip"]["kept"] == {"visionzip": 64}
     assert 0 < first["fastv"]["kept"]["fastv"] < 64  # FastV starts at layer 2: fewer tokens for the same budget
     for method in first.values():

@@ -155,3 +155,35 @@ def test_edit_evaluation_sharded_and_resumed_equals_one_process(tmp_path) -> Non
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((tmp_path / "two" / "eval_edit.json").read_text())["resumed_records"] == 1
     assert edit_records(records) == reference
+
+
+LLAVA = ["--num-questions", "12", "--batch-size", "4", "--methods", "untrained,random,divprune", "--budgets", "0.25",
+         "--threads", "1"]
+
+
+def test_llava_evaluation_sharded_and_resumed_equals_one_process(tmp_path) -> None:
+    """Batches are fixed by the question order (4 + 4 + 4 here, split 2 / 1 between the processes), so every
+    answer, the random baseline's included, is the one-process answer."""
+    from evaluation.records import read_records
+
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    done = run(["scripts/eval_llava_pruning.py", *LLAVA, "--output", str(one)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = run(["scripts/eval_llava_pruning.py", *LLAVA, "--output", str(two)], processes=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = read_records(tmp_path / "one.records.jsonl")[1]
+    assert len(reference) == 12 and read_records(tmp_path / "two.records.jsonl")[1] == reference
+    a, b = json.loads(one.read_text())["results"], json.loads(two.read_text())["results"]
+    assert [(r["method"], r["budget"], r["accuracy"], r["agreement_with_unpruned"]) for r in b] == \
+        [(r["method"], r["budget"], r["accuracy"], r["agreement_with_unpruned"]) for r in a]
+    assert all(r["prefill_time_ratio"] is None for r in b) and all(r["prefill_time_ratio"] for r in a)
+
+    records = tmp_path / "two.records.jsonl"
+    records.write_bytes(b"\n".join(records.read_bytes().split(b"\n")[:5]) + b"\n")  # one batch of 4 recorded
+    resumed = run(["scripts/eval_llava_pruning.py", *LLAVA, "--output", str(two), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads(two.read_text())["resumed_records"] == 4
+    assert read_records(records)[1] == reference
+    changed = run(["scripts/eval_llava_pruning.py", *LLAVA[:-2], "--threads", "1", "--seed", "3", "--output", str(two),
+                   "--resume"])
+    assert changed.returncode == 2 and changed.stderr.count("\n") == 1 and "another configuration" in changed.stderr

@@ -262,8 +262,8 @@ def learned_schedule(budget: float | None, num_layers: int, num_vision: int, mer
     The pruner heads keep the ratios they were trained at, and the merger's count scales to the budget (it ranks its
     centres, so any count runs): the count whose tokens per layer come closest to the budget. Above what
     ``num_vision`` merged tokens cost with those ratios, the merger keeps every token and the ratios relax to
-    ``r ** alpha`` (``alpha`` in [0, 1]). Scaling the ratios with the merger fixed instead measured 9 points worse
-    on the cluttered task at budget 0.25 (docs/BENCHMARKS.md)."""
+    ``r ** alpha`` (``alpha`` in [0, 1]). Squeezing the ratios with the merger fixed instead scored 9 points lower
+    on the cluttered task at budget 0.25, but 1-4 points higher at 0.35 and 0.5 (docs/BENCHMARKS.md)."""
     if budget is None:
         tokens = learned_layer_tokens(num_layers, num_vision, merged, pruning_layers, keep_ratios)
         return Schedule("learned", float("nan"), tokens, num_vision, keep_ratios=tuple(keep_ratios), merged=merged)
