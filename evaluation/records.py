@@ -55,13 +55,14 @@ _SAMPLE = 1 << 20  # bytes read at the start, middle and end of a weight file
 
 
 def model_identity(model_path: str | Path | None) -> dict[str, Any]:
-    """``{"model", "model_fingerprint"}``: the absolute path of a local model directory and a sha256 over its files,
-    walked recursively (a diffusers pipeline keeps its parts in subfolders): every ``.json`` whole, every weight file
-    by name, size and three 1 MiB samples (a 7B checkpoint is fingerprinted without reading it whole). A hub id or
-    None (an embedded default) is kept as given, with no fingerprint."""
+    """What identifies a model in a run's identity. A local directory: ``{"model_fingerprint"}``, a sha256 over its
+    files walked recursively (a diffusers pipeline keeps its parts in subfolders): every ``.json`` whole, every weight
+    file by name, size and three 1 MiB samples (a 7B checkpoint is fingerprinted without reading it whole). Its path
+    is left out, so a copy elsewhere (another machine) resumes the same records. A hub id, or None (an embedded
+    default): ``{"model": ...}`` as given."""
     path = Path(model_path) if model_path is not None else None
     if path is None or not path.is_dir():
-        return {"model": None if model_path is None else str(model_path), "model_fingerprint": None}
+        return {"model": None if model_path is None else str(model_path)}
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         relative = file.relative_to(path).as_posix()
@@ -74,7 +75,7 @@ def model_identity(model_path: str | Path | None) -> dict[str, Any]:
                 for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
                     fh.seek(offset)
                     digest.update(fh.read(_SAMPLE))
-    return {"model": str(path.resolve()), "model_fingerprint": digest.hexdigest()}
+    return {"model_fingerprint": digest.hexdigest()}
 
 
 def read_records(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict]]:
