@@ -166,10 +166,11 @@ def main(argv=None) -> int:
         raise UserError(str(error)) from None
     resumed = len(records.done)
     mine = list(shard(len(samples), state.process_index, state.num_processes))
-    frames = {i: samples[i].frames() for i in tqdm(mine, desc="render video", disable=args.no_progress)}
-    full_inputs = {i: pipe.prepare_inputs(loaded(frames[i], list(range(NUM_FRAMES))), samples[i].question) for i in mine}
-    if mine:
-        pipe.generate_from_inputs(full_inputs[mine[0]], max_new_tokens=1)  # warm-up
+    todo = [i for i in mine if not all(f"{i}/{phase}" in records.done for phase in ("presets", "budgets"))]
+    frames = {i: samples[i].frames() for i in tqdm(todo, desc="render video", disable=args.no_progress)}
+    full_inputs = {i: pipe.prepare_inputs(loaded(frames[i], list(range(NUM_FRAMES))), samples[i].question) for i in todo}
+    if todo:  # (questions recorded in both phases by a resumed run are neither rendered nor run)
+        pipe.generate_from_inputs(full_inputs[todo[0]], max_new_tokens=1)  # warm-up
 
     real = Qwen2_5_VLTextShape()
     tokens_per_step = GRID * GRID  # visual tokens of one grid step (2 frames)
@@ -199,8 +200,8 @@ def main(argv=None) -> int:
         (``<i>/<phase>``, skipped when already recorded); every process's records, in question order, on every
         process."""
         pairs = []
-        todo = [i for i in mine if f"{i}/{phase}" not in records.done]
-        for i in tqdm(mine, desc=progress_label, disable=args.no_progress or not todo):
+        pending = [i for i in mine if f"{i}/{phase}" not in records.done]
+        for i in tqdm(mine, desc=progress_label, disable=args.no_progress or not pending):
             key = f"{i}/{phase}"
             if key not in records.done:
                 records.append(key, {name: answer(runner, inputs) for name, (runner, inputs) in methods_of(i).items()})
