@@ -52,6 +52,7 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 _SAMPLE = 1 << 20  # bytes read at the start, middle and end of a weight file
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def model_identity(model_path: str | Path | None) -> dict[str, Any]:
@@ -68,14 +69,20 @@ def model_identity(model_path: str | Path | None) -> dict[str, Any]:
         relative = file.relative_to(path).as_posix()
         if file.suffix == ".json":
             digest.update(f"{relative}\n".encode() + file.read_bytes())
-        elif file.suffix in (".safetensors", ".bin", ".pt", ".pth"):
-            size = file.stat().st_size
-            digest.update(f"{relative}:{size}\n".encode())
-            with file.open("rb") as fh:
-                for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
-                    fh.seek(offset)
-                    digest.update(fh.read(_SAMPLE))
+        elif file.suffix in WEIGHT_SUFFIXES:
+            digest.update(f"{relative}:{file.stat().st_size}\n".encode())
+            digest_weight_samples(digest, file)
     return {"model_fingerprint": digest.hexdigest()}
+
+
+def digest_weight_samples(digest, file: Path) -> None:
+    """Feed ``digest`` three 1 MiB samples of ``file`` (start, middle, end; the whole file when smaller): enough to
+    tell a retrained or different checkpoint from a copy, without reading a 7B checkpoint whole."""
+    size = file.stat().st_size
+    with file.open("rb") as fh:
+        for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+            fh.seek(offset)
+            digest.update(fh.read(_SAMPLE))
 
 
 def read_records(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict]]:
@@ -165,6 +172,14 @@ class RunRecords:
         self.done[str(key)] = record
 
 
+def open_run_records(path: Path, identity: dict[str, Any], state, *, resume: bool) -> RunRecords:
+    """The run's records on every process of ``state`` (``PartialState``): the main process starts the file (or, with
+    ``resume``, checks and keeps it) before the others open it to append. Raises :class:`RecordsError`."""
+    records = RunRecords(path, identity, resume=resume) if state.is_main_process else None
+    state.wait_for_everyone()
+    return records if records is not None else RunRecords(path, identity, resume=True, main_process=False)
+
+
 def shard(num_items: int, process_index: int = 0, num_processes: int = 1) -> range:
     """The items of process ``process_index`` of ``num_processes``: a contiguous block, the first ``num_items %
     num_processes`` processes one item more (the split of ``Accelerator.split_between_processes``)."""
@@ -202,5 +217,5 @@ def gather_in_order(mine: Iterable[tuple[int, dict]], accelerator=None, *, to_al
     return [record for _, record in sorted(pairs, key=lambda pair: pair[0])]
 
 
-__all__ = ["FORMAT", "RecordsError", "RunRecords", "check_resume", "fingerprint", "gather_in_order", "model_identity", "process_state",
-           "read_records", "shard"]
+__all__ = ["FORMAT", "RecordsError", "RunRecords", "check_resume", "digest_weight_samples", "fingerprint",
+           "gather_in_order", "model_identity", "open_run_records", "process_state", "read_records", "shard"]

@@ -276,7 +276,7 @@ def main(argv=None) -> int:
 
     from cli import ModuleTimer, machine_info
     from data.edit_task import make_edit, make_split
-    from evaluation.records import RecordsError, RunRecords, gather_in_order, model_identity, process_state, shard
+    from evaluation.records import RecordsError, gather_in_order, model_identity, open_run_records, process_state, shard
     from models.tiny.edit_testbed import NUM_STEPS, run_edit, shipped_pipeline
     from pruning.edit.step_caches import WorkCounter, calibrate_mag_ratios
 
@@ -287,11 +287,8 @@ def main(argv=None) -> int:
     sharded = state.num_processes > 1
     identity = {"evaluator": "eval_edit", **model_identity(args.model_path), "seed": args.seed,
                 "num_edits": args.num_edits, "methods": methods, "variants": list(variants)}
-    try:  # the main process starts (or checks) the records file before the others append to it
-        records = RunRecords(args.records, identity, resume=args.resume) if state.is_main_process else None
-        state.wait_for_everyone()
-        if records is None:
-            records = RunRecords(args.records, identity, resume=True, main_process=False)
+    try:
+        records = open_run_records(args.records, identity, state, resume=args.resume)
     except RecordsError as error:
         raise UserError(str(error)) from None
     resumed = len(records.done)

@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
-    from evaluation.records import RecordsError, RunRecords, gather_in_order, model_identity, process_state, shard
+    from evaluation.records import RecordsError, gather_in_order, model_identity, open_run_records, process_state, shard
     from pipelines.prunevid import Qwen25VLPruneVid
 
     state = process_state(args.device)
@@ -290,12 +290,8 @@ def main(argv=None) -> int:
         "presets": {name: dataclasses.asdict(pipe.config) for name, pipe in pipes.items()},
         "questions": [(q.q_uid, q.question, list(q.options), q.answer, str(q.video_path)) for q in questions],
     }  # fmt: skip
-    try:  # the main process starts (or checks) the file before the others append to it
-        run_records = RunRecords(args.records, identity, resume=args.resume, main_process=True) \
-            if state.is_main_process else None
-        state.wait_for_everyone()
-        if run_records is None:
-            run_records = RunRecords(args.records, identity, resume=True, main_process=False)
+    try:
+        run_records = open_run_records(args.records, identity, state, resume=args.resume)
     except RecordsError as error:
         raise UserError(str(error)) from None
     resumed = len(run_records.done)

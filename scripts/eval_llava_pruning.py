@@ -251,10 +251,10 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
     from data.vqa_shapes import accuracy_by_type, chance_levels, encode_batch, normalize_answer, sentence_bleu
     from evaluation.records import (
         RecordsError,
-        RunRecords,
         check_resume,
         gather_in_order,
         model_identity,
+        open_run_records,
         process_state,
         shard,
     )
@@ -296,11 +296,8 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
         except ValueError as error:
             raise UserError(f"--checkpoint {str(args.checkpoint)!r}: {error}") from None
         detach_pruning(model)
-    try:  # the main process starts (or checks) the records file before the others append to it
-        records = RunRecords(args.records, identity, resume=args.resume) if state.is_main_process else None
-        state.wait_for_everyone()
-        if records is None:
-            records = RunRecords(args.records, identity, resume=True, main_process=False)
+    try:
+        records = open_run_records(args.records, identity, state, resume=args.resume)
     except RecordsError as error:
         raise UserError(str(error)) from None
     resumed = len(records.done)

@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     from pipelines.prunevid import Qwen25VLPruneVid
     from pipelines.video_io import uniform_frame_indices
     from pruning.common import scale_layer_index
-    from evaluation.records import RecordsError, RunRecords, gather_in_order, model_identity, process_state, shard
+    from evaluation.records import RecordsError, gather_in_order, model_identity, open_run_records, process_state, shard
     from pruning.selection import make_selector
 
     split = "test"
@@ -157,11 +157,8 @@ def main(argv=None) -> int:
     num_layers = text_config.num_hidden_layers
     identity = {"evaluator": "eval_video", **model_identity(args.model_path), "split": split, "seed": args.seed,
                 "num_videos": args.num_videos, "methods": sorted(wanted) if wanted else None}
-    try:  # the main process starts (or checks) the records file before the others append to it
-        records = RunRecords(args.records, identity, resume=args.resume) if state.is_main_process else None
-        state.wait_for_everyone()
-        if records is None:
-            records = RunRecords(args.records, identity, resume=True, main_process=False)
+    try:
+        records = open_run_records(args.records, identity, state, resume=args.resume)
     except RecordsError as error:
         raise UserError(str(error)) from None
     resumed = len(records.done)

@@ -535,8 +535,6 @@ def trained_base_dir(log=print) -> Path:
 
 # ----------------------------------------------------------------------------- which base a pruning run used
 
-_SAMPLE = 1 << 20  # bytes read at the start, middle and end of each weight file
-
 
 def base_identity(model_path: str | Path) -> dict:
     """``{"base_model", "base_fingerprint"}`` of a base model, stored in every checkpoint and stage file.
@@ -546,20 +544,18 @@ def base_identity(model_path: str | Path) -> dict:
     samples (start, middle, end): a copy of the directory matches, a retrained or different model does
     not, and a 7B checkpoint is fingerprinted without reading it whole. None when not a local directory.
     """
+    from evaluation.records import WEIGHT_SUFFIXES, digest_weight_samples
+
     path = Path(model_path)
     if not path.is_dir():
         return {"base_model": str(model_path), "base_fingerprint": None}
     digest = hashlib.sha256()
     config = path / "config.json"
     digest.update(config.read_bytes() if config.is_file() else b"")
-    weights = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    weights = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     for file in weights:
-        size = file.stat().st_size
-        digest.update(f"{file.name}:{size}".encode())
-        with file.open("rb") as fh:
-            for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
-                fh.seek(offset)
-                digest.update(fh.read(_SAMPLE))
+        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+        digest_weight_samples(digest, file)
     return {"base_model": str(path.resolve()), "base_fingerprint": digest.hexdigest()}
 
 
