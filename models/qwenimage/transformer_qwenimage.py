@@ -579,15 +579,24 @@ class QwenDoubleStreamAttnProcessor2_0:
         # their share of Q.K^T and P.V); their K/V are appended to the keys: `kv` takes the cached ones (no
         # projection at all), `full` projects them from the cached block input under this step's modulation.
         # Queries [text, denoise] attend to keys [text, denoise, reference]: fewer queries than keys is fine.
+        reference_key_value = None
         if reference_reuse is not None:
-            img_key, img_value = reference_reuse.extend_keys_values(attn, img_key, img_value)
+            reference_key_value = reference_reuse.reference_keys_values(attn, img_key, img_value)
         # <<< pruning
 
         # Concatenate for joint attention
         # Order: [text, image]
         joint_query = torch.cat([txt_query, img_query], dim=1)
-        joint_key = torch.cat([txt_key, img_key], dim=1)
-        joint_value = torch.cat([txt_value, img_value], dim=1)
+        # >>> pruning: reuse step, `full`/`kv` mode: keys/values [text, denoise, reference] in one concatenation,
+        # [B, L_text + L_denoise + L_reference, H, d] (the reference rows are copied once, not twice). Otherwise:
+        # the upstream lines.
+        if reference_key_value is not None:
+            joint_key = torch.cat([txt_key, img_key, reference_key_value[0]], dim=1)
+            joint_value = torch.cat([txt_value, img_value, reference_key_value[1]], dim=1)
+        else:
+            joint_key = torch.cat([txt_key, img_key], dim=1)
+            joint_value = torch.cat([txt_value, img_value], dim=1)
+        # <<< pruning
 
         joint_hidden_states = dispatch_attention_fn(
             joint_query,

@@ -208,24 +208,24 @@ class BlockReferenceReuse:
         """Number of reference key rows appended after the image stream's own keys."""
         return self.call.reference_len if self.call.drops_reference_rows else 0
 
-    def extend_keys_values(self, attn: "nn.Module", img_key: torch.Tensor, img_value: torch.Tensor):
-        """Record (``kv`` refresh) or append (``full``/``kv`` reuse) the reference K/V rows.
+    def reference_keys_values(self, attn: "nn.Module", img_key: torch.Tensor, img_value: torch.Tensor):
+        """Record (``kv`` refresh) the reference K/V rows, or return those to append (``full``/``kv`` reuse).
 
-        img_key/img_value: ``[B, L_stream, H, d]`` after norm_k and RoPE. On a reuse step the
-        stream holds the L1 denoise rows and the result is ``[B, L1 + L2, H, d]``.
+        img_key/img_value: ``[B, L_stream, H, d]`` after norm_k and RoPE. On a reuse step the stream
+        holds the L1 denoise rows, and the result is the reference rows ``([B, L2, H, d], [B, L2, H, d])``
+        that the processor appends after them, in the same concatenation as the text rows (one copy of
+        the keys, not two). Otherwise None: the keys are the upstream ones.
         """
         call = self.call
         if call.mode == "kv" and not call.is_reuse:
             call.cache.keys[self.index] = img_key[:, call.denoise_len :].detach().clone()
             call.cache.values[self.index] = img_value[:, call.denoise_len :].detach().clone()
-            return img_key, img_value
+            return None
         if not call.drops_reference_rows:
-            return img_key, img_value
+            return None
         if call.mode == "kv":
-            ref_key, ref_value = call.cache.keys[self.index], call.cache.values[self.index]
-        else:
-            ref_key, ref_value = project_reference_key_value(attn, self.reference_states, call.reference_freqs)
-        return torch.cat([img_key, ref_key], dim=1), torch.cat([img_value, ref_value], dim=1)
+            return call.cache.keys[self.index], call.cache.values[self.index]
+        return project_reference_key_value(attn, self.reference_states, call.reference_freqs)
 
     @property
     def skips_reference_mlp(self) -> bool:
