@@ -10,7 +10,8 @@ init) and frees each model before the next one:
   dual-stream blocks, 24 heads x 128 = 3072, joint_attention_dim 3584, axes_dims_rope 16/56/56, patch
   2, 64 in / 16 out channels; ~20B parameters), a whole 4-step 1024x1024 edit (L_denoise = L_reference
   = 4096 packed latent tokens, 200 text tokens), transformer time per reuse mode (none / mlp / full /
-  kv) and refresh schedule (alternate / once), with per-step times.
+  kv) and refresh schedule (alternate / once), with per-step times; ``--references 1 2`` times one and
+  two 1024x1024 reference images (Edit-2509/2511, the Plus pipeline; every reference is reused).
 * ``video``: Qwen2.5-VL-7B (28 layers, hidden 3584, 28/4 GQA heads, MLP 18944, vocab 152064; the 32-block
   windowed ViT, width 1280) through ``pipelines.prunevid.Qwen25VLPruneVid`` with the presets baseline /
   stage2_only / default / aggressive on 16 (and, if the time budget allows, 64) synthetic 448x448 frames
@@ -34,6 +35,11 @@ Here (CPU, every shape shrunk; ~10 s):
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python scripts/gpu_real_shapes.py --tiny --device cpu
     .venv/bin/python scripts/gpu_real_shapes.py --plan          # FLOP-based time estimate of the GPU run
+
+The edit transformer alone, with one and two reference images, every mode and schedule (FLOP estimate: 95 s of
+compute on an H200; the whole command under 8 minutes):
+
+    ... python3 scripts/gpu_real_shapes.py --device cuda --systems edit --references 1 2 --budget-s 400 --total-budget-s 420 --stats-json $OUT/gpu_edit_plus.json
 """
 
 from __future__ import annotations
@@ -91,6 +97,8 @@ def parse_args(argv=None):
     g.add_argument("--modes", default="mlp,full,kv")
     g.add_argument("--schedules", default="alternate,once")
     g.add_argument("--zero-cond-t", action="store_true", help="Edit-2511's zero_cond_t modulation")
+    g.add_argument("--references", type=int, nargs="+", default=[1],
+                   help="numbers of 1024x1024 reference images to time (Edit-2509/2511 take several), e.g. 1 2")
     g = p.add_argument_group("video")
     g.add_argument("--frames", default=None, help="frame counts (default 16,64; --tiny 8,16); later ones if time allows")
     g.add_argument("--presets", default=",".join(VIDEO_PRESETS))
@@ -115,6 +123,8 @@ def parse_args(argv=None):
     if any(m not in ("mlp", "full", "kv") for m in args.modes):
         raise UserError(f"--modes: choose from mlp, full, kv, got {args.modes}")
     args.schedules = [s for s in args.schedules.split(",") if s]
+    if any(n < 1 for n in args.references):
+        raise UserError(f"--references must be >= 1, got {args.references}")
     if args.repeats < 1 or args.steps < 1 or args.max_new_tokens < 2:
         raise UserError("--repeats and --steps must be >= 1, --max-new-tokens >= 2")
     return args
@@ -255,18 +265,20 @@ def edit_shape(args) -> dict:
     return shape
 
 
-def edit_configs(args) -> list[tuple[str, str | None]]:
-    return [("none", None)] + [(m, s) for s in args.schedules for m in args.modes]
+def edit_configs(args) -> list[tuple[str, str | None, int]]:
+    """(mode, schedule, number of reference images), the baseline first for each number of references."""
+    return [(mode, sch, n) for n in args.references
+            for mode, sch in [("none", None)] + [(m, s) for s in args.schedules for m in args.modes]]
 
 
-def edit_flops(args, mode: str, schedule: str | None) -> float:
+def edit_flops(args, mode: str, schedule: str | None, num_references: int) -> float:
     from evaluation.flops import QwenImageShape, qwenimage_call_flops
     from pruning.edit.reference_reuse import resolve_refresh_steps
 
     s = edit_shape(args)
     length = s["grid"][0] * s["grid"][1]
     shape = QwenImageShape(num_blocks=s["blocks"], dim=s["heads"] * s["head_dim"], denoise_len=length,
-                           reference_len=length, text_len=s["text_len"])
+                           reference_len=num_references * length, text_len=s["text_len"])
     refresh = resolve_refresh_steps(schedule, args.steps) if schedule else ()
     return sum(qwenimage_call_flops(shape, mode, mode != "none" and step not in refresh)
                for step in range(1, args.steps + 1))
@@ -301,17 +313,18 @@ def run_edit(args, run: Run) -> dict:
 
     g = torch.Generator(device=run.device).manual_seed(0)
     dev, dt = run.device, run.dtype
-    reference = torch.randn(1, length, 64, generator=g, device=dev, dtype=dt)
+    references = torch.randn(1, max(args.references) * length, 64, generator=g, device=dev, dtype=dt)
     noises = [torch.randn(1, length, 64, generator=g, device=dev, dtype=dt) for _ in range(args.steps)]
     text = torch.randn(1, text_len, s["joint_dim"], generator=g, device=dev, dtype=dt)
     # The Edit(-Plus) pipeline drops an all-ones prompt mask (``if prompt_embeds_mask.all(): ... = None``), so at
-    # batch 1 the transformer gets no mask and SDPA may pick its flash kernel; bench_edit.py passes ones (CPU).
+    # batch 1 the transformer gets no mask and SDPA may pick its flash kernel (bench_edit.py passes none either).
     mask = None
-    img_shapes = [[(1, h, w), (1, h, w)]]
 
     @torch.no_grad()
-    def edit(mode: str, schedule: str | None) -> dict:
+    def edit(mode: str, schedule: str | None, num_references: int) -> dict:
         steps = []
+        reference = references[:, : num_references * length]
+        img_shapes = [[(1, h, w)] * (1 + num_references)]
         with contextlib.ExitStack() as stack:
             reuse = None if mode == "none" else stack.enter_context(reference_reuse(model, mode, args.steps, schedule))
             for step in range(args.steps):
@@ -337,7 +350,7 @@ def run_edit(args, run: Run) -> dict:
         stop = False
         for c in configs:
             predicted = last.get(c, max(last.values(), default=0.0))
-            if not run.allows(predicted, f"edit {label} from {c[0]}/{c[1] or '-'} on"):
+            if not run.allows(predicted, f"edit {label} from {c[0]}/{c[1] or '-'}/{c[2]} reference(s) on"):
                 stop = True
                 break
             start = time.perf_counter()
@@ -345,43 +358,45 @@ def run_edit(args, run: Run) -> dict:
             last[c] = time.perf_counter() - start
             if rnd > 0:
                 times[c].append(result)
-            log(f"  [edit] {label} {c[0]:<4} {c[1] or '-':<9} {result['total']:.3f} s "
+            log(f"  [edit] {label} refs {c[2]} {c[0]:<4} {c[1] or '-':<9} {result['total']:.3f} s "
                 f"(steps {', '.join(f'{x:.3f}' for x in result['steps'])})")
         if stop:
             break
         rounds_done = rnd
 
-    base = median([r["total"] for r in times[("none", None)]])
     rows = []
-    for mode, sch in configs:
-        results = times[(mode, sch)]
+    for mode, sch, n in configs:
+        results = times[(mode, sch, n)]
         if not results:
-            rows.append({"mode": mode, "schedule": sch or "-", "skipped": True})
+            rows.append({"references": n, "mode": mode, "schedule": sch or "-", "skipped": True})
             continue
+        base = median([r["total"] for r in times[("none", None, n)]])
         total = median([r["total"] for r in results])
-        flops = edit_flops(args, mode, sch)
+        flops = edit_flops(args, mode, sch, n)
         refresh = resolve_refresh_steps(sch, args.steps) if sch else tuple(range(1, args.steps + 1))
         rows.append({
-            "mode": mode, "schedule": sch or "-", "refresh_steps": list(refresh), "median_s": total,
+            "references": n, "mode": mode, "schedule": sch or "-", "refresh_steps": list(refresh), "median_s": total,
             "step_median_s": [median([r["steps"][i] for r in results]) for i in range(args.steps)],
             "speedup": (base / total) if base else None,
-            "flops_bound_speedup": edit_flops(args, "none", None) / flops, "flops": flops,
+            "flops_bound_speedup": edit_flops(args, "none", None, n) / flops, "flops": flops,
             "achieved_tflops": flops / total / 1e12, "cache_bytes": results[0]["cache_bytes"],
             "times_s": [r["total"] for r in results],
         })
     log(f"\n[edit] Qwen-Image transformer, D={s['heads'] * s['head_dim']} ({s['heads']}x{s['head_dim']}), "
-        f"{s['blocks']} blocks, L_denoise=L_reference={length}, text={text_len}, {args.steps} steps, "
+        f"{s['blocks']} blocks, L_denoise=L_image={length} per image, text={text_len}, {args.steps} steps, "
         f"{args.dtype}, {n_params / 1e9:.2f} B params; median of {rounds_done} round(s)")
-    log(f"{'mode':<5} {'schedule':<10} {'refresh':<8} {'edit s':>8} {'speedup':>8} {'bound':>7} {'TFLOP/s':>8} "
-        f"{'cache GiB':>9}  per-step s")
+    log(f"{'refs':>4} {'mode':<5} {'schedule':<10} {'refresh':<8} {'edit s':>8} {'speedup':>8} {'bound':>7} "
+        f"{'TFLOP/s':>8} {'cache GiB':>9}  per-step s")
     for r in rows:
         if r.get("skipped"):
-            log(f"{r['mode']:<5} {r['schedule']:<10} skipped (budget)")
+            log(f"{r['references']:>4} {r['mode']:<5} {r['schedule']:<10} skipped (budget)")
             continue
-        log(f"{r['mode']:<5} {r['schedule']:<10} {','.join(map(str, r['refresh_steps'])):<8} {r['median_s']:>8.3f} "
+        log(f"{r['references']:>4} {r['mode']:<5} {r['schedule']:<10} {','.join(map(str, r['refresh_steps'])):<8} "
+            f"{r['median_s']:>8.3f} "
             f"{(r['speedup'] or 0):>7.2f}x {r['flops_bound_speedup']:>6.2f}x {r['achieved_tflops']:>8.1f} "
             f"{r['cache_bytes'] / 2**30:>9.2f}  {' '.join(f'{x:.3f}' for x in r['step_median_s'])}")
-    return {"config": {**config, "axes_dims_rope": list(s["axes"]), "denoise_len": length, "reference_len": length,
+    return {"config": {**config, "axes_dims_rope": list(s["axes"]), "denoise_len": length,
+                       "references": list(args.references), "reference_len_per_image": length,
                        "text_len": text_len, "steps": args.steps, "params": n_params,
                        "param_dtype": str(next(model.parameters()).dtype), "text_mask": None},
             "init_s": init_s, "rounds": rounds_done, "rows": rows}
@@ -637,9 +652,9 @@ def plan(args) -> dict:
     rate = EFFECTIVE_TFLOPS * 1e12
     rounds = args.repeats + 1
     out = {}
-    edit_s = sum(edit_flops(args, m, s) for m, s in edit_configs(args)) / rate
+    edit_s = sum(edit_flops(args, *config) for config in edit_configs(args)) / rate
     out["edit"] = {"per_round_s": edit_s, "total_s": edit_s * rounds,
-                   "baseline_edit_flops": edit_flops(args, "none", None)}
+                   "baseline_edit_flops": {n: edit_flops(args, "none", None, n) for n in args.references}}
     video = {}
     for frames in args.frames:
         v = video_tokens(args, frames)

@@ -84,3 +84,22 @@ def test_plan_and_bad_input(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: --systems")
     proc = run_script("--device", "cpu", "--systems", "edit")  # real shapes on a CPU: refused, one line
     assert proc.returncode == 2 and "need a GPU" in proc.stderr
+
+
+def test_tiny_edit_with_one_and_two_references_times_every_mode_against_its_own_baseline(tmp_path):
+    stats = tmp_path / "stats.json"
+    proc = run_script("--tiny", "--device", "cpu", "--systems", "edit", "--references", "1", "2",
+                      "--modes", "full,kv", "--schedules", "once", "--stats-json", str(stats))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    edit = json.loads(stats.read_text())["systems"]["edit"]
+    assert edit["config"]["references"] == [1, 2]
+    rows = edit["rows"]
+    assert [(r["references"], r["mode"]) for r in rows] == [
+        (1, "none"), (1, "full"), (1, "kv"), (2, "none"), (2, "full"), (2, "kv")]
+    bounds = {(r["references"], r["mode"]): r["flops_bound_speedup"] for r in rows}
+    assert bounds[(1, "none")] == bounds[(2, "none")] == 1.0
+    assert bounds[(2, "kv")] > bounds[(1, "kv")] > 1.0  # more reference tokens: more work skipped
+    caches = {(r["references"], r["mode"]): r["cache_bytes"] for r in rows}
+    assert caches[(2, "kv")] == 2 * caches[(1, "kv")]  # one cache row per reference token
+    proc = run_script("--tiny", "--device", "cpu", "--systems", "edit", "--references", "0")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --references")
