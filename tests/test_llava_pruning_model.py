@@ -15,6 +15,9 @@ All on the embedded tiny LLaVA-1.5 (random weights; pruning heads freshly initia
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -440,11 +443,7 @@ def test_configuration_errors_are_reported_clearly(tmp_path, fork, upstream, bat
         fork(**batch_inputs)
 
 
-def _run_script(*args: str) -> "subprocess.CompletedProcess[str]":
-    import os
-    import subprocess
-    import sys
-
+def _run_script(*args: str) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=120)
