@@ -18,7 +18,7 @@ concatenated after the noisy latents, and all of them are reference tokens.
 
 The FLOP bound counts the matrix products whose size grows with the tokens. A step also has a cost that does
 not: the modulation and time-embedding products (one row each, bound by reading their weights), the text stream
-(25 tokens at scale 8, where products run at a third of their speed on 2 cores) and per-operation overhead. The
+(25 tokens at scale 8, where products run at a third to half of their speed on 2 cores) and per-operation overhead. The
 script measures it (``fixed step``: one call whose image stream is two tokens) and prints a second bound that
 charges it to every step, next to the FLOP bound: ``bound_with_fixed_cost``.
 """
