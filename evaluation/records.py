@@ -172,6 +172,17 @@ class RunRecords:
         self.done[str(key)] = record
 
 
+def add_records_arguments(parser, *, each: str, default: str, same: str) -> None:
+    """``--records PATH`` and ``--resume``, as every evaluator takes them.
+
+    each: what is written when ("one JSON line per question as it finishes"); default: where the records go when ``--records``
+    is not given (the script fills it in after parsing); same: what a resumed run must share with the recorded one.
+    """
+    parser.add_argument("--records", type=Path, default=None,
+                        help=f"per-item records: {each} (default: {default})")
+    parser.add_argument("--resume", action="store_true", help=f"skip what --records already holds for the same {same}")
+
+
 def open_run_records(path: Path, identity: dict[str, Any], state, *, resume: bool) -> RunRecords:
     """The run's records on every process of ``state`` (``PartialState``): the main process starts the file (or, with
     ``resume``, checks and keeps it) before the others open it to append. Raises :class:`RecordsError`."""

@@ -94,14 +94,11 @@ def probe_accuracy(x, y, x_test, y_test, hidden: int = 0, seed: int = 0) -> floa
 def main(argv=None) -> int:
     args = parse_args(argv)
     set_torch_threads(args.threads)
-    from transformers import AutoProcessor
+    from models.tiny.llava_vqa import load_pruning_base, shipped_clutter_base
 
-    from models.llava.modeling_llava import LlavaForConditionalGeneration
-    from models.tiny.llava_vqa import CLUTTER_BASE_DIR
-
-    path = args.model_path or str(CLUTTER_BASE_DIR)
-    processor = AutoProcessor.from_pretrained(path)
-    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    path = args.model_path or shipped_clutter_base()
+    processor, model = load_pruning_base(path)
+    model.eval()
     fit = position_questions("val", args.fit_questions, args.seed)
     test = position_questions("heldout", args.test_questions, args.seed)
     x_fit, y_fit = features(model, processor, fit)

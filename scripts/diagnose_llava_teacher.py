@@ -42,18 +42,16 @@ def main(argv=None) -> int:
     set_torch_threads(args.threads)
     import numpy as np
     import torch
-    from transformers import AutoProcessor
 
     from data.vqa_clutter import GRID, make_split, object_patches
     from data.vqa_shapes import accuracy_by_type, encode_batch, generate_answers
-    from models.llava.modeling_llava import LlavaForConditionalGeneration
-    from models.tiny.llava_vqa import CLUTTER_BASE_DIR
+    from models.tiny.llava_vqa import load_pruning_base, shipped_clutter_base
     from pruning.llava.modules import answer_position_mask
     from pruning.llava.runtime import ForcedSelector, attach_pruning, detach_pruning
 
-    path = args.model_path or str(CLUTTER_BASE_DIR)
-    processor = AutoProcessor.from_pretrained(path)
-    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    path = args.model_path or shipped_clutter_base()
+    processor, model = load_pruning_base(path)
+    model.eval()
     samples = make_split("heldout", args.num_questions, seed=args.seed)
     layers = model.config.text_config.num_hidden_layers
     image_id = model.config.image_token_id

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from cli import ArgumentParser, UserError, check_output_dir, check_output_file, run_cli, set_torch_threads, write_outputs
+from evaluation.records import add_records_arguments
 
 SCHEDULES = {"alternate": "1,3", "once": "1", "reuse2": "1,3,4", "reuse4": "1,2,3"}
 CACHES = ("first_block_cache", "taylorseer_cache", "mag_cache")
@@ -75,11 +76,8 @@ def parse_args(argv=None):
     p.add_argument("-o", "--output-dir", type=Path, default=Path("outputs_edit_eval"))
     p.add_argument("--stats-json", type=Path, default=None, help="default: <output-dir>/eval_edit.json")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
-    p.add_argument("--records", type=Path, default=None,
-                   help="per-edit records, one JSON line per edit and transformer as it finishes (default: "
-                        "<output-dir>/eval_edit.records.jsonl)")
-    p.add_argument("--resume", action="store_true",
-                   help="skip the edits --records already holds for the same testbed, edits and methods")
+    add_records_arguments(p, each="one JSON line per edit and transformer as it finishes",
+                          default="<output-dir>/eval_edit.records.jsonl", same="testbed, edits and methods")
     args = p.parse_args(argv)
     if args.records is None:
         args.records = args.output_dir / "eval_edit.records.jsonl"

@@ -60,6 +60,7 @@ from cli import (
     run_cli,
     write_json,
 )
+from evaluation.records import add_records_arguments
 
 DEFAULT_PRESETS = ("baseline", "stage2_only", "stage1_only", "default", "conservative", "aggressive")
 CHANCE_LEVEL = 0.2
@@ -106,11 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default: 1 for the embedded tiny model on CPU; torch's default otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    p.add_argument("--records", type=Path, default=None,
-                   help="per-question records, one JSON line each as it finishes (default: --output with the suffix "
-                        ".records.jsonl)")
-    p.add_argument("--resume", action="store_true",
-                   help="skip the questions --records already holds for the same model, presets and data")
+    add_records_arguments(p, each="one JSON line per question as it finishes",
+                          default="--output with the suffix .records.jsonl", same="model, presets and data")
     args = p.parse_args(argv)
     if args.records is None:
         args.records = args.output.with_suffix(".records.jsonl")

@@ -60,6 +60,7 @@ from cli import (
     run_cli,
     write_json,
 )
+from evaluation.records import add_records_arguments
 
 import torch
 
@@ -115,11 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                              "first test questions, drawn on the patch grid (and DIR/selection.json)")
     parser.add_argument("--visualize-count", type=int, default=4, help="questions drawn (default: %(default)s)")
     parser.add_argument("--visualize-budget", type=float, default=0.25, help="budget drawn (default: %(default)s)")
-    parser.add_argument("--records", type=Path, default=None,
-                        help="per-question records (every run's answer), one JSON line per question as its batch "
-                             "finishes (default: --output with the suffix .records.jsonl)")
-    parser.add_argument("--resume", action="store_true",
-                        help="skip the questions --records already holds for the same base, stages, config and data")
+    add_records_arguments(parser, each="one JSON line per question (every run's answer) as its batch finishes",
+                          default="--output with the suffix .records.jsonl", same="base, stages, config and data")
     args = parser.parse_args(argv)
     if args.records is None:
         args.records = args.output.with_suffix(".records.jsonl")
@@ -144,13 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.stats_json is not None:
         check_output_file(args.stats_json, "--stats-json")
     check_model_path(args.model_path)
-    if args.model_path is None and args.task == "clutter":  # the shipped cluttered-scene base
-        from models.tiny.llava_vqa import CLUTTER_BASE_DIR
+    if args.model_path is None and args.task == "clutter":
+        from models.tiny.llava_vqa import shipped_clutter_base
 
-        if not (CLUTTER_BASE_DIR / "config.json").is_file():
-            raise UserError(f"no cluttered-scene base at {CLUTTER_BASE_DIR}: train one with `make train-llava-base "
-                            "ARGS=--task clutter ...` and pass --model-path")
-        args.model_path = str(CLUTTER_BASE_DIR)
+        args.model_path = shipped_clutter_base()
     base_path = args.model_path
     if base_path is None:
         from models.tiny.llava_vqa import default_base_path
@@ -241,9 +236,7 @@ def check_fastv_layer(args, methods: list[str], base_path: str) -> None:
 
 
 def evaluate(args, budgets, methods, checkpoint) -> int:
-    from transformers import AutoProcessor
-
-    from models.llava.modeling_llava import LlavaForConditionalGeneration
+    from models.tiny.llava_vqa import load_pruning_base
     from evaluation.flops import LlavaShape, prefill_flops
     from pruning.llava.baselines import baseline_schedule, learned_schedule, schedule_selectors
     from pruning.llava.config import config_from_dict, vision_token_trajectory
@@ -287,8 +280,7 @@ def evaluate(args, budgets, methods, checkpoint) -> int:
             check_resume(args.records, identity)
     except RecordsError as error:
         raise UserError(str(error)) from None
-    processor = load_or_explain("the LLaVA processor", model_path, lambda: AutoProcessor.from_pretrained(model_path))
-    model = load_or_explain("the LLaVA model", model_path, lambda: LlavaForConditionalGeneration.from_pretrained(model_path))
+    processor, model = load_pruning_base(model_path)
     model.eval().requires_grad_(False)
     if checkpoint:
         try:  # the stages fit this model (before any answer is generated)

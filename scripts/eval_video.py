@@ -48,6 +48,7 @@ from cli import (
     set_torch_threads,
     write_json,
 )
+from evaluation.records import add_records_arguments
 
 PRESET_METHODS = ("stage1_only", "stage2_only", "default", "conservative", "aggressive")
 ALTERNATIVES = ("frame_subsample", "random", "divprune", "fastv")
@@ -63,11 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--stats-json", type=Path, default=Path("outputs_eval/eval_video.json"))
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--records", type=Path, default=None,
-                   help="per-question records, one JSON line per question and phase as it finishes (default: "
-                        "--stats-json with the suffix .records.jsonl)")
-    p.add_argument("--resume", action="store_true",
-                   help="skip what --records already holds for the same model, data and methods")
+    add_records_arguments(p, each="one JSON line per question and phase as it finishes",
+                          default="--stats-json with the suffix .records.jsonl", same="model, data and methods")
     args = p.parse_args(argv)
     if args.records is None:
         args.records = args.stats_json.with_suffix(".records.jsonl")

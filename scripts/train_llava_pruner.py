@@ -61,7 +61,6 @@ from cli import (
     check_model_path,
     check_output_dir,
     set_torch_threads,
-    load_or_explain,
     run_cli,
     save_torch,
     write_json,
@@ -344,13 +343,10 @@ def main() -> int:
     if args.resume is not None and args.overwrite:
         raise UserError("--resume continues the run in the output directory, --overwrite replaces it: pass one")
     check_model_path(args.model_path)
-    if args.model_path is None and args.task == "clutter":  # the shipped cluttered-scene base
-        from models.tiny.llava_vqa import CLUTTER_BASE_DIR
+    if args.model_path is None and args.task == "clutter":
+        from models.tiny.llava_vqa import shipped_clutter_base
 
-        if not (CLUTTER_BASE_DIR / "config.json").is_file():
-            raise UserError(f"no cluttered-scene base at {CLUTTER_BASE_DIR}: train one with "
-                            "scripts/train_llava_base.py --task clutter and pass --model-path")
-        args.model_path = str(CLUTTER_BASE_DIR)
+        args.model_path = shipped_clutter_base()
     cfg = load_training_config(args.config, parse_overrides(args.set), args.max_steps, args.output_dir)
     output_dir = Path(cfg.train.output_dir)
     if not output_dir.is_absolute():
@@ -432,11 +428,9 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
     run_id = state["run_id"] if state is not None else uuid.uuid4().hex
 
     from tqdm.auto import tqdm
-    from transformers import AutoProcessor
 
     from data.vqa_shapes import VQACollator, VQADataset
-    from models.tiny.llava_vqa import task_module
-    from models.llava.modeling_llava import LlavaForConditionalGeneration
+    from models.tiny.llava_vqa import load_pruning_base, task_module
     from pruning.llava.config import temperature_at
     from pruning.llava.modules import (
         Discriminator,
@@ -458,9 +452,7 @@ def train(args, cfg, output_dir: Path, resume_path: Path | None) -> int:
         with accelerator.main_process_first():
             model_path = str(trained_base_dir(log=log))
         base = base_identity(model_path)
-    processor = load_or_explain("the LLaVA processor", model_path, lambda: AutoProcessor.from_pretrained(model_path))
-    model = load_or_explain("the LLaVA model", model_path,
-                            lambda: LlavaForConditionalGeneration.from_pretrained(model_path, dtype=dtype))
+    processor, model = load_pruning_base(model_path, dtype=dtype)
     model.requires_grad_(False)
     model.to(accelerator.device)
     try:

@@ -52,6 +52,29 @@ METRICS_FILE = "vqa_base_metrics.json"
 CLUTTER_BASE_DIR = Path(__file__).resolve().parents[1] / "trained" / "llava_clutter"
 """The shipped base of the cluttered-scene task (trained here; ``README.md`` beside it says how)."""
 
+
+def shipped_clutter_base() -> str:
+    """:data:`CLUTTER_BASE_DIR`, the default base of the cluttered-scene task; a one-line error when its files are
+    missing from this checkout."""
+    if not (CLUTTER_BASE_DIR / "config.json").is_file():
+        raise UserError(f"no cluttered-scene base at {CLUTTER_BASE_DIR}: restore it from the repository, retrain it "
+                        "with `make train-llava-base` (~90 min), or pass --model-path")
+    return str(CLUTTER_BASE_DIR)
+
+
+def load_pruning_base(model_path: str | Path, **from_pretrained_kwargs):
+    """``(processor, model)`` of a base directory, the model as the forked ``LlavaForConditionalGeneration``
+    (``models.llava``) that the pruning stages attach to; a one-line error when either cannot be loaded."""
+    from transformers import AutoProcessor
+
+    from models.llava.modeling_llava import LlavaForConditionalGeneration
+
+    path = str(model_path)
+    processor = load_or_explain("the LLaVA processor", path, lambda: AutoProcessor.from_pretrained(path))
+    model = load_or_explain("the LLaVA model", path,
+                            lambda: LlavaForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs))
+    return processor, model
+
 TASKS = {"shapes": "data.vqa_shapes", "clutter": "data.vqa_clutter"}
 """The generated VQA tasks a base can be trained on: the plain shapes task (112 px) and the cluttered scenes
 (224 px, for the 224 px tiny LLaVA of ``models.tiny.llava.tiny_clutter_llava_dir``)."""
@@ -313,27 +336,16 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
                                     + (data.comparison_targets(samples[b].shapes, samples[b].asked[t])
                                        if readout_comparisons else [])
                                     for b, t in zip(rows_b.tolist(), turns_b.tolist())], device=device)  # [answers, 8]
-            logits = probe["readout"](states).split(readout_sizes, dim=-1)
-            hits = []
-            for head, head_logits in enumerate(logits):
-                target = targets[:, head]
-                if (target >= 0).any():
-                    loss = loss + readout_weight * torch.nn.functional.cross_entropy(head_logits, target,
-                                                                                     ignore_index=-100)
-                    hits.append((head_logits.argmax(-1) == target)[target >= 0].float().mean().item())
-            probe_hits["readout"].append(sum(hits) / len(hits) if hits else 0.0)
+            loss, hit_rate = add_probe_losses(loss, readout_weight,
+                                              probe["readout"](states).split(readout_sizes, dim=-1), targets)
+            probe_hits["readout"].append(hit_rate)
             if readout_relation:
                 targets = torch.tensor([data.relation_targets(samples[b].turns[t][0], samples[b].shapes,
                                                               samples[b].asked[t])
                                         for b, t in zip(rows_b.tolist(), turns_b.tolist())], device=device)
-                hits = []
-                for head, head_logits in enumerate(probe["relation"](states).split(2, dim=-1)):
-                    target = targets[:, head]
-                    if (target >= 0).any():
-                        loss = loss + readout_weight * torch.nn.functional.cross_entropy(head_logits, target,
-                                                                                         ignore_index=-100)
-                        hits.append((head_logits.argmax(-1) == target)[target >= 0].float().mean().item())
-                probe_hits["relation"].append(sum(hits) / len(hits) if hits else 0.0)
+                loss, hit_rate = add_probe_losses(loss, readout_weight, probe["relation"](states).split(2, dim=-1),
+                                                  targets)
+                probe_hits["relation"].append(hit_rate)
         if aux_weight > 0:
             feats = out.image_hidden_states.view(len(samples), num_tokens, -1)
             targets = [patch_labels(s, grid) for s in samples]
@@ -391,6 +403,21 @@ def train_base(model_path: str | Path, output_dir: Path, *, steps: int, batch_si
         write_json(tmp / METRICS_FILE, metrics)
     log(format_metrics(metrics))
     return metrics
+
+
+def add_probe_losses(loss: torch.Tensor, weight: float, head_logits, targets: torch.Tensor):
+    """``loss`` plus ``weight`` x the cross-entropy of each probe head that has a target, and the heads' mean hit rate.
+
+    head_logits: one ``[answers, classes_h]`` tensor per head; targets ``[answers, heads]``, -100 where an answer has
+    no target for that head. Heads without any target add nothing and are left out of the hit rate (0.0 if none).
+    """
+    hits = []
+    for head, logits in enumerate(head_logits):
+        target = targets[:, head]
+        if (target >= 0).any():
+            loss = loss + weight * torch.nn.functional.cross_entropy(logits, target, ignore_index=-100)
+            hits.append((logits.argmax(-1) == target)[target >= 0].float().mean().item())
+    return loss, (sum(hits) / len(hits) if hits else 0.0)
 
 
 def evidence_losses(out, input_ids: torch.Tensor, positions: torch.Tensor, samples, data, evidence_layers,

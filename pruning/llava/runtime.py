@@ -324,9 +324,10 @@ class VisionTokenPruning(nn.Module):
                 return Selection(keep.keep.to(ctx.alive.dtype), keep.hidden)
             return keep.to(ctx.alive.dtype) * (ctx.alive if ctx.mode == "mask" else 1.0)
         pruner = self.pruners[str(ctx.layer_idx)]
-        logits = pruner(ctx.vision_hidden, ctx.question_hidden, ctx.question_mask, alive=ctx.alive.detach() > 0.5)
+        alive = ctx.alive.detach() > 0.5  # [B, Vc] the tokens this head chooses among
+        logits = pruner(ctx.vision_hidden, ctx.question_hidden, ctx.question_mask, alive=alive)
         if trace is not None:
-            trace.keep_logits[ctx.layer_idx] = (logits, ctx.alive.detach() > 0.5)
+            trace.keep_logits[ctx.layer_idx] = (logits, alive)
         prev = ctx.alive if ctx.mode == "mask" else None
         keep = keep_mask(logits, self.keep_ratios[ctx.layer_idx], temperature=ctx.temperature,
                          training=self.training, prev_mask=prev, generator=self.generator)
